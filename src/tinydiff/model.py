@@ -1,0 +1,348 @@
+r"""`DiffusionModel`: a network plus a configured diffusion process; training loss and sampling.
+
+The network contract: ``nn_module(x_t, t) -> out`` where ``x_t`` has shape
+(bsz, *input_shape) and ``t`` is a float tensor of shape (bsz,) on the [0, T] time scale
+(integer-valued during training and for integer spacings; fractional for samplers or
+spacings that use fractional times). ``out`` has x_t's shape, except that variance types with
+``channel_multiplier`` > 1 (``learned_range``) need that many times the channels (dim 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tinydiff import losses, samplers, schedules, spacings, targets, variances
+from tinydiff.config import DiffusionModelConfig
+from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
+from tinydiff.samplers.ddpm import clipped_log_beta_tilde
+from tinydiff.variances import VlbTerms, posterior_coefficients
+
+__all__ = ["DiffusionModel"]
+
+
+def _as_config(config: DiffusionModelConfig | dict[str, Any]) -> DiffusionModelConfig:
+    if isinstance(config, DiffusionModelConfig):
+        return config
+    if isinstance(config, dict):
+        return DiffusionModelConfig(**config)
+    raise TypeError(f"config must be a DiffusionModelConfig or a dict, got {type(config).__name__}")
+
+
+class _Denoiser:
+    """The model as seen by samplers: (x_t, t, alpha_bar_t) -> Prediction."""
+
+    def __init__(self, model: DiffusionModel) -> None:
+        self.model = model
+        self.variance = model.variance
+
+    def __call__(self, x: Tensor, t: Tensor, alpha_bar: Tensor) -> Prediction:
+        m = self.model
+        out = m._network(x, t.to(m._time_dtype(x)).expand(x.shape[0]))
+        model_out, var_out = m.variance.split(out)
+        x0, eps = m.target.to_x0_eps(model_out, x, alpha_bar)
+        return Prediction(x0, eps, var_out)
+
+
+class DiffusionModel(nn.Module):
+    """A denoising diffusion model around any network.
+
+    Args:
+        nn_module: the network, called as ``nn_module(x_t, t)`` (see the module docstring).
+        config: a :class:`DiffusionModelConfig` or a dict of its fields.
+
+    Attributes:
+        nn_module: the wrapped network.
+        config: the validated configuration.
+        alphas_cumprod: float64 tensor (T + 1,), alpha_bar for t = 0..T (on the CPU).
+        target, variance: the configured prediction target and variance type instances.
+
+    Example::
+
+        model = DiffusionModel(net, DiffusionModelConfig(input_shape=(2,)))
+        loss = model.loss(x).mean()
+        x0 = model.sample(bsz=64, sampling_timesteps=50)
+    """
+
+    def __init__(self, nn_module: nn.Module, config: DiffusionModelConfig | dict[str, Any]) -> None:
+        super().__init__()
+        if not isinstance(nn_module, nn.Module):
+            raise TypeError(
+                f"nn_module must be a torch.nn.Module called as nn_module(x_t, t), "
+                f"got {type(nn_module).__name__}"
+            )
+        self.nn_module = nn_module
+        self.config = _as_config(config)
+        cfg = self.config
+        self.num_timesteps = cfg.num_timesteps
+        self.input_shape = tuple(cfg.input_shape)
+        # float64 tables live outside the state dict: they follow from the config, and
+        # module.to(dtype) must never round them.
+        self.alphas_cumprod = schedules.build_alphas_cumprod(
+            cfg.noise_schedule_type,
+            cfg.num_timesteps,
+            cfg.schedule_kwargs,
+            zero_terminal_snr=cfg.zero_terminal_snr,
+        )
+        self.target = targets.get(cfg.target_type)(**cfg.target_kwargs)
+        self.variance = variances.get(cfg.sigma_type)(**cfg.variance_kwargs)
+        self._loss_fn = losses.get(cfg.loss_type)
+        self._train_tables = self._training_tables()
+        self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _training_tables(self) -> dict[str, Tensor]:
+        """float64 tables indexed by integer t = 0..T for the loss (row 0 unused)."""
+        ab = self.alphas_cumprod
+        coef_x0, coef_xt, beta, beta_tilde = posterior_coefficients(ab[1:], ab[:-1])
+        # clipped_log_beta_tilde expects sampling order (t decreasing)
+        log_bt = clipped_log_beta_tilde(beta.flip(0), beta_tilde.flip(0)).flip(0)
+        pad = ab.new_zeros(1)
+        return {
+            "alpha_bar": ab,
+            "snr": ab / (1 - ab),
+            "coef_x0": torch.cat([pad, coef_x0]),
+            "coef_xt": torch.cat([pad, coef_xt]),
+            "log_beta": torch.cat([pad, beta.log()]),
+            "log_beta_tilde": torch.cat([pad, log_bt]),
+        }
+
+    def _tables(self, device: torch.device) -> dict[str, Tensor]:
+        tables = self._device_tables.get(device)
+        if tables is None:
+            tables = {k: v.to(device) for k, v in self._train_tables.items()}
+            self._device_tables[device] = tables
+        return tables
+
+    def alpha_bar(self, t: Tensor | float | Sequence[float]) -> Tensor:
+        """alpha_bar at real times t in [0, T] (float64, t's shape).
+
+        Integers return the table; between integers the log-SNR is linearly interpolated
+        (alpha_bar itself on a segment whose end has infinite log-SNR).
+        """
+        return schedules.alpha_bar_at(self.alphas_cumprod, torch.as_tensor(t, dtype=torch.float64))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        for p in [*self.nn_module.parameters(), *self.nn_module.buffers()]:
+            if p.is_floating_point():
+                return p.dtype, p.device
+        return torch.get_default_dtype(), torch.device("cpu")
+
+    @staticmethod
+    def _time_dtype(x: Tensor) -> torch.dtype:
+        # t up to T must stay exact: never hand the network half-precision times
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def _check_x(self, x: Any, name: str = "x") -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{name} must have shape (bsz, *input_shape) = (bsz, "
+                f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
+            )
+        if x.shape[0] < 1:
+            raise ValueError(f"{name} must hold at least one sample, got batch size 0")
+        return x
+
+    def _network(self, x_t: Tensor, t: Tensor) -> Tensor:
+        out = self.nn_module(x_t, t)
+        mult = getattr(self.variance, "channel_multiplier", 1)
+        expected = (x_t.shape[0], x_t.shape[1] * mult, *x_t.shape[2:])
+        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            extra = (
+                f" (sigma_type={self.config.sigma_type!r} needs {mult}x the input channels on "
+                "dim 1: the mean channels then the variance channels)"
+                if mult != 1
+                else ""
+            )
+            raise ValueError(f"nn_module returned {got}; expected shape {expected}{extra}")
+        return out
+
+    # -- training ------------------------------------------------------------------------------
+    def loss(self, x: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Unreduced training loss; ``.mean()`` is the objective.
+
+        Draws t uniformly from 1..T and eps ~ N(0, I), forms
+        x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps, and compares the network output
+        with the configured target, with optional min-SNR-gamma weighting and the variance
+        type's extra term (learned_range's VLB).
+
+        Args:
+            x: clean data, (bsz, *input_shape), floating point.
+            t: optional integer times in 1..T, shape (bsz,).
+            noise: optional eps, x's shape.
+
+        Returns:
+            (bsz, *input_shape) per-element losses.
+        """
+        x = self._check_x(x)
+        bsz, ndim = x.shape[0], x.dim()
+        if t is None:
+            t = torch.randint(1, self.num_timesteps + 1, (bsz,), device=x.device)
+        elif t.shape != (bsz,) or t.is_floating_point() or t.is_complex():
+            raise ValueError(
+                f"t must be an integer tensor of shape ({bsz},), got {t.dtype} {tuple(t.shape)}"
+            )
+        if noise is None:
+            noise = torch.randn_like(x)
+        elif noise.shape != x.shape:
+            raise ValueError(
+                f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
+            )
+        tables = self._tables(x.device)
+        view = (bsz,) + (1,) * (ndim - 1)
+
+        def at(name: str) -> Tensor:
+            return tables[name][t].to(x.dtype).view(view)
+
+        ab = at("alpha_bar")
+        x_t = ab.sqrt() * x + (1 - ab).sqrt() * noise
+        out = self._network(x_t, t.to(self._time_dtype(x)))
+        model_out, var_out = self.variance.split(out)
+        target = self.target.target(x, noise, ab)
+        loss = self._loss_fn(model_out, target, **self.config.loss_kwargs)
+        if self.config.min_snr_gamma is not None:
+            snr = tables["snr"][t].view(view)
+            weight = losses.min_snr_weight(
+                snr, self.config.min_snr_gamma, self.target.x0_error_scale(snr)
+            )
+            loss = loss * weight.to(x.dtype)
+        if type(self.variance).extra_loss is not variances.Variance.extra_loss:
+            x0_hat, _ = self.target.to_x0_eps(model_out.detach(), x_t, ab)
+            extra = self.variance.extra_loss(
+                VlbTerms(
+                    x0=x,
+                    x_t=x_t,
+                    x0_hat=x0_hat,
+                    var_out=var_out,
+                    coef_x0=at("coef_x0"),
+                    coef_xt=at("coef_xt"),
+                    log_beta=at("log_beta"),
+                    log_beta_tilde=at("log_beta_tilde"),
+                    is_first=(t == 1).to(x.dtype).view(view),
+                    num_timesteps=self.num_timesteps,
+                )
+            )
+            if extra is not None:
+                loss = loss + extra
+        return loss
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """Same as :meth:`loss`, so that DistributedDataParallel wraps the objective."""
+        return self.loss(x, **kwargs)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def make_sampler(
+        self, sampler: str | None = None, sampler_kwargs: dict[str, Any] | None = None
+    ) -> Sampler:
+        """Instantiate a registered sampler (default: the config's, with its options).
+
+        Raises:
+            ValueError: unknown sampler name or bad option value.
+            TypeError: unknown option name.
+        """
+        name = self.config.sampler_type if sampler is None else samplers.REGISTRY.canonical(sampler)
+        if sampler_kwargs is None:
+            sampler_kwargs = self.config.sampler_kwargs if sampler is None else {}
+        return samplers.get(name).check_options(sampler_kwargs)
+
+    def sampling_timesteps(
+        self,
+        sampling_timesteps: int | None = None,
+        timestep_spacing: str | Sequence[float] | Tensor | None = None,
+    ) -> Tensor:
+        """The times a sampler visits: float64 (S + 1,), decreasing to 0.
+
+        Args:
+            sampling_timesteps: S in 1..T (default T).
+            timestep_spacing: a name in :mod:`tinydiff.spacings` (default: the config's), or an
+                explicit decreasing list of times.
+        """
+        if sampling_timesteps is None:
+            sampling_timesteps = self.num_timesteps
+        if isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int):
+            raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
+        spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
+        return spacings.make_timesteps(
+            spacing, self.num_timesteps, sampling_timesteps, self.alphas_cumprod
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        bsz: int = 64,
+        sampling_timesteps: int | None = None,
+        *,
+        sampler: str | None = None,
+        sampler_kwargs: dict[str, Any] | None = None,
+        timestep_spacing: str | Sequence[float] | Tensor | None = None,
+        init_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> Tensor:
+        """Draw samples by running a sampler from pure noise to t = 0.
+
+        Args:
+            bsz: number of samples, >= 1.
+            sampling_timesteps: S, the number of steps in 1..T (default T); S < T samples on a
+                respaced subsequence with the posterior recomputed for each step pair.
+            sampler: a name in :mod:`tinydiff.samplers` (default: the config's sampler_type).
+            sampler_kwargs: the sampler's options (default: the config's, for its sampler).
+            timestep_spacing: overrides the config's spacing; a name or explicit times.
+            init_noise: x_T to start from, (bsz, *input_shape).
+            generator: a torch.Generator on ``device`` for the initial and per-step noise; the
+                same seed gives bitwise-identical samples.
+            device: where to sample (default: the network's parameters' device).
+            return_trajectory: return all iterates, (S + 1, bsz, *input_shape), noise first.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            samples (bsz, *input_shape), in the network's parameter dtype.
+        """
+        if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
+            raise ValueError(f"bsz must be a positive int, got {bsz!r}")
+        solver = self.make_sampler(sampler, sampler_kwargs)
+        timesteps = self.sampling_timesteps(sampling_timesteps, timestep_spacing)
+        dtype, param_device = self._param_dtype_device()
+        device = torch.device(device) if device is not None else param_device
+        shape = (bsz, *self.input_shape)
+        if init_noise is None:
+            x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if not isinstance(init_noise, Tensor) or tuple(init_noise.shape) != shape:
+                got = (
+                    tuple(init_noise.shape)
+                    if isinstance(init_noise, Tensor)
+                    else type(init_noise).__name__
+                )
+                raise ValueError(
+                    f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}"
+                )
+            x = init_noise.to(device=device, dtype=dtype)
+        plan = build_plan(solver, timesteps, schedules.alpha_bar_at(self.alphas_cumprod, timesteps))
+        return run_sampler(
+            solver,
+            x,
+            plan,
+            _Denoiser(self),
+            generator=generator,
+            return_trajectory=return_trajectory,
+            progress=progress,
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"input_shape={c.input_shape}, T={c.num_timesteps}, schedule={c.noise_schedule_type}, "
+            f"target={c.target_type}, sigma={c.sigma_type}, loss={c.loss_type}, sampler={c.sampler_type}"
+        )

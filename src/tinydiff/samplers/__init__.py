@@ -1,0 +1,45 @@
+"""Samplers: the reverse-process solvers, one module each, registered by name.
+
+Every module in this package is imported on first use of the package, so adding a sampler
+means adding one file (or registering one from your own code or plugin). The contract is the
+:class:`~tinydiff.samplers.base.Sampler` base class; :func:`~tinydiff.samplers.base.run_sampler`
+is the loop that drives any sampler over a precomputed plan.
+
+Register your own::
+
+    @tinydiff.samplers.register("my_sampler")
+    class MySampler(tinydiff.samplers.Sampler):
+        def plan(self, timesteps, alpha_bar): ...
+        def step(self, x, state, c, denoise, noise): ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from tinydiff.samplers.base import (
+    REGISTRY,
+    Denoiser,
+    Prediction,
+    Sampler,
+    get,
+    names,
+    register,
+    run_sampler,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Denoiser",
+    "Prediction",
+    "Sampler",
+    "get",
+    "names",
+    "register",
+    "run_sampler",
+]
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base" and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")

@@ -1,0 +1,243 @@
+r"""Noise schedules: the table :math:`\bar\alpha_t` for :math:`t = 0, \dots, T`.
+
+Forward process (Ho et al. 2020): :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`.
+
+Contract for a registered schedule::
+
+    fn(num_timesteps: int, **schedule_kwargs) -> Tensor  # shape (T + 1,)
+
+The tensor holds :math:`\bar\alpha_t` for t = 0..T: finite, strictly decreasing, in (0, 1].
+Built-in schedules return 1 at t = 0 (clean data). Every table is converted to float64 and
+checked by :func:`build_alphas_cumprod` when it is used; ``zero_terminal_snr`` rescales any
+schedule so that :math:`\bar\alpha_T = 0` (Lin et al. 2024).
+
+Register your own::
+
+    @tinydiff.schedules.register("my_schedule")
+    def my_schedule(num_timesteps: int) -> torch.Tensor: ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from tinydiff._registry import Registry
+
+__all__ = [
+    "REGISTRY",
+    "alpha_bar_at",
+    "build_alphas_cumprod",
+    "get",
+    "log_snr",
+    "names",
+    "register",
+    "rescale_zero_terminal_snr",
+]
+
+ScheduleFn = Callable[..., torch.Tensor]
+
+
+def _check_callable(obj: Any) -> None:
+    if not callable(obj):
+        raise TypeError(
+            f"a noise schedule must be callable fn(num_timesteps, **kwargs), got {obj!r}"
+        )
+
+
+REGISTRY: Registry[ScheduleFn] = Registry("noise schedule", _check_callable)
+register = REGISTRY.register
+get = REGISTRY.get
+names = REGISTRY.names
+
+
+def _from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar for t = 0..T from betas for t = 1..T (alpha_bar_0 = 1)."""
+    return torch.cat([betas.new_ones(1), torch.cumprod(1.0 - betas, dim=0)])
+
+
+@register("linear")
+def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM's linear betas (Ho et al. 2020), 1e-4 to 0.02 at T = 1000, scaled by 1000 / T
+    (Nichol & Dhariwal 2021) so that any T gives about the same total noise."""
+    scale = 1000.0 / num_timesteps
+    betas = torch.linspace(
+        beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64
+    ).clamp(max=0.999)
+    return _from_betas(betas)
+
+
+@register("scaled_linear")
+def scaled_linear(
+    num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """Betas linear in their square root (Stable Diffusion, Rombach et al. 2022), scaled by
+    1000 / T like ``linear``."""
+    scale = 1000.0 / num_timesteps
+    betas = (
+        torch.linspace(
+            math.sqrt(beta_start * scale),
+            math.sqrt(beta_end * scale),
+            num_timesteps,
+            dtype=torch.float64,
+        )
+        ** 2
+    ).clamp(max=0.999)
+    return _from_betas(betas)
+
+
+@register("cosine", aliases=("squaredcos_cap_v2",))
+def cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    r"""Cosine schedule (Nichol & Dhariwal 2021): :math:`\bar\alpha_t = f(t)/f(0)`,
+    :math:`f(t) = \cos^2\!\big(\frac{t/T + s}{1 + s}\,\frac{\pi}{2}\big)`, betas clipped at
+    ``max_beta``."""
+    t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return _from_betas(betas)
+
+
+@register("sigmoid")
+def sigmoid(
+    num_timesteps: int,
+    start: float = -3.0,
+    end: float = 3.0,
+    tau: float = 1.0,
+    max_beta: float = 0.999,
+) -> torch.Tensor:
+    r"""Sigmoid schedule (Chen 2023, "On the importance of noise scheduling"):
+    :math:`\bar\alpha_t \propto \sigma(-(\tfrac{t}{T}(e - s) + s)/\tau)`, normalised to 1 at
+    t = 0 and 0 at t = T, with betas clipped at ``max_beta``."""
+    if not start < end:
+        raise ValueError(f"sigmoid schedule needs start < end, got start={start}, end={end}")
+    t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    f = (v_end - torch.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
+    betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return _from_betas(betas)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    r"""Rescale a schedule so that the terminal SNR is exactly zero (Lin et al. 2024, Alg. 1).
+
+    :math:`\sqrt{\bar\alpha_t}` for t = 1..T is shifted so that its last value is 0 and scaled
+    so that its first value (t = 1) is unchanged; t = 0 keeps its value.
+
+    Args:
+        alphas_cumprod: float64 tensor (T + 1,), strictly decreasing.
+
+    Returns:
+        float64 tensor (T + 1,) with ``[-1] == 0``.
+    """
+    sqrt_ab = alphas_cumprod[1:].sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    return torch.cat([alphas_cumprod[:1], sqrt_ab**2])
+
+
+def build_alphas_cumprod(
+    schedule: str,
+    num_timesteps: int,
+    schedule_kwargs: Mapping[str, Any] | None = None,
+    *,
+    zero_terminal_snr: bool = False,
+) -> torch.Tensor:
+    """Evaluate a registered schedule, check its output, and optionally rescale it.
+
+    Args:
+        schedule: registry name.
+        num_timesteps: T.
+        schedule_kwargs: keyword options forwarded to the schedule function.
+        zero_terminal_snr: rescale so that alpha_bar_T = 0 (Lin et al. 2024).
+
+    Returns:
+        float64 tensor (T + 1,): alpha_bar for t = 0..T.
+
+    Raises:
+        ValueError: the schedule returned the wrong length, NaN/inf, values outside (0, 1], or
+            a table that is not strictly decreasing.
+        TypeError: the schedule did not return a tensor-like, or rejected the kwargs.
+    """
+    fn = get(schedule)
+    kwargs = dict(schedule_kwargs or {})
+    try:
+        out = fn(num_timesteps, **kwargs)
+    except TypeError as err:
+        raise TypeError(
+            f"noise schedule {schedule!r} rejected its arguments (num_timesteps={num_timesteps}, "
+            f"schedule_kwargs={kwargs}): {err}"
+        ) from err
+    try:
+        table = torch.as_tensor(out).detach().to(device="cpu", dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"noise schedule {schedule!r} must return a tensor of alpha_bar values, "
+            f"got {type(out).__name__}"
+        ) from err
+    where = f"noise schedule {schedule!r} (num_timesteps={num_timesteps})"
+    if table.numel() != num_timesteps + 1:
+        raise ValueError(
+            f"{where} returned {table.numel()} values; expected num_timesteps + 1 = "
+            f"{num_timesteps + 1} (alpha_bar for t = 0..T)"
+        )
+    if not torch.isfinite(table).all():
+        raise ValueError(f"{where} returned NaN or inf values")
+    if (table <= 0).any() or (table > 1).any():
+        bad = table[(table <= 0) | (table > 1)][0].item()
+        raise ValueError(f"{where} returned alpha_bar = {bad!r}; every value must lie in (0, 1]")
+    diffs = table[1:] - table[:-1]
+    if (diffs >= 0).any():
+        i = int(torch.nonzero(diffs >= 0)[0].item())
+        raise ValueError(
+            f"{where} is not strictly decreasing: alpha_bar[{i}] = {table[i].item():.6g} <= "
+            f"alpha_bar[{i + 1}] = {table[i + 1].item():.6g}"
+        )
+    if zero_terminal_snr:
+        table = rescale_zero_terminal_snr(table)
+    return table
+
+
+def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    r"""Log signal-to-noise ratio :math:`\lambda = \log(\bar\alpha / (1 - \bar\alpha))`
+    (+inf at alpha_bar = 1, -inf at alpha_bar = 0)."""
+    return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    r"""alpha_bar at real times t in [0, T], interpolating the table.
+
+    Between consecutive integers the log-SNR is interpolated linearly. On a segment with an
+    infinite endpoint (t in [0, 1] when alpha_bar_0 = 1, or [T - 1, T] under zero terminal SNR)
+    the log-SNR cannot be interpolated, and alpha_bar itself is interpolated linearly instead,
+    which keeps the function continuous and monotone. Integer t returns the table exactly.
+
+    Args:
+        alphas_cumprod: float64 table (T + 1,).
+        t: tensor of any shape, values in [0, T].
+
+    Returns:
+        tensor of t's shape, float64.
+    """
+    table = alphas_cumprod.to(torch.float64)
+    num_timesteps = table.numel() - 1
+    t = t.to(device=table.device, dtype=torch.float64)
+    if (t < 0).any() or (t > num_timesteps).any():
+        raise ValueError(
+            f"times must lie in [0, {num_timesteps}], got min {t.min().item()}, "
+            f"max {t.max().item()}"
+        )
+    lo = t.floor().clamp(max=num_timesteps - 1).long()
+    frac = t - lo
+    a0, a1 = table[lo], table[lo + 1]
+    l0, l1 = log_snr(a0), log_snr(a1)
+    finite = torch.isfinite(l0) & torch.isfinite(l1)
+    lam = torch.where(finite, l0 + frac * (l1 - l0), torch.zeros_like(l0))
+    interp_log = torch.sigmoid(lam)
+    interp_lin = a0 + frac * (a1 - a0)
+    out = torch.where(finite, interp_log, interp_lin)
+    # exact table values at the integers (sigmoid(logit(a)) may differ in the last bit)
+    return torch.where(frac == 0, a0, torch.where(frac == 1, a1, out))

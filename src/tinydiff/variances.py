@@ -1,0 +1,217 @@
+r"""Variance types: the variance of the reverse (denoising) step.
+
+For a step from time t to an earlier time s (s < t; s = t - 1 without respacing) the forward
+posterior is :math:`q(x_s \mid x_t, x_0) = \mathcal N(\tilde\mu, \tilde\beta)` with
+
+.. math::
+    \beta = 1 - \bar\alpha_t / \bar\alpha_s,\quad
+    \tilde\beta = \frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}\,\beta,\quad
+    \tilde\mu = \frac{\sqrt{\bar\alpha_s}\,\beta}{1 - \bar\alpha_t}\,x_0
+              + \frac{\sqrt{\bar\alpha_t/\bar\alpha_s}\,(1 - \bar\alpha_s)}{1 - \bar\alpha_t}\,x_t
+
+(Ho et al. 2020, eq. 6-7; respaced pairs as in Nichol & Dhariwal 2021).
+
+=============== ===================================================== ======================
+name            reverse variance                                      reference
+=============== ===================================================== ======================
+upper_bound     :math:`\beta`                                         Ho et al. 2020
+lower_bound     :math:`\tilde\beta`                                   Ho et al. 2020
+learned_range   :math:`\exp(f\log\beta + (1-f)\log\tilde\beta)`,      Nichol & Dhariwal 2021
+                :math:`f = (v + 1)/2` from extra network channels
+=============== ===================================================== ======================
+
+Contract for a registered variance type: a class (instantiated with ``variance_kwargs``) with
+
+* ``channel_multiplier: int``: the network returns this many times x's channels (dim 1);
+* ``split(out) -> (model_out, var_out or None)``: separate the variance channels;
+* ``log_variance(log_beta, log_beta_tilde, var_out) -> Tensor``: the reverse step's log
+  variance; ``log_beta_tilde`` is clipped (finite) at the last step;
+* ``extra_loss(terms) -> Tensor or None``: an extra per-element training loss, given a
+  :class:`VlbTerms`.
+
+Subclass :class:`Variance` for defaults (one channel set, no extra loss).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tinydiff._registry import Registry
+
+__all__ = [
+    "REGISTRY",
+    "LearnedRange",
+    "LowerBound",
+    "UpperBound",
+    "Variance",
+    "VlbTerms",
+    "gaussian_kl",
+    "get",
+    "names",
+    "posterior_coefficients",
+    "register",
+]
+
+
+def posterior_coefficients(
+    alpha_bar_t: Tensor, alpha_bar_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Coefficients of :math:`q(x_s \mid x_t, x_0)` for s < t (module docstring).
+
+    Args:
+        alpha_bar_t: alpha_bar at the later time t, any shape.
+        alpha_bar_s: alpha_bar at the earlier time s, same shape, > alpha_bar_t.
+
+    Returns:
+        (coef_x0, coef_xt, beta, beta_tilde), each of the inputs' shape. Finite whenever
+        alpha_bar_t < alpha_bar_s <= 1, zero terminal SNR (alpha_bar_t = 0) included.
+    """
+    one_minus_t = 1 - alpha_bar_t
+    beta = 1 - alpha_bar_t / alpha_bar_s
+    coef_x0 = alpha_bar_s.sqrt() * beta / one_minus_t
+    coef_xt = (alpha_bar_t / alpha_bar_s).sqrt() * (1 - alpha_bar_s) / one_minus_t
+    beta_tilde = beta * (1 - alpha_bar_s) / one_minus_t
+    return coef_x0, coef_xt, beta, beta_tilde
+
+
+def gaussian_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."""
+    return 0.5 * (
+        logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+        - 1.0
+    )
+
+
+@dataclass
+class VlbTerms:
+    """Inputs of a variance type's extra loss for a batch of training times t.
+
+    Every tensor broadcasts against x (bsz, *input_shape); per-sample quantities have shape
+    (bsz, 1, ..., 1).
+
+    Attributes:
+        x0: clean data.
+        x_t: noised data.
+        x0_hat: the network's x0 estimate, detached (stop-gradient on the mean).
+        var_out: the variance channels of the network output (with gradient), or None.
+        coef_x0, coef_xt: posterior mean coefficients for the step t -> t - 1.
+        log_beta, log_beta_tilde: log variances of that step (log_beta_tilde clipped).
+        is_first: 1.0 where t == 1 (the decoder term), else 0.0.
+        num_timesteps: T.
+    """
+
+    x0: Tensor
+    x_t: Tensor
+    x0_hat: Tensor
+    var_out: Tensor | None
+    coef_x0: Tensor
+    coef_xt: Tensor
+    log_beta: Tensor
+    log_beta_tilde: Tensor
+    is_first: Tensor
+    num_timesteps: int
+
+
+class Variance:
+    """Base class: one set of output channels and no extra loss."""
+
+    channel_multiplier: ClassVar[int] = 1
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Split the network output into (model_out, var_out or None)."""
+        return out, None
+
+    def log_variance(
+        self, log_beta: Tensor, log_beta_tilde: Tensor, var_out: Tensor | None
+    ) -> Tensor:
+        """Log variance of the reverse step (broadcasts against x)."""
+        raise NotImplementedError
+
+    def extra_loss(self, terms: VlbTerms) -> Tensor | None:
+        """Extra per-element training loss, or None."""
+        return None
+
+
+def _check_variance(obj: Any) -> None:
+    if not isinstance(obj, type) or not callable(getattr(obj, "log_variance", None)):
+        raise TypeError(
+            "a variance type must be a class with log_variance(log_beta, log_beta_tilde, var_out)"
+            f" (subclass tinydiff.variances.Variance); got {obj!r}"
+        )
+
+
+REGISTRY: Registry[type[Variance]] = Registry("variance type", _check_variance)
+register = REGISTRY.register
+get = REGISTRY.get
+names = REGISTRY.names
+
+
+@register("upper_bound", aliases=("fixed_large", "beta"))
+class UpperBound(Variance):
+    r"""Reverse variance :math:`\beta_t`, the upper bound on the optimal (Ho et al. 2020)."""
+
+    def log_variance(
+        self, log_beta: Tensor, log_beta_tilde: Tensor, var_out: Tensor | None
+    ) -> Tensor:
+        return log_beta
+
+
+@register("lower_bound", aliases=("fixed_small", "beta_tilde"))
+class LowerBound(Variance):
+    r"""Reverse variance :math:`\tilde\beta_t`, the posterior variance (Ho et al. 2020)."""
+
+    def log_variance(
+        self, log_beta: Tensor, log_beta_tilde: Tensor, var_out: Tensor | None
+    ) -> Tensor:
+        return log_beta_tilde
+
+
+@register("learned_range")
+class LearnedRange(Variance):
+    r"""Learned interpolation between the bounds (Nichol & Dhariwal 2021, eq. 15).
+
+    The network returns twice x's channels; the second half v gives
+    :math:`\log\Sigma = f\log\beta + (1-f)\log\tilde\beta` with :math:`f = (v+1)/2`. Training
+    adds :math:`\lambda L_\mathrm{vlb}` (hybrid objective, eq. 16) with the mean detached; per
+    sample that is :math:`\lambda T L_t = (T / 1000) L_t` in bits for :math:`\lambda` = 0.001. The
+    t = 1 term is the continuous Gaussian negative log-likelihood of x0 (data of any range).
+
+    Args:
+        vlb_weight: :math:`\lambda`, default 0.001.
+    """
+
+    channel_multiplier = 2
+
+    def __init__(self, vlb_weight: float = 0.001) -> None:
+        if not vlb_weight >= 0:
+            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        self.vlb_weight = float(vlb_weight)
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        mean_out, var_out = out.chunk(2, dim=1)
+        return mean_out, var_out
+
+    def log_variance(
+        self, log_beta: Tensor, log_beta_tilde: Tensor, var_out: Tensor | None
+    ) -> Tensor:
+        if var_out is None:
+            raise ValueError("learned_range needs the network's variance channels")
+        frac = (var_out + 1) / 2
+        return frac * log_beta + (1 - frac) * log_beta_tilde
+
+    def extra_loss(self, terms: VlbTerms) -> Tensor | None:
+        logvar = self.log_variance(terms.log_beta, terms.log_beta_tilde, terms.var_out)
+        mean_p = terms.coef_x0 * terms.x0_hat + terms.coef_xt * terms.x_t
+        mean_q = terms.coef_x0 * terms.x0 + terms.coef_xt * terms.x_t
+        kl = gaussian_kl(mean_q, terms.log_beta_tilde, mean_p, logvar)
+        nll = 0.5 * (math.log(2 * math.pi) + logvar + (terms.x0 - mean_p) ** 2 * torch.exp(-logvar))
+        vlb_bits = torch.where(terms.is_first > 0, nll, kl) / math.log(2.0)
+        return self.vlb_weight * terms.num_timesteps * vlb_bits
