@@ -122,6 +122,8 @@ class DiffusionModelConfig(BaseModel):
             samplers.get(self.sampler_type).check_options(self.sampler_kwargs)
         except TypeError as err:
             raise ValueError(str(err)) from err
+        if self.zero_terminal_snr and self.num_timesteps < 2:
+            raise ValueError("zero_terminal_snr=True needs num_timesteps >= 2")
         if self.zero_terminal_snr and not getattr(target_cls, "supports_zero_snr", True):
             raise ValueError(
                 f"target_type={self.target_type!r} cannot be used with zero_terminal_snr=True: "

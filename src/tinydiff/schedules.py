@@ -133,6 +133,11 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     Returns:
         float64 tensor (T + 1,) with ``[-1] == 0``.
     """
+    if alphas_cumprod.numel() < 3:
+        raise ValueError(
+            "zero_terminal_snr needs num_timesteps of at least 2: it keeps alpha_bar_1 and sets "
+            "alpha_bar_T to 0"
+        )
     sqrt_ab = alphas_cumprod[1:].sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
