@@ -1,0 +1,339 @@
+"""Small UNet for images, in the style of DDPM / ADM."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinydiff.nn.embeddings import ConditionEmbedding
+
+__all__ = ["UNet"]
+
+_HEAD_DIM = 32  # attention uses channels // 32 heads when that divides evenly, else 1
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with a FiLM scale/shift from the conditioning.
+
+    The residual block of ADM (Dhariwal & Nichol, 2021, "use_scale_shift_norm"):
+    ``h = Conv(SiLU(GN(x)))``, ``h = GN(h) * (1 + scale) + shift``,
+    ``out = skip(x) + Conv(Dropout(SiLU(h)))``.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.norm_1 = nn.GroupNorm(num_groups, in_ch)
+        self.conv_1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.modulation = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm_2 = nn.GroupNorm(num_groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv_2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip: nn.Module = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv_1(F.silu(self.norm_1(x)))
+        scale, shift = self.modulation(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm_2(h) * (1 + scale) + shift
+        h = self.conv_2(self.dropout(F.silu(h)))
+        out: Tensor = self.skip(x) + h
+        return out
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels, with a residual connection."""
+
+    def __init__(self, channels: int, num_groups: int) -> None:
+        super().__init__()
+        self.num_heads = channels // _HEAD_DIM if channels % _HEAD_DIM == 0 else 1
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        # (b, 3c, h, w) -> (b, 3, heads, h*w, head_dim)
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, h*w, head_dim)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        result: Tensor = x + self.proj(out)
+        return result
+
+
+class _Block(nn.Module):
+    """A residual block, optionally followed by self-attention."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        num_groups: int,
+        dropout: float,
+        attention: bool,
+    ) -> None:
+        super().__init__()
+        self.res = _ResBlock(in_ch, out_ch, emb_dim, num_groups, dropout)
+        self.attn: nn.Module = _SelfAttention(out_ch, num_groups) if attention else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        out: Tensor = self.attn(self.res(x, emb))
+        return out
+
+
+class _Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return out
+
+
+class UNet(nn.Module):
+    """Time-conditioned UNet for images (Ronneberger et al., 2015; Ho et al., 2020).
+
+    A 3x3 input convolution, then one level per entry of ``channel_mults``
+    (level ``i`` has ``base_channels * channel_mults[i]`` channels and
+    resolution ``H / 2**i``) with ``num_res_blocks`` residual blocks each and a
+    stride-2 convolution between levels; a middle block (residual, attention
+    when the lowest level has attention, residual); and a mirrored up path with
+    ``num_res_blocks + 1`` blocks per level, each fed the matching skip
+    connection. Residual blocks use GroupNorm + SiLU with a scale/shift from the
+    time(+label) embedding (ADM; Dhariwal & Nichol, 2021). The output
+    convolution is zero-initialised, so an untrained network predicts 0.
+
+    Args:
+        in_channels: Number of image channels ``C``.
+        base_channels: Channels at the first level; with ``num_groups`` it must
+            divide ``base_channels * m`` for every ``m`` in ``channel_mults``.
+        channel_mults: Channel multiplier per level; ``len(channel_mults) - 1``
+            downsamplings, so H and W must be divisible by
+            ``2 ** (len(channel_mults) - 1)``.
+        num_res_blocks: Residual blocks per level on the down path.
+        attention_resolutions: Indices into ``channel_mults`` of the levels that
+            get self-attention after every residual block (0 is full
+            resolution; negative indices count from the lowest resolution, so
+            the default ``(-1,)`` means the lowest level only). Attention has
+            ``channels // 32`` heads when that divides evenly, else one.
+        time_embed_dim: Size of the conditioning vector; ``None`` means
+            ``4 * base_channels``. The sinusoidal time embedding has
+            ``base_channels`` features.
+        out_mult: Output channels per input channel: 1 for a mean/noise
+            prediction, 2 for the "learned_range" variance type (output
+            ``(bsz, 2 * C, H, W)``; split it with ``.chunk(2, dim=1)``).
+        num_classes: Number of classes for class conditioning, or ``None``.
+            Label ``num_classes`` is the null label for classifier-free guidance.
+        dropout: Dropout probability inside the residual blocks.
+        num_groups: Number of GroupNorm groups.
+
+    Attributes:
+        null_class: The null label index (``num_classes``), or ``None``.
+        config: The constructor arguments as a JSON-serializable dict; see
+            :meth:`from_config`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 32,
+        channel_mults: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions: tuple[int, ...] = (-1,),
+        time_embed_dim: int | None = None,
+        out_mult: int = 1,
+        num_classes: int | None = None,
+        dropout: float = 0.0,
+        num_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        channel_mults = tuple(channel_mults)
+        attention_resolutions = tuple(attention_resolutions)
+        num_levels = len(channel_mults)
+        for name, value, low in (
+            ("in_channels", in_channels, 1),
+            ("base_channels", base_channels, 2),
+            ("num_res_blocks", num_res_blocks, 1),
+            ("out_mult", out_mult, 1),
+            ("num_groups", num_groups, 1),
+        ):
+            if value < low:
+                raise ValueError(f"UNet needs {name} >= {low}, got {name}={value}.")
+        if num_levels == 0 or min(channel_mults) < 1:
+            raise ValueError(
+                f"UNet needs a non-empty channel_mults of positive integers, got {channel_mults}."
+            )
+        bad_levels = [a for a in attention_resolutions if not -num_levels <= a < num_levels]
+        if bad_levels:
+            raise ValueError(
+                f"attention_resolutions are level indices into channel_mults, so they must "
+                f"lie in [{-num_levels}, {num_levels - 1}]; got {list(attention_resolutions)}."
+            )
+        bad_widths = [base_channels * m for m in channel_mults if base_channels * m % num_groups]
+        if bad_widths:
+            raise ValueError(
+                f"GroupNorm with num_groups={num_groups} needs every level width "
+                f"base_channels * mult divisible by it; {bad_widths} are not. "
+                f"Change base_channels or num_groups."
+            )
+        if time_embed_dim is not None and time_embed_dim < 1:
+            raise ValueError(f"UNet needs time_embed_dim >= 1 or None, got {time_embed_dim}.")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"UNet needs num_classes >= 1 or None, got {num_classes}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"UNet needs 0 <= dropout < 1, got dropout={dropout}.")
+
+        self._config: dict[str, Any] = {
+            "in_channels": int(in_channels),
+            "base_channels": int(base_channels),
+            "channel_mults": [int(m) for m in channel_mults],
+            "num_res_blocks": int(num_res_blocks),
+            "attention_resolutions": [int(a) for a in attention_resolutions],
+            "time_embed_dim": None if time_embed_dim is None else int(time_embed_dim),
+            "out_mult": int(out_mult),
+            "num_classes": None if num_classes is None else int(num_classes),
+            "dropout": float(dropout),
+            "num_groups": int(num_groups),
+        }
+        self.in_channels = in_channels
+        self.out_mult = out_mult
+        self.null_class: int | None = num_classes
+        self.size_multiple = 2 ** (num_levels - 1)
+
+        emb_dim = 4 * base_channels if time_embed_dim is None else time_embed_dim
+        attn_levels = {a % num_levels for a in attention_resolutions}
+
+        def block(in_ch: int, out_ch: int, level: int) -> _Block:
+            return _Block(in_ch, out_ch, emb_dim, num_groups, dropout, level in attn_levels)
+
+        self.condition = ConditionEmbedding(base_channels, emb_dim, num_classes)
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        ch = base_channels
+        skip_channels = [ch]
+        self.down_blocks = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        for level, mult in enumerate(channel_mults):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(block(ch, base_channels * mult, level))
+                ch = base_channels * mult
+                skip_channels.append(ch)
+            self.down_blocks.append(blocks)
+            if level < num_levels - 1:
+                self.downsamplers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skip_channels.append(ch)
+
+        self.mid_blocks = nn.ModuleList(
+            [block(ch, ch, num_levels - 1), _Block(ch, ch, emb_dim, num_groups, dropout, False)]
+        )
+
+        self.up_blocks = nn.ModuleList()  # lowest resolution first
+        self.upsamplers = nn.ModuleList()
+        for level in reversed(range(num_levels)):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                out_ch = base_channels * channel_mults[level]
+                blocks.append(block(ch + skip_channels.pop(), out_ch, level))
+                ch = out_ch
+            self.up_blocks.append(blocks)
+            if level > 0:
+                self.upsamplers.append(_Upsample(ch))
+
+        self.output_norm = nn.GroupNorm(num_groups, ch)
+        self.output_conv = nn.Conv2d(ch, in_channels * out_mult, 3, padding=1)
+        for p in self.output_conv.parameters():
+            nn.init.zeros_(p)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (a fresh, JSON-serializable dict; tuples as lists)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> UNet:
+        """Build an (untrained) network from :attr:`config`.
+
+        Args:
+            config: A dict of constructor arguments, as in :attr:`config`; lists
+                are accepted where the constructor takes tuples.
+
+        Returns:
+            A new network with the same architecture.
+        """
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+        }
+        return cls(**kwargs)
+
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        """Predict from noisy images ``x`` at times ``t``.
+
+        Follows the tinydiff network contract ``net(x_t, t, **cond) -> Tensor``.
+
+        Args:
+            x: Noisy images of shape ``(bsz, in_channels, H, W)``, floating
+                point, with H and W divisible by ``2 ** (len(channel_mults) - 1)``.
+            t: Times on the ``[0, T]`` scale (``T = num_timesteps``, default
+                1000) of shape ``(bsz,)``; usually integer-valued, fractional
+                values are fine. A 0-dim tensor or a Python number is broadcast
+                to the whole batch.
+            class_labels: Integer labels of shape ``(bsz,)`` in
+                ``[0, num_classes]``, where ``num_classes`` is the null label;
+                ``None`` means all-null. Only allowed when built with
+                ``num_classes``.
+
+        Returns:
+            Tensor of shape ``(bsz, in_channels * out_mult, H, W)``: the same
+            shape as ``x`` for ``out_mult=1``, ``(bsz, 2 * C, H, W)`` for
+            ``out_mult=2``.
+
+        Raises:
+            TypeError: If ``x`` is not floating point, ``t`` or ``class_labels``
+                has the wrong type, or ``class_labels`` is given to an
+                unconditional network.
+            ValueError: If ``x``, ``t`` or ``class_labels`` has the wrong shape,
+                H or W is not divisible as required, or a label is out of range.
+        """
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"UNet expects a floating-point tensor x, got {got}.")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"UNet expects x of shape (bsz, in_channels, H, W) = "
+                f"(bsz, {self.in_channels}, H, W), got shape {tuple(x.shape)}."
+            )
+        height, width = x.shape[-2:]
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(
+                f"UNet with {len(self.down_blocks)} levels needs H and W divisible by "
+                f"{self.size_multiple}, got H={height}, W={width}; pad or resize the images."
+            )
+        emb = self.condition(t, x, class_labels)
+
+        h = self.input_conv(x)
+        skips = [h]
+        for level, blocks in enumerate(self.down_blocks):
+            for blk in cast(nn.ModuleList, blocks):
+                h = blk(h, emb)
+                skips.append(h)
+            if level < len(self.downsamplers):
+                h = self.downsamplers[level](h)
+                skips.append(h)
+        for blk in self.mid_blocks:
+            h = blk(h, emb)
+        for level, blocks in enumerate(self.up_blocks):
+            for blk in cast(nn.ModuleList, blocks):
+                h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+            if level < len(self.upsamplers):
+                h = self.upsamplers[level](h)
+        out: Tensor = self.output_conv(F.silu(self.output_norm(h)))
+        return out
