@@ -15,6 +15,7 @@ order is not checkpointed: a resumed run restarts its iterator.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -260,8 +261,9 @@ class Trainer:
         self._loader_iter = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model, EMA, optimizer, scheduler, step, RNG, data."""
-        return {
+        """A snapshot (deep copy) of everything needed to resume: model, EMA, optimizer,
+        scheduler, step, RNG states, data order, loss history."""
+        return copy.deepcopy({
             "model": self.model.state_dict(),
             "ema": None if self.model.ema is None else self.model.ema_state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -273,7 +275,7 @@ class Trainer:
                 "noise": self.noise_generator.get_state(),
             },
             **self._extra(),
-        }
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
