@@ -14,7 +14,9 @@ class TinyNet(nn.Module):
         self.null_class = num_classes
         self.inp = nn.Linear(dim + 1, hidden)
         self.emb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim)
+        )
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         h = self.inp(torch.cat([x, (t / 1000.0)[:, None].to(x.dtype)], dim=1))

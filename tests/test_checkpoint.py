@@ -39,8 +39,15 @@ def test_round_trip(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(123)
     gen.manual_seed(7)
     path = tmp_path / "sub" / "ckpt.safetensors"
-    save_checkpoint(path, model, opt, sched, step=5, extra={"note": "hi", "t": torch.ones(3), "k": (1, 2)},
-                    generators={"g": gen})
+    save_checkpoint(
+        path,
+        model,
+        opt,
+        sched,
+        step=5,
+        extra={"note": "hi", "t": torch.ones(3), "k": (1, 2)},
+        generators={"g": gen},
+    )
     expected_next = torch.randn(4)  # global RNG continues from the saved state
     expected_gen = torch.randn(4, generator=gen)
 
@@ -72,7 +79,7 @@ def test_round_trip(tmp_path: Path) -> None:
 
 
 def test_atomic_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, opt, sched = _setup(0)
+    model, opt, _sched = _setup(0)
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, model, opt, step=1)
     before = path.read_bytes()

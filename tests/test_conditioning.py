@@ -82,14 +82,17 @@ def test_guidance_rescale_matches_formula() -> None:
     t, ab = torch.tensor(5.0, dtype=torch.float64), model.alpha_bar(5.0)
     # with pred_x_0 and this net x0_c = label, x0_u = -1 in both coordinates, so x0 has zero
     # per-sample std; use a rescale-aware net output instead: x + label
-    model.nn_module.forward = lambda x, t, class_labels=None: x * torch.tensor([1.0, 2.0]).double() + (
-        torch.where(class_labels == 4, -1.0, class_labels.double())[:, None]
+    model.nn_module.forward = lambda x, t, class_labels=None: (
+        x * torch.tensor([1.0, 2.0]).double()
+        + (torch.where(class_labels == 4, -1.0, class_labels.double())[:, None])
     )
     phi, w = 0.7, 2.5
     c = _Denoiser(model, cond={"class_labels": labels})(x, t, ab).x0
     u = _Denoiser(model, cond={"class_labels": torch.full_like(labels, 4)})(x, t, ab).x0
     g = u + w * (c - u)
-    expected = phi * g * c.std(1, keepdim=True, unbiased=False) / g.std(1, keepdim=True, unbiased=False)
+    expected = (
+        phi * g * c.std(1, keepdim=True, unbiased=False) / g.std(1, keepdim=True, unbiased=False)
+    )
     expected = expected + (1 - phi) * g
     out = _Denoiser(model, cond={"class_labels": labels}, guidance_scale=w, guidance_rescale=phi)(
         x, t, ab
@@ -103,7 +106,11 @@ def test_guidance_works_with_every_sampler(name: str) -> None:
     model = _model(LabelNet())
     labels = torch.tensor([0, 1, 2])
     out = model.sample(
-        3, 4, sampler=name, cond={"class_labels": labels}, guidance_scale=2.0,
+        3,
+        4,
+        sampler=name,
+        cond={"class_labels": labels},
+        guidance_scale=2.0,
         generator=torch.Generator().manual_seed(0),
     )
     assert out.shape == (3, 2) and torch.isfinite(out).all()
@@ -126,8 +133,9 @@ def test_cond_dropout_fraction() -> None:
     model = _model(net, cond_drop_prob=0.3)
     n = 20000
     labels = torch.randint(0, 4, (n,))
-    model.loss(torch.randn(n, 2), cond={"class_labels": labels},
-               generator=torch.Generator().manual_seed(0))
+    model.loss(
+        torch.randn(n, 2), cond={"class_labels": labels}, generator=torch.Generator().manual_seed(0)
+    )
     seen = net.seen[-1]
     dropped = (seen == 4).double().mean().item()
     se = math.sqrt(0.3 * 0.7 / n)
@@ -166,7 +174,13 @@ def test_custom_null_cond() -> None:
 
     model = _model(StyleNet())
     style = torch.ones(3, 2)
-    out = model.sample(3, 3, sampler="ddim", cond={"style": style}, guidance_scale=0.0,
-                       init_noise=torch.zeros(3, 2))
+    out = model.sample(
+        3,
+        3,
+        sampler="ddim",
+        cond={"style": style},
+        guidance_scale=0.0,
+        init_noise=torch.zeros(3, 2),
+    )
     ref = model.sample(3, 3, sampler="ddim", init_noise=torch.zeros(3, 2))
     assert torch.allclose(out, ref, atol=1e-6)

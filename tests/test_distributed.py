@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _nets import TinyNet  # noqa: E402
+from _nets import TinyNet
 
-from tinydiff import DiffusionModel, DiffusionModelConfig  # noqa: E402
+from tinydiff import DiffusionModel, DiffusionModelConfig
 
 STEPS, BSZ, LR = 3, 16, 0.05
 
@@ -31,9 +31,7 @@ def _free_port() -> int:
 
 def _model() -> DiffusionModel:
     torch.manual_seed(0)
-    return DiffusionModel(
-        TinyNet(2, 16), DiffusionModelConfig(input_shape=(2,), num_timesteps=50)
-    )
+    return DiffusionModel(TinyNet(2, 16), DiffusionModelConfig(input_shape=(2,), num_timesteps=50))
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

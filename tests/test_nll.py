@@ -39,9 +39,7 @@ class _IntegerTimeExact(nn.Module):
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
 
-def _setup(
-    mixture: GaussianMixture, shape: tuple[int, ...], fast: bool = True
-) -> DiffusionModel:
+def _setup(mixture: GaussianMixture, shape: tuple[int, ...], fast: bool = True) -> DiffusionModel:
     cfg = DiffusionModelConfig(input_shape=shape, num_timesteps=1000, sigma_type="upper_bound")
     model = DiffusionModel(ExactDenoiser(mixture, cfg), cfg).double()
     if fast:

@@ -33,8 +33,16 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def _trainer(model: DiffusionModel, **kw: object) -> Trainer:
     x, y = _data()
     return Trainer(
-        model, x, cond=y, batch_size=32, lr=3e-3, grad_clip=1.0, progress=False,
-        lr_scheduler=lambda opt: warmup_cosine(opt, 5, 40), seed=3, **kw,  # type: ignore[arg-type]
+        model,
+        x,
+        cond=y,
+        batch_size=32,
+        lr=3e-3,
+        grad_clip=1.0,
+        progress=False,
+        lr_scheduler=lambda opt: warmup_cosine(opt, 5, 40),
+        seed=3,
+        **kw,  # type: ignore[arg-type]
     )
 
 

@@ -20,9 +20,9 @@ from tinydiff.model import DiffusionModel
 from tinydiff.trainer import Trainer, warmup_cosine
 
 __all__ = [
+    "EMA",
     "DiffusionModel",
     "DiffusionModelConfig",
-    "EMA",
     "Trainer",
     "__version__",
     "load_checkpoint",

@@ -138,12 +138,12 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "step": int(step),
         "has_ema": ema is not None,
-        "optimizer": None if optimizer is None else _Encoder("optimizer", tensors)(
-            optimizer.state_dict()
-        ),
-        "scheduler": None if scheduler is None else _Encoder("scheduler", tensors)(
-            scheduler.state_dict()
-        ),
+        "optimizer": None
+        if optimizer is None
+        else _Encoder("optimizer", tensors)(optimizer.state_dict()),
+        "scheduler": None
+        if scheduler is None
+        else _Encoder("scheduler", tensors)(scheduler.state_dict()),
         "extra": _Encoder("extra", tensors)(extra or {}),
     }
     data = st_save(tensors, metadata={_META_KEY: json.dumps(meta)})
@@ -161,7 +161,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     tensors: dict[str, Tensor] = {}
     with safe_open(str(path), framework="pt", device=map_location) as f:
         metadata = f.metadata() or {}
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+        for key in f.keys():
             tensors[key] = f.get_tensor(key)
     if _META_KEY not in metadata:
         raise ValueError(f"{path} is not a tinydiff checkpoint (no {_META_KEY!r} metadata)")

@@ -173,7 +173,9 @@ def vlb_terms(
         elif decoder == "discrete":
             dec = -discretized_gaussian_log_likelihood(x64, mean_p, log_var).reshape(bsz, -1).sum(1)
         else:
-            nll = 0.5 * (math.log(2 * math.pi) + log_var + (x64 - mean_p) ** 2 * torch.exp(-log_var))
+            nll = 0.5 * (
+                math.log(2 * math.pi) + log_var + (x64 - mean_p) ** 2 * torch.exp(-log_var)
+            )
             dec = nll.reshape(bsz, -1).sum(1)
     return {
         "prior": prior.reshape(bsz, -1).sum(1),

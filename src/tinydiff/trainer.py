@@ -114,9 +114,7 @@ class Trainer:
         if not isinstance(model, DiffusionModel):
             raise TypeError(f"model must be a tinydiff.DiffusionModel, got {type(model).__name__}")
         self.model = model
-        self.device = (
-            torch.device(device) if device is not None else model._param_dtype_device()[1]
-        )
+        self.device = torch.device(device) if device is not None else model._param_dtype_device()[1]
         self.cond_key = cond_key
         if isinstance(data, Tensor):
             if batch_size < 1:
@@ -226,9 +224,7 @@ class Trainer:
         Returns:
             the loss history of all steps so far.
         """
-        bar = tqdm(
-            total=num_steps, initial=self.step, disable=not self.progress, desc="training"
-        )
+        bar = tqdm(total=num_steps, initial=self.step, disable=not self.progress, desc="training")
         try:
             while self.step < num_steps:
                 loss = self.train_step()
@@ -263,19 +259,21 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy) of everything needed to resume: model, EMA, optimizer,
         scheduler, step, RNG states, data order, loss history."""
-        return copy.deepcopy({
-            "model": self.model.state_dict(),
-            "ema": None if self.model.ema is None else self.model.ema_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "step": self.step,
-            "rng": torch.get_rng_state(),
-            "generators": {
-                "data": self.data_generator.get_state(),
-                "noise": self.noise_generator.get_state(),
-            },
-            **self._extra(),
-        })
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "ema": None if self.model.ema is None else self.model.ema_state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "step": self.step,
+                "rng": torch.get_rng_state(),
+                "generators": {
+                    "data": self.data_generator.get_state(),
+                    "noise": self.noise_generator.get_state(),
+                },
+                **self._extra(),
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
