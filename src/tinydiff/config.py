@@ -41,6 +41,9 @@ class DiffusionModelConfig(BaseModel):
         sampler_kwargs: default options of that sampler.
         timestep_spacing: default spacing of sampling times, name in :mod:`tinydiff.spacings`.
         zero_terminal_snr: rescale the schedule to alpha_bar_T = 0 (Lin et al. 2024).
+        cond_drop_prob: probability, per training sample, of replacing its conditioning by
+            the network's null condition (classifier-free guidance training, Ho & Salimans
+            2022); see :mod:`tinydiff.conditioning`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -60,6 +63,7 @@ class DiffusionModelConfig(BaseModel):
     sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
     timestep_spacing: str = "trailing"
     zero_terminal_snr: bool = False
+    cond_drop_prob: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @field_validator("input_shape")
     @classmethod

@@ -1,10 +1,17 @@
 r"""`DiffusionModel`: a network plus a configured diffusion process; training loss and sampling.
 
-The network contract: ``nn_module(x_t, t) -> out`` where ``x_t`` has shape
+The network contract: ``nn_module(x_t, t, **cond) -> out`` where ``x_t`` has shape
 (bsz, *input_shape) and ``t`` is a float tensor of shape (bsz,) on the [0, T] time scale
 (integer-valued during training and for integer spacings; fractional for samplers or
 spacings that use fractional times). ``out`` has x_t's shape, except that variance types with
 ``channel_multiplier`` > 1 (``learned_range``) need that many times the channels (dim 1).
+``cond`` (optional) is a dict of keyword arguments, e.g. ``{"class_labels": y}``; see
+:mod:`tinydiff.conditioning` for the null-condition and guidance contracts.
+
+EMA weights (:meth:`DiffusionModel.enable_ema`) live in a :class:`tinydiff.ema.EMA` held as a
+plain attribute: they are not parameters of the model (an optimizer over
+``model.parameters()`` never sees them) and not in ``model.state_dict()``; they follow
+``model.to(...)`` and are saved through :meth:`DiffusionModel.ema_state_dict`.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tinydiff import losses, samplers, schedules, spacings, targets, variances
+from tinydiff import conditioning, losses, samplers, schedules, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig
+from tinydiff.ema import EMA
 from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
 from tinydiff.samplers.ddpm import clipped_log_beta_tilde
 from tinydiff.variances import VlbTerms, posterior_coefficients
@@ -33,18 +41,58 @@ def _as_config(config: DiffusionModelConfig | dict[str, Any]) -> DiffusionModelC
 
 
 class _Denoiser:
-    """The model as seen by samplers: (x_t, t, alpha_bar_t) -> Prediction."""
+    """The model as seen by samplers: (x_t, t, alpha_bar_t) -> Prediction.
 
-    def __init__(self, model: DiffusionModel) -> None:
+    Conditioning and classifier-free guidance happen here, so every sampler supports them.
+    With guidance, the conditional and unconditional rows go through the network in one
+    batch of 2 bsz; the variance channels (``learned_range``) are the conditional ones.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        network: nn.Module | None = None,
+        cond: dict[str, Any] | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+    ) -> None:
         self.model = model
         self.variance = model.variance
+        self.network = model.nn_module if network is None else network
+        self.cond = cond
+        self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
+        self.cond_2x: dict[str, Any] | None = None
+        if guidance_scale is not None:
+            if cond is None:
+                raise ValueError("guidance_scale needs a cond to guide towards; got cond=None")
+            self.cond_2x = conditioning.concat_cond(
+                cond, conditioning.null_cond(self.network, cond)
+            )
 
     def __call__(self, x: Tensor, t: Tensor, alpha_bar: Tensor) -> Prediction:
         m = self.model
-        out = m._network(x, t.to(m._time_dtype(x)).expand(x.shape[0]))
+        bsz = x.shape[0]
+        time_dtype = m._time_dtype(x)
+        if self.cond_2x is None:
+            out = m._network(x, t.to(time_dtype).expand(bsz), self.cond, self.network)
+            model_out, var_out = m.variance.split(out)
+            x0, eps = m.target.to_x0_eps(model_out, x, alpha_bar)
+            return Prediction(x0, eps, var_out)
+        x2 = torch.cat([x, x])
+        out = m._network(x2, t.to(time_dtype).expand(2 * bsz), self.cond_2x, self.network)
         model_out, var_out = m.variance.split(out)
-        x0, eps = m.target.to_x0_eps(model_out, x, alpha_bar)
-        return Prediction(x0, eps, var_out)
+        x0_2, eps_2 = m.target.to_x0_eps(model_out, x2, alpha_bar)
+        assert self.guidance_scale is not None
+        x0, eps = conditioning.apply_guidance(
+            x,
+            alpha_bar,
+            (x0_2[:bsz], eps_2[:bsz]),
+            (x0_2[bsz:], eps_2[bsz:]),
+            self.guidance_scale,
+            self.guidance_rescale,
+        )
+        return Prediction(x0, eps, None if var_out is None else var_out[:bsz])
 
 
 class DiffusionModel(nn.Module):
@@ -92,6 +140,9 @@ class DiffusionModel(nn.Module):
         self._loss_fn = losses.get(cfg.loss_type)
         self._train_tables = self._training_tables()
         self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
+        # a plain attribute (object.__setattr__ bypasses Module's registration): the EMA
+        # weights stay out of parameters() and state_dict(); _apply/train forward to it
+        object.__setattr__(self, "_ema", None)
 
     # -- schedule ----------------------------------------------------------------------------
     def _training_tables(self) -> dict[str, Tensor]:
@@ -151,8 +202,15 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"{name} must hold at least one sample, got batch size 0")
         return x
 
-    def _network(self, x_t: Tensor, t: Tensor) -> Tensor:
-        out = self.nn_module(x_t, t)
+    def _network(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        network: nn.Module | None = None,
+    ) -> Tensor:
+        net = self.nn_module if network is None else network
+        out = net(x_t, t) if cond is None else net(x_t, t, **cond)
         mult = getattr(self.variance, "channel_multiplier", 1)
         expected = (x_t.shape[0], x_t.shape[1] * mult, *x_t.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
@@ -167,32 +225,56 @@ class DiffusionModel(nn.Module):
         return out
 
     # -- training ------------------------------------------------------------------------------
-    def loss(self, x: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+    def loss(
+        self,
+        x: Tensor,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        cond: dict[str, Any] | None = None,
+        cond_drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
         Draws t uniformly from 1..T and eps ~ N(0, I), forms
         x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps, and compares the network output
         with the configured target, with optional min-SNR-gamma weighting and the variance
-        type's extra term (learned_range's VLB).
+        type's extra term (learned_range's VLB). With ``cond`` and ``config.cond_drop_prob``
+        p > 0, each sample's condition is replaced by the network's null condition with
+        probability p (classifier-free guidance training, Ho & Salimans 2022).
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
             t: optional integer times in 1..T, shape (bsz,).
             noise: optional eps, x's shape.
+            cond: optional keyword arguments of the network; tensors have leading dim bsz.
+            cond_drop_mask: optional bool (bsz,), True where the condition is dropped
+                (overrides the random draw with ``cond_drop_prob``).
+            generator: source of t, eps and the dropout draw (default: torch's global RNG);
+                on x's device.
 
         Returns:
             (bsz, *input_shape) per-element losses.
+
+        Raises:
+            ValueError: a cond key the network does not accept; cond_drop_prob > 0 but the
+                network has no null condition.
         """
         x = self._check_x(x)
         bsz, ndim = x.shape[0], x.dim()
+        if cond is not None:
+            cond = conditioning.check_cond(self.nn_module, cond, bsz)
         if t is None:
-            t = torch.randint(1, self.num_timesteps + 1, (bsz,), device=x.device)
+            t = torch.randint(
+                1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
+            )
         elif t.shape != (bsz,) or t.is_floating_point() or t.is_complex():
             raise ValueError(
                 f"t must be an integer tensor of shape ({bsz},), got {t.dtype} {tuple(t.shape)}"
             )
         if noise is None:
-            noise = torch.randn_like(x)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         elif noise.shape != x.shape:
             raise ValueError(
                 f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
@@ -205,7 +287,20 @@ class DiffusionModel(nn.Module):
 
         ab = at("alpha_bar")
         x_t = ab.sqrt() * x + (1 - ab).sqrt() * noise
-        out = self._network(x_t, t.to(self._time_dtype(x)))
+        if cond is not None:
+            if cond_drop_mask is None and self.config.cond_drop_prob > 0:
+                u = torch.rand(bsz, generator=generator, device=x.device)
+                cond_drop_mask = u < self.config.cond_drop_prob
+            if cond_drop_mask is not None:
+                if cond_drop_mask.shape != (bsz,) or cond_drop_mask.dtype != torch.bool:
+                    raise ValueError(
+                        f"cond_drop_mask must be a bool tensor of shape ({bsz},), got "
+                        f"{cond_drop_mask.dtype} {tuple(cond_drop_mask.shape)}"
+                    )
+                cond = conditioning.drop_cond(self.nn_module, cond, cond_drop_mask)
+        elif cond_drop_mask is not None:
+            raise ValueError("cond_drop_mask was given without a cond to drop")
+        out = self._network(x_t, t.to(self._time_dtype(x)), cond)
         model_out, var_out = self.variance.split(out)
         target = self.target.target(x, noise, ab)
         loss = self._loss_fn(model_out, target, **self.config.loss_kwargs)
@@ -289,6 +384,10 @@ class DiffusionModel(nn.Module):
         device: torch.device | str | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        cond: dict[str, Any] | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        use_ema: bool = False,
     ) -> Tensor:
         """Draw samples by running a sampler from pure noise to t = 0.
 
@@ -305,12 +404,37 @@ class DiffusionModel(nn.Module):
             device: where to sample (default: the network's parameters' device).
             return_trajectory: return all iterates, (S + 1, bsz, *input_shape), noise first.
             progress: show a tqdm progress bar.
+            cond: keyword arguments of the network, tensors with leading dim bsz (moved to
+                ``device``), e.g. ``{"class_labels": y}`` with y (bsz,).
+            guidance_scale: w for classifier-free guidance: uncond + w (cond - uncond) on
+                the x0 and eps estimates (:mod:`tinydiff.conditioning`); None: no guidance.
+                Needs ``cond`` and a network with a null condition. Doubles the batch of
+                each network call.
+            guidance_rescale: phi in [0, 1] of Lin et al. 2024 (sec. 3.4); 0 disables.
+            use_ema: sample with the EMA weights (:meth:`enable_ema`); the live weights
+                are untouched.
 
         Returns:
             samples (bsz, *input_shape), in the network's parameter dtype.
+
+        Raises:
+            ValueError: bad bsz or init_noise; a cond key the network does not accept;
+                guidance_scale without cond; use_ema without EMA.
         """
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")
+        network = self._select_network(use_ema)
+        if guidance_scale is not None:
+            if cond is None:
+                raise ValueError(
+                    "guidance_scale was given without cond: classifier-free guidance needs the "
+                    "condition to guide towards, e.g. cond={'class_labels': labels}"
+                )
+            guidance_scale = float(guidance_scale)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if guidance_rescale > 0 and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale")
         solver = self.make_sampler(sampler, sampler_kwargs)
         timesteps = self.sampling_timesteps(sampling_timesteps, timestep_spacing)
         dtype, param_device = self._param_dtype_device()
@@ -329,15 +453,115 @@ class DiffusionModel(nn.Module):
                     f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}"
                 )
             x = init_noise.to(device=device, dtype=dtype)
+        if cond is not None:
+            cond = conditioning.check_cond(network, cond, bsz)
+            cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
+        denoiser = _Denoiser(self, network, cond, guidance_scale, guidance_rescale)
         plan = build_plan(solver, timesteps, schedules.alpha_bar_at(self.alphas_cumprod, timesteps))
         return run_sampler(
             solver,
             x,
             plan,
-            _Denoiser(self),
+            denoiser,
             generator=generator,
             return_trajectory=return_trajectory,
             progress=progress,
+        )
+
+    # -- EMA ---------------------------------------------------------------------------------
+    def enable_ema(
+        self, decay: float = 0.9999, *, warmup: bool = True, update_every: int = 1
+    ) -> EMA:
+        """Start keeping an EMA of the network's weights (from the current weights).
+
+        Call :meth:`update_ema` after each ``optimizer.step()``. The decay of the k-th
+        update is ``min(decay, (1 + k) / (10 + k))`` with warm-up, else ``decay``; see
+        :mod:`tinydiff.ema`.
+
+        Args:
+            decay: d in [0, 1].
+            warmup: use the warm-up schedule.
+            update_every: average on every n-th call of :meth:`update_ema`.
+
+        Returns:
+            the :class:`~tinydiff.ema.EMA` (also :attr:`ema`).
+        """
+        object.__setattr__(
+            self, "_ema", EMA(self.nn_module, decay, warmup=warmup, update_every=update_every)
+        )
+        self._ema.averaged.train(self.training)
+        return self._ema
+
+    @property
+    def ema(self) -> EMA | None:
+        """The EMA, or None if :meth:`enable_ema` was not called."""
+        return self._ema
+
+    def _require_ema(self) -> EMA:
+        if self._ema is None:
+            raise ValueError(
+                "EMA is not enabled on this model: call model.enable_ema(decay=...) before "
+                "training (then model.update_ema() after each optimizer step)"
+            )
+        return self._ema
+
+    def _select_network(self, use_ema: bool) -> nn.Module:
+        return self._require_ema().module if use_ema else self.nn_module
+
+    def update_ema(self) -> bool:
+        """Average the current weights into the EMA (call after ``optimizer.step()``).
+
+        Returns:
+            whether an averaging update happened (see ``update_every``).
+        """
+        return self._require_ema().update(self.nn_module)
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """The EMA's state (tensors only; see :meth:`tinydiff.ema.EMA.state_dict`)."""
+        return self._require_ema().state_dict()
+
+    def load_ema_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`ema_state_dict`'s output (enable EMA first, with its options)."""
+        self._require_ema().load_state_dict(state)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DiffusionModel:
+        # .to()/.double()/.cuda() also move the EMA copy, which is not a submodule
+        super()._apply(fn, *args, **kwargs)
+        if self._ema is not None:
+            self._ema.averaged._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> DiffusionModel:
+        super().train(mode)
+        if self._ema is not None:
+            self._ema.averaged.train(mode)
+        return self
+
+    # -- likelihood ----------------------------------------------------------------------------
+    def nll(
+        self,
+        x: Tensor,
+        *,
+        timesteps: int | Sequence[int] | Tensor | None = None,
+        decoder: str = "discrete",
+        cond: dict[str, Any] | None = None,
+        use_ema: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Variational bound on -log p(x) in bits per dimension, (bsz,).
+
+        See :func:`tinydiff.likelihood.nll_bound` for the arguments.
+        """
+        from tinydiff.likelihood import nll_bound
+
+        return nll_bound(
+            self,
+            x,
+            timesteps=timesteps,
+            decoder=decoder,
+            cond=cond,
+            use_ema=use_ema,
+            generator=generator,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,90 @@
+"""DistributedDataParallel on 2 CPU processes (gloo): gradients agree across ranks and
+training on two halves of a batch equals single-process training on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _nets import CondNet
+
+from tinydiff import DiffusionModel, DiffusionModelConfig
+
+STEPS, BSZ, LR = 3, 16, 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _model() -> DiffusionModel:
+    torch.manual_seed(0)
+    return DiffusionModel(CondNet(2, 16), DiffusionModelConfig(input_shape=(2,), num_timesteps=50))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(BSZ, 2, generator=g),
+            torch.randint(1, 51, (BSZ,), generator=g),
+            torch.randn(BSZ, 2, generator=g),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+        half = BSZ // world
+        grads_agree = True
+        for x, t, noise in _batches():
+            sl = slice(rank * half, (rank + 1) * half)
+            opt.zero_grad()
+            ddp(x[sl], t=t[sl], noise=noise[sl]).mean().backward()
+            for p in model.parameters():
+                assert p.grad is not None
+                gathered = [torch.empty_like(p.grad) for _ in range(world)]
+                dist.all_gather(gathered, p.grad)
+                grads_agree &= all(torch.equal(gathered[0], g) for g in gathered)
+            opt.step()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        state["grads_agree"] = torch.tensor(grads_agree)
+        save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_ddp_matches_single_process(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for x, t, noise in _batches():
+        opt.zero_grad()
+        model(x, t=t, noise=noise).mean().backward()
+        opt.step()
+    results = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    for res in results:
+        assert bool(res.pop("grads_agree"))
+    for name, ref in model.state_dict().items():
+        assert torch.equal(results[0][name], results[1][name]), name
+        assert torch.allclose(results[0][name], ref, atol=1e-6), name
