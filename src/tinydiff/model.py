@@ -9,8 +9,8 @@ spacings that use fractional times). ``out`` has x_t's shape, except that varian
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from tinydiff.config import DiffusionModelConfig
 from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
 from tinydiff.samplers.ddpm import clipped_log_beta_tilde
 from tinydiff.variances import VlbTerms, posterior_coefficients
+
+if TYPE_CHECKING:
+    from tinydiff._compile import CompileOptions, StepCache
 
 __all__ = ["DiffusionModel"]
 
@@ -33,15 +36,23 @@ def _as_config(config: DiffusionModelConfig | dict[str, Any]) -> DiffusionModelC
 
 
 class _Denoiser:
-    """The model as seen by samplers: (x_t, t, alpha_bar_t) -> Prediction."""
+    """The model as seen by samplers: (x_t, t, alpha_bar_t) -> Prediction.
 
-    def __init__(self, model: DiffusionModel) -> None:
+    ``network`` replaces ``model._network`` (compiled sampling passes an opaque operator). The
+    output is cast to x's dtype: under autocast the network may run in bf16/fp16, the solver
+    keeps x's precision.
+    """
+
+    def __init__(
+        self, model: DiffusionModel, network: Callable[[Tensor, Tensor], Tensor] | None = None
+    ) -> None:
         self.model = model
         self.variance = model.variance
+        self.network = model._network if network is None else network
 
     def __call__(self, x: Tensor, t: Tensor, alpha_bar: Tensor) -> Prediction:
         m = self.model
-        out = m._network(x, t.to(m._time_dtype(x)).expand(x.shape[0]))
+        out = self.network(x, t.to(m._time_dtype(x)).expand(x.shape[0])).to(x.dtype)
         model_out, var_out = m.variance.split(out)
         x0, eps = m.target.to_x0_eps(model_out, x, alpha_bar)
         return Prediction(x0, eps, var_out)
@@ -92,6 +103,8 @@ class DiffusionModel(nn.Module):
         self._loss_fn = losses.get(cfg.loss_type)
         self._train_tables = self._training_tables()
         self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
+        self._compile_options: CompileOptions | None = None
+        self._step_cache: StepCache | None = None
 
     # -- schedule ----------------------------------------------------------------------------
     def _training_tables(self) -> dict[str, Tensor]:
@@ -275,6 +288,55 @@ class DiffusionModel(nn.Module):
             spacing, self.num_timesteps, sampling_timesteps, self.alphas_cumprod
         )
 
+    def compile_sampler(
+        self,
+        mode: str = "default",
+        *,
+        compile_network: bool = False,
+        backend: str | Callable[..., Any] = "inductor",
+    ) -> DiffusionModel:
+        """Configure compiled sampling (``sample(..., compile=True)``); drops compiled steps.
+
+        Each sampler's step is compiled once per (sampler options, batch shape, dtype, device)
+        with ``fullgraph=True`` and reused for every step and every number of steps.
+
+        Args:
+            mode: ``"default"``, ``"reduce-overhead"`` (on CUDA: each step replays one CUDA
+                graph) or ``"max-autotune"``.
+            compile_network: also compile the network into the step graph (it must compile
+                without graph breaks); by default the network runs eagerly, as one opaque
+                operator inside the compiled step.
+            backend: a :func:`torch.compile` backend (``mode`` applies to inductor only).
+
+        Returns:
+            the model itself.
+
+        Raises:
+            ValueError: unknown mode.
+            TypeError: compile_network not a bool, or a bad backend.
+        """
+        from tinydiff._compile import CompileOptions
+
+        self._compile_options = CompileOptions(mode, compile_network, backend)
+        self._step_cache = None
+        return self
+
+    def _compiled_loop(
+        self, solver: Sampler, plan: dict[str, Tensor], x: Tensor
+    ) -> samplers.base.StepLoop:
+        from tinydiff._compile import CompileOptions, StepCache, opaque_network
+
+        if self._compile_options is None:
+            self._compile_options = CompileOptions()
+        if self._step_cache is None:
+            options = self._compile_options
+            network = None
+            if not options.compile_network:
+                mult = getattr(self.variance, "channel_multiplier", 1)
+                network = opaque_network(self._network, mult)
+            self._step_cache = StepCache(_Denoiser(self, network), options)
+        return self._step_cache.get(solver, plan, x).stepper(plan, x)
+
     @torch.no_grad()
     def sample(
         self,
@@ -289,6 +351,7 @@ class DiffusionModel(nn.Module):
         device: torch.device | str | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        compile: bool = False,
     ) -> Tensor:
         """Draw samples by running a sampler from pure noise to t = 0.
 
@@ -305,6 +368,8 @@ class DiffusionModel(nn.Module):
             device: where to sample (default: the network's parameters' device).
             return_trajectory: return all iterates, (S + 1, bsz, *input_shape), noise first.
             progress: show a tqdm progress bar.
+            compile: run the compiled step (see :meth:`compile_sampler`): the first call per
+                sampler and batch shape compiles, later calls (any number of steps) reuse it.
 
         Returns:
             samples (bsz, *input_shape), in the network's parameter dtype.
@@ -338,6 +403,7 @@ class DiffusionModel(nn.Module):
             generator=generator,
             return_trajectory=return_trajectory,
             progress=progress,
+            loop=self._compiled_loop(solver, plan, x) if compile else None,
         )
 
     def extra_repr(self) -> str:
