@@ -11,7 +11,7 @@ import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -217,7 +217,7 @@ def test_cuda_sampling_has_no_sync(mode: str) -> None:
 class RecordingDDIM(samplers.get("ddim")):  # type: ignore[misc,valid-type]
     """DDIM that records the dtypes of x and its state at each step (eager only)."""
 
-    dtypes: list[torch.dtype] = []
+    dtypes: ClassVar[list[torch.dtype]] = []
 
     def step(self, x, state, c, denoise, noise):  # type: ignore[no-untyped-def]
         pred = denoise(x, c["t"], c["alpha_bar"])

@@ -41,9 +41,9 @@ __all__ = [
     "MODES",
     "CompileOptions",
     "CompiledStep",
+    "OpaqueNetwork",
     "PlanLayout",
     "StepCache",
-    "opaque_network",
 ]
 
 #: accepted values of ``mode``, as in :func:`torch.compile`
@@ -126,7 +126,7 @@ def _(
     return x.new_empty((x.shape[0], x.shape[1] * channel_multiplier, *x.shape[2:]))
 
 
-class opaque_network:  # noqa: N801 (used like a function)
+class OpaqueNetwork:
     """Wrap ``network(x, t)`` as one opaque operator that compilers do not trace into.
 
     Inside a compiled graph the network then runs eagerly (its own kernels, graph breaks

@@ -324,7 +324,7 @@ class DiffusionModel(nn.Module):
     def _compiled_loop(
         self, solver: Sampler, plan: dict[str, Tensor], x: Tensor
     ) -> samplers.base.StepLoop:
-        from tinydiff._compile import CompileOptions, StepCache, opaque_network
+        from tinydiff._compile import CompileOptions, OpaqueNetwork, StepCache
 
         if self._compile_options is None:
             self._compile_options = CompileOptions()
@@ -333,7 +333,7 @@ class DiffusionModel(nn.Module):
             network = None
             if not options.compile_network:
                 mult = getattr(self.variance, "channel_multiplier", 1)
-                network = opaque_network(self._network, mult)
+                network = OpaqueNetwork(self._network, mult)
             self._step_cache = StepCache(_Denoiser(self, network), options)
         return self._step_cache.get(solver, plan, x).stepper(plan, x)
 
