@@ -11,6 +11,7 @@ import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Any, ClassVar
 
 import pytest
@@ -308,3 +309,17 @@ def test_deleting_the_model_releases_its_network() -> None:
     del model
     gc.collect()
     assert len(set(_NETWORKS)) < len(keys)
+
+
+def test_copied_model_samples_with_its_own_weights() -> None:
+    model = make_model(backend="aot_eager")
+    model.sample(2, 2, sampler="ddim", compile=True)
+    copy = deepcopy(model)
+    assert copy._step_cache is None
+    with torch.no_grad():
+        for p in copy.nn_module.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(
+        sample(copy, "ddim", 3, compile=True), sample(copy, "ddim", 3), rtol=1e-5, atol=1e-5
+    )
+    assert not torch.allclose(sample(copy, "ddim", 3), sample(model, "ddim", 3))

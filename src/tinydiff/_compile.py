@@ -301,6 +301,10 @@ def _options_key(sampler: Sampler) -> Hashable:
     return tuple(items)
 
 
+def _no_cache() -> None:
+    return None
+
+
 class StepCache:
     """Compiled steps of one model, built on first use and reused across runs.
 
@@ -316,6 +320,14 @@ class StepCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    # compiled code is bound to this model object: copies (deepcopy for EMA, pickling) start
+    # without a cache and compile their own, rather than run the original model's network
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _no_cache, ()
 
     def get(self, sampler: Sampler, plan: Mapping[str, Tensor], x: Tensor) -> CompiledStep:
         """The compiled step for this sampler, plan layout and x (built if missing)."""
