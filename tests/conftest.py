@@ -142,6 +142,12 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return hub_server
 
 
+# Under pytest-xdist each worker gets one intra-op thread: two workers with two OpenMP threads
+# each on a 2-core machine oversubscribe the cores and small-network tests slow down ~30x.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same global RNG state."""

@@ -16,8 +16,8 @@ plain attribute: they are not parameters of the model (an optimizer over
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from tinydiff.ema import EMA
 from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
 from tinydiff.samplers.ddpm import clipped_log_beta_tilde
 from tinydiff.variances import VlbTerms, posterior_coefficients
+
+if TYPE_CHECKING:
+    from tinydiff._compile import CompileOptions, StepCache
 
 __all__ = ["DiffusionModel"]
 
@@ -46,6 +49,8 @@ class _Denoiser:
     Conditioning and classifier-free guidance happen here, so every sampler supports them.
     With guidance, the conditional and unconditional rows go through the network in one
     batch of 2 bsz; the variance channels (``learned_range``) are the conditional ones.
+    The network output is cast to x's dtype: under autocast the network may run in bf16 or
+    fp16 while the solver keeps x's precision.
     """
 
     def __init__(
@@ -75,12 +80,13 @@ class _Denoiser:
         bsz = x.shape[0]
         time_dtype = m._time_dtype(x)
         if self.cond_2x is None:
-            out = m._network(x, t.to(time_dtype).expand(bsz), self.cond, self.network)
+            out = m._network(x, t.to(time_dtype).expand(bsz), self.cond, self.network).to(x.dtype)
             model_out, var_out = m.variance.split(out)
             x0, eps = m.target.to_x0_eps(model_out, x, alpha_bar)
             return Prediction(x0, eps, var_out)
         x2 = torch.cat([x, x])
         out = m._network(x2, t.to(time_dtype).expand(2 * bsz), self.cond_2x, self.network)
+        out = out.to(x.dtype)
         model_out, var_out = m.variance.split(out)
         x0_2, eps_2 = m.target.to_x0_eps(model_out, x2, alpha_bar)
         assert self.guidance_scale is not None
@@ -143,6 +149,9 @@ class DiffusionModel(nn.Module):
         # a plain attribute (object.__setattr__ bypasses Module's registration): the EMA
         # weights stay out of parameters() and state_dict(); _apply/train forward to it
         object.__setattr__(self, "_ema", None)
+        self._compile_options: CompileOptions | None = None
+        self._step_cache: StepCache | None = None
+        self._opaque_call: tuple[Any, ...] = (nn_module, None, None, None)
 
     # -- schedule ----------------------------------------------------------------------------
     def _training_tables(self) -> dict[str, Tensor]:
@@ -370,6 +379,72 @@ class DiffusionModel(nn.Module):
             spacing, self.num_timesteps, sampling_timesteps, self.alphas_cumprod
         )
 
+    def compile_sampler(
+        self,
+        mode: str = "default",
+        *,
+        compile_network: bool = False,
+        backend: str | Callable[..., Any] = "inductor",
+    ) -> DiffusionModel:
+        """Configure compiled sampling (``sample(..., compile=True)``); drops compiled steps.
+
+        Each sampler's step is compiled once per (sampler options, batch shape, dtype, device)
+        with ``fullgraph=True`` and reused for every step and every number of steps.
+
+        Args:
+            mode: ``"default"``, ``"reduce-overhead"`` (on CUDA: each step replays one CUDA
+                graph) or ``"max-autotune"``.
+            compile_network: also compile the network into the step graph (it must compile
+                without graph breaks); by default the network runs eagerly, as one opaque
+                operator inside the compiled step.
+            backend: a :func:`torch.compile` backend (``mode`` applies to inductor only).
+
+        Returns:
+            the model itself.
+
+        Raises:
+            ValueError: unknown mode.
+            TypeError: compile_network not a bool, or a bad backend.
+        """
+        from tinydiff._compile import CompileOptions
+
+        self._compile_options = CompileOptions(mode, compile_network, backend)
+        self._step_cache = None
+        return self
+
+    def _compiled_loop(
+        self, solver: Sampler, plan: dict[str, Tensor], x: Tensor
+    ) -> samplers.base.StepLoop:
+        from tinydiff._compile import CompileOptions, OpaqueNetwork, StepCache
+
+        if self._compile_options is None:
+            self._compile_options = CompileOptions()
+        if self._step_cache is None:
+            options = self._compile_options
+            network = None
+            if not options.compile_network:
+                mult = getattr(self.variance, "channel_multiplier", 1)
+                network = OpaqueNetwork(self._opaque_forward, mult)
+            self._step_cache = StepCache(_Denoiser(self, network), options)
+        return self._step_cache.get(solver, plan, x).stepper(plan, x)
+
+    def _opaque_forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """The network call behind compiled sampling's opaque operator.
+
+        It reads this run's network (live or EMA), ``cond`` and guidance scale from
+        ``_opaque_call`` (set by :meth:`sample`), so one compiled step serves every run. Guidance
+        is applied to the raw mean output, which equals guiding (x0, eps) for every target whose
+        conversion is affine in the output at fixed x_t (all built-in targets).
+        """
+        network, cond, cond_2x, scale = self._opaque_call
+        if scale is None:
+            return self._network(x, t, cond, network)
+        bsz = x.shape[0]
+        out = self._network(torch.cat([x, x]), torch.cat([t, t]), cond_2x, network)
+        mean, var = self.variance.split(out)
+        guided = mean[bsz:] + scale * (mean[:bsz] - mean[bsz:])
+        return guided if var is None else torch.cat([guided, var[:bsz]], dim=1)
+
     @torch.no_grad()
     def sample(
         self,
@@ -388,6 +463,7 @@ class DiffusionModel(nn.Module):
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         use_ema: bool = False,
+        compile: bool = False,
     ) -> Tensor:
         """Draw samples by running a sampler from pure noise to t = 0.
 
@@ -413,6 +489,8 @@ class DiffusionModel(nn.Module):
             guidance_rescale: phi in [0, 1] of Lin et al. 2024 (sec. 3.4); 0 disables.
             use_ema: sample with the EMA weights (:meth:`enable_ema`); the live weights
                 are untouched.
+            compile: run the compiled step (see :meth:`compile_sampler`): the first call per
+                sampler and batch shape compiles, later calls (any number of steps) reuse it.
 
         Returns:
             samples (bsz, *input_shape), in the network's parameter dtype.
@@ -457,6 +535,18 @@ class DiffusionModel(nn.Module):
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
         denoiser = _Denoiser(self, network, cond, guidance_scale, guidance_rescale)
+        if compile:
+            options = self._compile_options
+            if options is not None and options.compile_network and (cond is not None or use_ema):
+                raise ValueError(
+                    "compile_network=True traces the live network without conditioning: "
+                    "cond, guidance and use_ema need compile_network=False (the default)"
+                )
+            if guidance_rescale > 0:
+                raise ValueError(
+                    "guidance_rescale is not supported with compile=True; use compile=False"
+                )
+            self._opaque_call = (network, cond, denoiser.cond_2x, guidance_scale)
         plan = build_plan(solver, timesteps, schedules.alpha_bar_at(self.alphas_cumprod, timesteps))
         return run_sampler(
             solver,
@@ -466,6 +556,7 @@ class DiffusionModel(nn.Module):
             generator=generator,
             return_trajectory=return_trajectory,
             progress=progress,
+            loop=self._compiled_loop(solver, plan, x) if compile else None,
         )
 
     # -- EMA ---------------------------------------------------------------------------------

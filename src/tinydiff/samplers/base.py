@@ -33,6 +33,7 @@ __all__ = [
     "Denoiser",
     "Prediction",
     "Sampler",
+    "StepLoop",
     "get",
     "names",
     "register",
@@ -66,6 +67,21 @@ class Denoiser(Protocol):
     variance: Variance
 
     def __call__(self, x: Tensor, t: Tensor, alpha_bar: Tensor) -> Prediction: ...
+
+
+class StepLoop(Protocol):
+    """A compiled per-run step driver (see :mod:`tinydiff._compile`).
+
+    ``loop(i, x, state, noise) -> (x_next, state_next)`` runs step i. When
+    ``transient_outputs`` is true the returned tensors are overwritten by the next call (CUDA
+    graph replay) and must be cloned to be kept.
+    """
+
+    transient_outputs: bool
+
+    def __call__(
+        self, i: int, x: Tensor, state: tuple[Tensor, ...], noise: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]: ...
 
 
 class Sampler:
@@ -178,6 +194,7 @@ def run_sampler(
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    loop: StepLoop | None = None,
 ) -> Tensor:
     """Run ``sampler`` from x (noise at ``plan["t"][0]``) down to t = 0.
 
@@ -189,23 +206,36 @@ def run_sampler(
         generator: source of the per-step noise of stochastic samplers.
         return_trajectory: return every iterate, (S + 1, bsz, *input_shape), noise first.
         progress: show a tqdm bar.
+        loop: a compiled step driver for this sampler, plan and x (from
+            :meth:`tinydiff._compile.CompiledStep.stepper`); None runs ``sampler.step`` eagerly.
 
     Returns:
         (bsz, *input_shape), or the trajectory.
     """
-    table = {k: v.to(device=x.device, dtype=x.dtype) for k, v in plan.items()}
-    num_steps = table["t"].shape[0]
+    num_steps = plan["t"].shape[0]
     stochastic = sampler.is_stochastic
     state = sampler.init_state(x)
+    if loop is None:
+        table = {k: v.to(device=x.device, dtype=x.dtype) for k, v in plan.items()}
+
+        def eager_step(
+            i: int, x: Tensor, state: State, noise: Tensor | None
+        ) -> tuple[Tensor, State]:
+            return sampler.step(x, state, {k: v[i] for k, v in table.items()}, denoise, noise)
+
+        step, transient = eager_step, False
+    else:
+        step, transient = loop, loop.transient_outputs
     trajectory = [x] if return_trajectory else None
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
-        c = {k: v[i] for k, v in table.items()}
         noise = (
             torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             if stochastic
             else None
         )
-        x, state = sampler.step(x, state, c, denoise, noise)
+        x, state = step(i, x, state, noise)
         if trajectory is not None:
-            trajectory.append(x)
-    return torch.stack(trajectory) if trajectory is not None else x
+            trajectory.append(x.clone() if transient else x)
+    if trajectory is not None:
+        return torch.stack(trajectory)
+    return x.clone() if transient else x

@@ -1,0 +1,366 @@
+"""Sampling speed: tinydiff eager and compiled against the network floor and diffusers.
+
+For each workload (network, batch, number of steps S, sampler) this measures, in one process:
+
+1. ``floor``: the network alone, called NFE times on a fixed batch (what any sampler pays);
+2. ``tinydiff eager``: ``model.sample(...)``;
+3. ``tinydiff compiled``: ``model.sample(..., compile=True)`` (compiled step, eager network);
+4. ``diffusers``: ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` driving the same network in
+   the usual loop, on the same schedule (``trained_betas`` from tinydiff's ``alphas_cumprod``).
+
+Every method is warmed up first (compilation happens there, with S = 2 steps: the compiled step
+is reused for any S), then timed ``--repeats`` times; the median is reported, with
+``torch.cuda.synchronize`` around each run on CUDA. Everything runs under
+``torch.inference_mode()``. Results are printed and written as a markdown table::
+
+    python benchmarks/sampling_speed.py --device cpu --quick
+    python benchmarks/sampling_speed.py --device cuda --out benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tinydiff import DiffusionModel, samplers
+
+NOTES: list[str] = []
+
+# -- networks ---------------------------------------------------------------------------------------
+
+
+def _time_features(t: Tensor, dim: int) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class LocalMLP(nn.Module):
+    """Fallback with tinydiff.nn.MLP's signature: residual SiLU MLP plus a time embedding."""
+
+    def __init__(self, input_dim: int, hidden_dim: int = 128, num_layers: int = 3) -> None:
+        super().__init__()
+        self.time = nn.Sequential(nn.Linear(32, hidden_dim), nn.SiLU())
+        self.inp = nn.Linear(input_dim, hidden_dim)
+        self.blocks = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_layers))
+        self.out = nn.Linear(hidden_dim, input_dim)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        h = self.inp(x) + self.time(_time_features(t, 32))
+        for block in self.blocks:
+            h = h + block(nn.functional.silu(h))
+        return self.out(nn.functional.silu(h))
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb, cout)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
+        h = self.conv2(nn.functional.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class LocalUNet(nn.Module):
+    """Fallback with tinydiff.nn.UNet's signature: two resolutions, one res block each."""
+
+    def __init__(self, in_channels: int, base_channels: int = 32) -> None:
+        super().__init__()
+        c, e = base_channels, 4 * base_channels
+        self.time = nn.Sequential(nn.Linear(c, e), nn.SiLU(), nn.Linear(e, e))
+        self.inp = nn.Conv2d(in_channels, c, 3, padding=1)
+        self.down = _ResBlock(c, c, e)
+        self.pool = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.mid = _ResBlock(2 * c, 2 * c, e)
+        self.upsample = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.up = _ResBlock(2 * c, c, e)
+        self.out = nn.Sequential(
+            nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, in_channels, 3, padding=1)
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.time(_time_features(t, self.inp.out_channels))
+        h0 = self.down(self.inp(x), emb)
+        h = self.mid(self.pool(h0), emb)
+        h = self.up(torch.cat([self.upsample(h), h0], dim=1), emb)
+        return self.out(h)
+
+
+def make_mlp(dim: int) -> nn.Module:
+    try:
+        from tinydiff.nn import MLP  # type: ignore[attr-defined]
+
+        return MLP(dim, hidden_dim=128, num_layers=3)
+    except ImportError:
+        note = "tinydiff.nn.MLP is not importable on this branch: a local MLP with its signature was used"
+        if note not in NOTES:
+            NOTES.append(note)
+        return LocalMLP(dim, hidden_dim=128, num_layers=3)
+
+
+def make_unet(channels: int) -> nn.Module:
+    try:
+        from tinydiff.nn import UNet  # type: ignore[attr-defined]
+
+        return UNet(channels, base_channels=32)
+    except ImportError:
+        note = "tinydiff.nn.UNet is not importable on this branch: a local small UNet with its signature was used"
+        if note not in NOTES:
+            NOTES.append(note)
+        return LocalUNet(channels, base_channels=32)
+
+
+@dataclass
+class Workload:
+    name: str
+    make_net: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    bsz: int
+
+
+def workloads(device: str) -> list[Workload]:
+    big = 65536
+    img = (64, 16) if device == "cpu" else (512, 128)
+    return [
+        Workload("MLP 2-d", lambda: make_mlp(2), (2,), 4096),
+        Workload("MLP 2-d", lambda: make_mlp(2), (2,), big),
+        Workload("MLP 64-d", lambda: make_mlp(64), (64,), 4096),
+        Workload("MLP 64-d", lambda: make_mlp(64), (64,), big),
+        Workload("UNet 3x8x8", lambda: make_unet(3), (3, 8, 8), img[0]),
+        Workload("UNet 3x32x32", lambda: make_unet(3), (3, 32, 32), img[1]),
+    ]
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak extra device memory of one run in MiB (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def diffusers_scheduler(sampler: str, model: DiffusionModel) -> Any:
+    import diffusers
+
+    ab = model.alphas_cumprod
+    betas = (1 - ab[1:] / ab[:-1]).clamp(max=0.999).tolist()
+    common = {
+        "num_train_timesteps": model.num_timesteps,
+        "trained_betas": betas,
+        "timestep_spacing": "trailing",
+        "prediction_type": "v_prediction",
+    }
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+    if sampler == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler(
+            **common, solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"
+        )
+    raise ValueError(sampler)
+
+
+def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    steps_list = (10,) if args.quick else (10, 50)
+    repeats = args.repeats or (2 if args.quick else 3)
+    rows = []
+    available = set(samplers.names())
+    wanted = [s for s in ("ddim", "dpmpp_2m") if s in available]
+    for s in ("ddim", "dpmpp_2m"):
+        if s not in available:
+            NOTES.append(f"sampler {s!r} is not registered on this branch: its rows are skipped")
+    for wl in workloads(args.device):
+        torch.manual_seed(0)
+        net = wl.make_net().to(device).eval()
+        # v-prediction keeps the iterates of an untrained network at the data's scale; with
+        # eps-prediction they blow up, and the network slows down on denormals, which would
+        # make the floor (measured on N(0, I) inputs) meaningless
+        config = {"input_shape": wl.input_shape, "num_timesteps": 1000, "target_type": "pred_v"}
+        model = DiffusionModel(net, config)
+        if args.compile_network:
+            model.compile_sampler(compile_network=True)
+        x = torch.randn(wl.bsz, *wl.input_shape, device=device)
+        for sampler in wanted:
+            rows += bench_sampler(wl, net, model, x, sampler, device, steps_list, repeats)
+    return rows
+
+
+def bench_sampler(
+    wl: Workload,
+    net: nn.Module,
+    model: DiffusionModel,
+    x: Tensor,
+    sampler: str,
+    device: torch.device,
+    steps_list: tuple[int, ...],
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Time the four methods for one (workload, sampler), each S in ``steps_list``."""
+    nfe_of = model.make_sampler(sampler).nfe
+    sched = diffusers_scheduler(sampler, model)
+    ts = [torch.full((wl.bsz,), 999.0 - 10 * k, device=device) for k in range(64)]
+
+    def run_floor(steps: int) -> None:
+        for t in ts[: nfe_of(steps)]:
+            net(x, t)
+
+    def run_tinydiff(steps: int, compile: bool) -> Tensor:
+        return model.sample(wl.bsz, steps, sampler=sampler, init_noise=x, compile=compile)
+
+    def run_diffusers(steps: int) -> Tensor:
+        sched.set_timesteps(steps, device=device)
+        xt = x
+        for t in sched.timesteps:
+            out = net(xt, t.float().expand(wl.bsz))
+            xt = sched.step(out, t, xt).prev_sample
+        return xt
+
+    methods: dict[str, Callable[[int], Any]] = {
+        "floor": run_floor,
+        "eager": lambda s: run_tinydiff(s, False),
+        "compiled": lambda s: run_tinydiff(s, True),
+        "diffusers": run_diffusers,
+    }
+    rows = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        methods["compiled"](2)  # compiles; the same compiled step serves every S below
+        compile_s = time.perf_counter() - t0
+        for fn in methods.values():
+            fn(2)
+        for steps in steps_list:
+            row: dict[str, Any] = {
+                "workload": wl.name,
+                "bsz": wl.bsz,
+                "sampler": sampler,
+                "steps": steps,
+                "nfe": nfe_of(steps),
+                "compile_s": compile_s,
+            }
+            # interleaved repeats: slow drifts (other load) hit every method alike
+            times: dict[str, list[float]] = {k: [] for k in methods}
+            for _ in range(repeats):
+                for key, fn in methods.items():
+                    times[key].append(timed(lambda fn=fn, s=steps: fn(s), device, 1))
+            row.update({k: statistics.median(v) for k, v in times.items()})
+            row["mem"] = {
+                k: peak_memory(lambda fn=fn, s=steps: fn(s), device) for k, fn in methods.items()
+            }
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(r: dict[str, Any]) -> str:
+    f = r["floor"]
+    cells = [
+        r["workload"],
+        str(r["bsz"]),
+        r["sampler"],
+        str(r["steps"]),
+        f"{1e3 * f:.1f}",
+        f"{r['eager'] / f:.3f}",
+        f"{r['compiled'] / f:.3f}",
+        f"{r['diffusers'] / f:.3f}",
+        f"{r['compiled'] / r['diffusers']:.3f}",
+        f"{r['compile_s']:.1f}",
+    ]
+    if r["mem"]["floor"] is not None:
+        cells.append(" / ".join(f"{r['mem'][k]:.0f}" for k in ("eager", "compiled", "diffusers")))
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(rows: list[dict[str, Any]], device: str) -> str:
+    head = [
+        "workload",
+        "batch",
+        "sampler",
+        "steps",
+        "floor (ms)",
+        "eager / floor",
+        "compiled / floor",
+        "diffusers / floor",
+        "compiled / diffusers",
+        "compile (s)",
+    ]
+    if device == "cuda":
+        head.append("peak MiB eager / compiled / diffusers")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + [format_row(r) for r in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="10 steps only, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=0, help="timed runs per method")
+    parser.add_argument(
+        "--compile-network",
+        action="store_true",
+        help="also compile the network (compile_network=True)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = bench(args)
+    md = table(rows, args.device)
+    env = (
+        f"torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+        + f", {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print("\n" + md)
+    for note in NOTES:
+        print(f"note: {note}")
+    if args.out is not None:
+        notes = "".join(f"- {n}\n" for n in NOTES)
+        args.out.write_text(f"{env}\n\n{md}\n\n{notes}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+r"""Compiled sampling: one ``torch.compile``-d step, built once and replayed for every step.
+
+The eager loop (:func:`tinydiff.samplers.base.run_sampler`) indexes the plan with a Python int
+and calls :meth:`Sampler.step`. Compiling *that* would specialise on the int and recompile at
+every step. The compiled path instead
+
+1. stacks the plan's columns into one table of shape (S + 1, K) in x's dtype and device (the
+   extra zero row keeps dim 0 >= 2, so it can be marked dynamic for every S >= 1);
+2. compiles ``step(x, state, i, table, noise) -> (x_next, state_next, i + 1)`` with
+   ``fullgraph=True``, where ``i`` is a 0-dim int64 tensor on x's device and the step's
+   coefficients are ``table[i]``, read inside the graph. The same compiled code (one inductor
+   C++/OpenMP kernel set on CPU, Triton on CUDA, one CUDA graph with ``mode="reduce-overhead"``)
+   serves every step of a run, and runs with any number of steps: dim 0 of the table is marked
+   dynamic;
+3. reaches the network through an opaque custom operator unless ``compile_network=True``, so
+   only the update math is traced, and any network (graph breaks included) can be used.
+
+Nothing on the host depends on device values: no ``.item()``, no ``nonzero``, no CPU tensor
+in the loop, so CUDA graphs can capture a step and ``torch.cuda.set_sync_debug_mode("error")``
+passes. Compiled steps are cached per (sampler class, sampler options, plan columns, x's shape,
+dtype and device, stochasticity): each entry gets its own copy of the step's code object, so
+that Dynamo's per-code recompile limit never merges unrelated entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import types
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tinydiff.samplers.base import Denoiser, Sampler, State
+
+__all__ = [
+    "MODES",
+    "CompileOptions",
+    "CompiledStep",
+    "OpaqueNetwork",
+    "PlanLayout",
+    "StepCache",
+]
+
+#: accepted values of ``mode``, as in :func:`torch.compile`
+MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How sampling is compiled.
+
+    Attributes:
+        mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs on CUDA) or ``"max-autotune"``
+            (autotuned kernels, and CUDA graphs on CUDA); passed to the inductor backend.
+        compile_network: also trace the network into the step graph (it must then compile
+            without graph breaks); otherwise the network runs eagerly as one opaque operator.
+        backend: a :func:`torch.compile` backend, ``"inductor"`` by default (``mode`` only
+            applies to inductor). ``"aot_eager"`` or a counting backend are useful in tests.
+    """
+
+    mode: str = "default"
+    compile_network: bool = False
+    backend: str | Callable[..., Any] = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(
+                f"compile mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}"
+            )
+        if not isinstance(self.compile_network, bool):
+            raise TypeError(
+                f"compile_network must be a bool, got {type(self.compile_network).__name__}"
+            )
+        if not (isinstance(self.backend, str) or callable(self.backend)):
+            raise TypeError(f"backend must be a backend name or callable, got {self.backend!r}")
+
+    def uses_cuda_graphs(self, device: torch.device) -> bool:
+        """Whether inductor captures the step as a CUDA graph on ``device``."""
+        return device.type == "cuda" and self.backend == "inductor" and self.mode != "default"
+
+
+# -- the network as an opaque operator -------------------------------------------------------------
+_NETWORKS: dict[int, Callable[[], Callable[[Tensor, Tensor], Tensor] | None]] = {}
+_NEXT_KEY = itertools.count()
+
+
+@torch.library.custom_op("tinydiff::opaque_network", mutates_args=())
+def _opaque_network_op(
+    x: Tensor,
+    t: Tensor,
+    key: int,
+    channel_multiplier: int,
+    autocast: bool,
+    autocast_dtype: torch.dtype,
+) -> Tensor:
+    network = _NETWORKS[key]()
+    if network is None:
+        raise RuntimeError("the model of this compiled sampling step has been deleted")
+    # compiled graphs run with autocast off (it was applied while tracing): restore the
+    # caller's autocast state for the network, which is not traced
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
+        out = network(x, t).to(x.dtype)
+    # a custom operator's output may not alias its inputs (an identity network would)
+    if out.untyped_storage().data_ptr() in (
+        x.untyped_storage().data_ptr(),
+        t.untyped_storage().data_ptr(),
+    ):
+        out = out.clone()
+    return out
+
+
+@_opaque_network_op.register_fake
+def _(
+    x: Tensor,
+    t: Tensor,
+    key: int,
+    channel_multiplier: int,
+    autocast: bool,
+    autocast_dtype: torch.dtype,
+) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1] * channel_multiplier, *x.shape[2:]))
+
+
+class OpaqueNetwork:
+    """Wrap ``network(x, t)`` as one opaque operator that compilers do not trace into.
+
+    Inside a compiled graph the network then runs eagerly (its own kernels, graph breaks
+    allowed) while the surrounding update math is fused. The network runs under the caller's
+    autocast state, and its output is cast to x's dtype, so that under autocast the solver
+    keeps working in x's precision.
+
+    Args:
+        network: ``(x (bsz, C, ...), t (bsz,)) -> (bsz, C * channel_multiplier, ...)``. A bound
+            method is held weakly (the operator must not keep its model alive).
+        channel_multiplier: output channels per input channel (2 for ``learned_range``).
+    """
+
+    def __init__(
+        self, network: Callable[[Tensor, Tensor], Tensor], channel_multiplier: int = 1
+    ) -> None:
+        self.key = next(_NEXT_KEY)
+        self.channel_multiplier = int(channel_multiplier)
+        if isinstance(network, types.MethodType):
+            _NETWORKS[self.key] = weakref.WeakMethod(network)
+            weakref.finalize(network.__self__, _NETWORKS.pop, self.key, None)
+        else:
+            _NETWORKS[self.key] = lambda: network
+            weakref.finalize(self, _NETWORKS.pop, self.key, None)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        """Run the network on (x, t) through the opaque operator, under the current autocast."""
+        device = x.device.type
+        return torch.ops.tinydiff.opaque_network(
+            x,
+            t,
+            self.key,
+            self.channel_multiplier,
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
+
+
+# -- the plan as one table ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanLayout:
+    """Where each plan column lives in the stacked table's rows.
+
+    Attributes:
+        columns: (name, start, stop, per-step shape) for each column, sorted by name.
+    """
+
+    columns: tuple[tuple[str, int, int, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, plan: Mapping[str, Tensor]) -> PlanLayout:
+        """The layout of ``plan`` (columns of shape (S, *per_step_shape))."""
+        cols, start = [], 0
+        for name in sorted(plan):
+            shape = tuple(plan[name].shape[1:])
+            size = math.prod(shape)
+            cols.append((name, start, start + size, shape))
+            start += size
+        return cls(tuple(cols))
+
+    def stack(self, plan: Mapping[str, Tensor], like: Tensor) -> Tensor:
+        """The table (S + 1, K) in ``like``'s dtype and device; the last row is zeros."""
+        num_steps = plan["t"].shape[0]
+        flat = [plan[name].reshape(num_steps, -1) for name, *_ in self.columns]
+        table = torch.cat([*flat], dim=1)
+        table = torch.cat([table, table.new_zeros(1, table.shape[1])])
+        return table.to(device=like.device, dtype=like.dtype)
+
+    def unpack(self, row: Tensor) -> dict[str, Tensor]:
+        """One table row (K,) back into the plan row ``c`` that :meth:`Sampler.step` expects."""
+        return {
+            name: row[start] if shape == () else row[start:stop].view(shape)
+            for name, start, stop, shape in self.columns
+        }
+
+
+def _step(
+    sampler: Sampler,
+    denoise: Denoiser,
+    layout: PlanLayout,
+    x: Tensor,
+    state: State,
+    i: Tensor,
+    table: Tensor,
+    noise: Tensor | None,
+) -> tuple[Tensor, State, Tensor]:
+    """The function that is compiled: step i of any plan with this layout."""
+    c = layout.unpack(table.index_select(0, i.reshape(1))[0])
+    x_next, state_next = sampler.step(x, state, c, denoise, noise)
+    return x_next, tuple(state_next), i + 1
+
+
+def _fresh_copy(fn: types.FunctionType, name: str) -> types.FunctionType:
+    """``fn`` with its own code object: Dynamo caches (and limits recompiles) per code object."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+@dataclass
+class CompiledStep:
+    """A sampler step compiled once for one (sampler, options, layout, x's shape/dtype/device).
+
+    Args:
+        sampler: the sampler (its step must depend only on its options, which are in the key).
+        denoise: the denoiser the step calls.
+        layout: the plan layout.
+        options: the compile options.
+    """
+
+    sampler: Sampler
+    denoise: Denoiser
+    layout: PlanLayout
+    options: CompileOptions
+    _fn: Callable[..., tuple[Tensor, State, Tensor]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        name = f"tinydiff_step_{type(self.sampler).__name__}_{next(_NEXT_KEY)}"
+        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+        if self.options.backend == "inductor":
+            kwargs["mode"] = self.options.mode
+        self._fn = torch.compile(_fresh_copy(_step, name), backend=self.options.backend, **kwargs)
+
+    def __call__(
+        self, x: Tensor, state: State, i: Tensor, table: Tensor, noise: Tensor | None
+    ) -> tuple[Tensor, State, Tensor]:
+        """Step ``i`` (0-dim int64 tensor on x's device) with coefficients ``table[i]``.
+
+        Returns:
+            (x_next, state_next, i + 1).
+        """
+        return self._fn(self.sampler, self.denoise, self.layout, x, state, i, table, noise)
+
+    def stepper(self, plan: Mapping[str, Tensor], x: Tensor) -> CompiledLoop:
+        """The per-run driver that :func:`run_sampler` calls once per step."""
+        table = self.layout.stack(plan, x)
+        torch._dynamo.mark_dynamic(table, 0)
+        return CompiledLoop(self, table, x.device)
+
+
+class CompiledLoop:
+    """Calls a :class:`CompiledStep` with a device-side step counter (no host sync).
+
+    Attributes:
+        transient_outputs: outputs live in a CUDA-graph pool that the next replay overwrites;
+            the caller must clone anything it keeps (trajectory, result).
+    """
+
+    def __init__(self, step: CompiledStep, table: Tensor, device: torch.device) -> None:
+        self.step = step
+        self.table = table
+        self.index = torch.zeros((), dtype=torch.int64, device=device)
+        self.transient_outputs = step.options.uses_cuda_graphs(device)
+
+    def __call__(
+        self, i: int, x: Tensor, state: State, noise: Tensor | None
+    ) -> tuple[Tensor, State]:
+        """Step ``i`` (the host-side int is only for the caller; the device counter is used)."""
+        if self.transient_outputs:
+            torch.compiler.cudagraph_mark_step_begin()
+        x, state, self.index = self.step(x, state, self.index, self.table, noise)
+        return x, state
+
+
+def _options_key(sampler: Sampler) -> Hashable:
+    items = []
+    for name, value in sorted(vars(sampler).items()):
+        try:
+            hash(value)
+        except TypeError:
+            value = repr(value)
+        items.append((name, value))
+    return tuple(items)
+
+
+def _no_cache() -> None:
+    return None
+
+
+class StepCache:
+    """Compiled steps of one model, built on first use and reused across runs.
+
+    Args:
+        denoise: the model's denoiser as compiled steps must see it.
+        options: the compile options of every entry.
+    """
+
+    def __init__(self, denoise: Denoiser, options: CompileOptions) -> None:
+        self.denoise = denoise
+        self.options = options
+        self._entries: dict[Hashable, CompiledStep] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # compiled code is bound to this model object: copies (deepcopy for EMA, pickling) start
+    # without a cache and compile their own, rather than run the original model's network
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _no_cache, ()
+
+    def get(self, sampler: Sampler, plan: Mapping[str, Tensor], x: Tensor) -> CompiledStep:
+        """The compiled step for this sampler, plan layout and x (built if missing)."""
+        layout = PlanLayout.of(plan)
+        key = (
+            type(sampler),
+            _options_key(sampler),
+            sampler.is_stochastic,
+            layout,
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+        )
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = CompiledStep(sampler, self.denoise, layout, self.options)
+            self._entries[key] = entry
+        return entry

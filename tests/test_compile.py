@@ -1,0 +1,325 @@
+"""Compiled sampling (issue 5): fullgraph steps, no recompiles, no host syncs, same results.
+
+Compile time dominates this file on a small CPU machine, so compiled steps are shared: one
+inductor model per module (its step cache keeps one compiled step per sampler), and the
+fullgraph/recompile proofs over every registered sampler use the cheap ``aot_eager`` backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from tinydiff import DiffusionModel, samplers
+from tinydiff._compile import _NETWORKS, CompileOptions
+from tinydiff.samplers.base import build_plan, run_sampler
+from tinydiff.schedules import alpha_bar_at
+
+SAMPLERS = samplers.names()
+BSZ = 8
+
+
+class SmallMLP(nn.Module):
+    """net(x (bsz, D), t (bsz,)) -> (bsz, out_mult * D); records the dtype it computed in."""
+
+    def __init__(self, dim: int = 2, out_mult: int = 1, hidden: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim + 1, hidden)
+        self.out = nn.Linear(hidden, dim * out_mult)
+        self.compute_dtypes: list[torch.dtype] = []
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        h = torch.nn.functional.silu(self.inp(torch.cat([x, t[:, None] / 100.0], dim=1)))
+        if not torch.compiler.is_compiling():
+            self.compute_dtypes.append(h.dtype)
+        return self.out(h)
+
+
+def make_model(sigma_type: str = "upper_bound", backend: Any = "inductor") -> DiffusionModel:
+    torch.manual_seed(0)
+    mult = 2 if sigma_type == "learned_range" else 1
+    # pred_v keeps x0 and eps well conditioned at every noise level, so relative errors are
+    # meaningful for an untrained network
+    config = {
+        "input_shape": (2,),
+        "num_timesteps": 100,
+        "target_type": "pred_v",
+        "sigma_type": sigma_type,
+    }
+    model = DiffusionModel(SmallMLP(out_mult=mult), config)
+    return model.compile_sampler(backend=backend)
+
+
+@pytest.fixture(scope="module")
+def inductor_model() -> Iterator[tuple[DiffusionModel, CompileCounterWithBackend]]:
+    """One model compiled with inductor, shared by the tests of this module."""
+    counter = CompileCounterWithBackend("inductor")
+    yield make_model(backend=counter), counter
+
+
+def sample(model: DiffusionModel, name: str, steps: int, **kwargs: Any) -> Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return model.sample(BSZ, steps, sampler=name, generator=gen, **kwargs)
+
+
+# -- no graph breaks, no recompiles ---------------------------------------------------------------
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_step_compiles_fullgraph_once_for_any_number_of_steps(name: str) -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    model = make_model(backend=counter)
+    # fullgraph=True: a graph break anywhere in the step raises instead of splitting
+    for steps in (6, 3, 1, 11):
+        x = sample(model, name, steps, compile=True)
+        assert torch.isfinite(x).all()
+    assert counter.frame_count == 1, f"{name}: {counter.frame_count} compiles for 4 runs"
+    assert len(model._step_cache) == 1
+
+
+def test_learned_range_network_through_the_opaque_operator() -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    model = make_model("learned_range", backend=counter)
+    eager = sample(model, "ddpm", 5)
+    compiled = sample(model, "ddpm", 5, compile=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
+def test_many_cache_entries_do_not_hit_the_recompile_limit() -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    model = make_model(backend=counter)
+    limit = torch._dynamo.config.recompile_limit
+    for bsz in range(2, limit + 4):
+        for steps in (2, 3):
+            model.sample(bsz, steps, sampler="ddim", compile=True)
+    # each entry has its own code object: compiled once each, never falling back to eager
+    assert counter.frame_count == limit + 2
+    assert len(model._step_cache) == limit + 2
+
+
+# -- same results --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_compiled_matches_eager(
+    name: str, inductor_model: tuple[DiffusionModel, CompileCounterWithBackend]
+) -> None:
+    model, counter = inductor_model
+    before = counter.frame_count
+    for steps in (8, 3):
+        eager = sample(model, name, steps)
+        compiled = sample(model, name, steps, compile=True)
+        scale = eager.abs().max()
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * float(scale))
+    assert counter.frame_count == before + 1  # one inductor compile for both step counts
+
+
+def test_compiled_trajectory_matches_eager(
+    inductor_model: tuple[DiffusionModel, CompileCounterWithBackend],
+) -> None:
+    model, _ = inductor_model
+    eager = sample(model, "ddim", 4, return_trajectory=True)
+    compiled = sample(model, "ddim", 4, return_trajectory=True, compile=True)
+    assert compiled.shape == (5, BSZ, 2)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_network_matches_eager() -> None:
+    model = make_model()
+    model.compile_sampler(compile_network=True)
+    eager = sample(model, "ddim", 5)
+    compiled = sample(model, "ddim", 5, compile=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# -- no host syncs -------------------------------------------------------------------------------
+@contextmanager
+def host_syncs_forbidden() -> Iterator[None]:
+    """Make the CPU kernels of the ops that read a tensor's value on the host raise.
+
+    ``.item()``, ``bool(t)``, ``int(t)``, ``float(t)`` and ``.tolist()`` all dispatch to
+    ``aten::_local_scalar_dense``, and ``nonzero`` must read its input to size its output; on
+    CUDA these are the device-to-host syncs. Overriding the kernels (not a dispatch mode, which
+    ``torch.compile`` refuses to run under) also covers the compiled code.
+    """
+    lib = torch.library.Library("aten", "IMPL")
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("host sync (.item(), bool(), nonzero, ...) in the sampling loop")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for op in ("_local_scalar_dense", "nonzero", "nonzero.out"):
+            lib.impl(op, forbidden, "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def test_host_sync_check_catches_item() -> None:
+    with host_syncs_forbidden(), pytest.raises(AssertionError, match="host sync"):
+        torch.ones(()).item()
+    assert torch.ones(()).item() == 1.0  # restored
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_sampling_loop_has_no_host_sync(
+    name: str, compiled: bool, inductor_model: tuple[DiffusionModel, CompileCounterWithBackend]
+) -> None:
+    model, _ = inductor_model
+    solver = model.make_sampler(name)
+    timesteps = model.sampling_timesteps(6)
+    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    x = torch.randn(BSZ, 2)
+    loop = model._compiled_loop(solver, plan, x) if compiled else None
+    denoise = model._step_cache.denoise if compiled else _eager_denoiser(model)
+    with torch.no_grad():
+        run_sampler(solver, x, plan, denoise, loop=loop)  # warm up (compile)
+    gen = torch.Generator().manual_seed(0)
+    loop = model._compiled_loop(solver, plan, x) if compiled else None
+    net_calls = len(model.nn_module.compute_dtypes)
+    with torch.no_grad(), host_syncs_forbidden():
+        out = run_sampler(solver, x, plan, denoise, generator=gen, loop=loop)
+    assert torch.isfinite(out).all()
+    assert len(model.nn_module.compute_dtypes) == net_calls + 6  # the loop did run
+
+
+def _eager_denoiser(model: DiffusionModel) -> Any:
+    from tinydiff.model import _Denoiser
+
+    return _Denoiser(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_sampling_has_no_sync(mode: str) -> None:
+    model = make_model().cuda().compile_sampler(mode)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for steps in (10, 10, 7):  # warm up (compile, CUDA graph record), then replay
+        model.sample(64, steps, sampler="ddpm", generator=gen, compile=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model.sample(64, 7, sampler="ddpm", generator=gen, compile=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
+# -- mixed precision -------------------------------------------------------------------------------
+class RecordingDDIM(samplers.get("ddim")):  # type: ignore[misc,valid-type]
+    """DDIM that records the dtypes of x and its state at each step (eager only)."""
+
+    dtypes: ClassVar[list[torch.dtype]] = []
+
+    def step(self, x, state, c, denoise, noise):  # type: ignore[no-untyped-def]
+        pred = denoise(x, c["t"], c["alpha_bar"])
+        type(self).dtypes += [pred.x0.dtype, pred.eps.dtype]
+        x_next, state = super().step(x, state, c, denoise, noise)
+        type(self).dtypes += [x_next.dtype, *(s.dtype for s in state)]
+        return x_next, state
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_autocast_keeps_solver_in_float32(name: str) -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    model = make_model(backend=counter)
+    net = model.nn_module
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = sample(model, name, 5)
+        assert torch.bfloat16 in net.compute_dtypes  # the network did run in bf16
+        compiled = sample(model, name, 5, compile=True)
+    assert eager.dtype == compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+    # the state a sampler carries stays float32 under autocast, step after step
+    solver = model.make_sampler(name)
+    x = torch.randn(BSZ, 2)
+    state = solver.init_state(x)
+    timesteps = model.sampling_timesteps(5)
+    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    denoise = _eager_denoiser(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(5):
+            c = {k: v[i].float() for k, v in plan.items()}
+            noise = torch.randn_like(x) if solver.is_stochastic else None
+            x, state = solver.step(x, state, c, denoise, noise)
+            assert x.dtype == torch.float32
+            assert all(s.dtype == torch.float32 for s in state), name
+
+
+def test_autocast_predictions_are_float32() -> None:
+    model = make_model()
+    RecordingDDIM.dtypes = []
+    solver = RecordingDDIM()
+    timesteps = model.sampling_timesteps(3)
+    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        run_sampler(solver, torch.randn(BSZ, 2), plan, _eager_denoiser(model))
+    assert set(RecordingDDIM.dtypes) == {torch.float32}
+
+
+# -- memory ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_state_does_not_grow_with_steps(name: str) -> None:
+    model = make_model()
+    solver = model.make_sampler(name)
+    x = torch.randn(BSZ, 2)
+    timesteps = model.sampling_timesteps(12)
+    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    state = solver.init_state(x)
+    sizes = set()
+    denoise = _eager_denoiser(model)
+    with torch.no_grad():
+        for i in range(12):
+            c = {k: v[i].float() for k, v in plan.items()}
+            noise = torch.randn_like(x) if solver.is_stochastic else None
+            x, state = solver.step(x, state, c, denoise, noise)
+            sizes.add((len(state), sum(s.numel() for s in state)))
+    # the history is fixed by the solver's order: one size, a few x-sized buffers
+    assert len(sizes) == 1, f"{name} state changed size over steps: {sizes}"
+    ((_, numel),) = sizes
+    assert numel <= 4 * x.numel()
+
+
+# -- API -------------------------------------------------------------------------------------------
+def test_compile_options_are_validated() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        model.compile_sampler("fast")
+    with pytest.raises(TypeError, match="compile_network"):
+        model.compile_sampler(compile_network="yes")  # type: ignore[arg-type]
+    assert CompileOptions("max-autotune").uses_cuda_graphs(torch.device("cuda"))
+    assert not CompileOptions("reduce-overhead").uses_cuda_graphs(torch.device("cpu"))
+    assert model.compile_sampler("reduce-overhead") is model
+
+
+def test_deleting_the_model_releases_its_network() -> None:
+    model = make_model(backend="aot_eager")
+    model.sample(2, 2, sampler="ddim", compile=True)
+    keys = set(_NETWORKS)
+    del model
+    gc.collect()
+    assert len(set(_NETWORKS)) < len(keys)
+
+
+def test_copied_model_samples_with_its_own_weights() -> None:
+    model = make_model(backend="aot_eager")
+    model.sample(2, 2, sampler="ddim", compile=True)
+    copy = deepcopy(model)
+    assert copy._step_cache is None
+    with torch.no_grad():
+        for p in copy.nn_module.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(
+        sample(copy, "ddim", 3, compile=True), sample(copy, "ddim", 3), rtol=1e-5, atol=1e-5
+    )
+    assert not torch.allclose(sample(copy, "ddim", 3), sample(model, "ddim", 3))
