@@ -40,6 +40,12 @@ class Heun(Sampler):
     at the step's own start and given weight 0. Compare with other Heun implementations at
     equal NFE: theirs (2S - 1) vs 2S here.
 
+    **Large sigma ratios.** The trapezoid's D_1 weight is ~1/(2q): a step with a tiny
+    :math:`q = \hat\sigma_{i+1}/\hat\sigma_i` over-corrects (the exact correction is O(1)).
+    With ``trailing`` spacing on the cosine schedule the first step has q ~ 1/500
+    (sigma(T) ~ 2e4) and Heun needs ~120 steps; ``karras`` or ``logsnr`` spacing, or the
+    exponential-integrator solvers (dpmpp_*, unipc), do not have this problem.
+
     **Churn (Alg. 2).** With :math:`\gamma_i = \min(s_{churn}/S, \sqrt2 - 1)` where
     :math:`s_{tmin} \le \hat\sigma_i \le s_{tmax}` (0 elsewhere), noise is added to raise
     the level to :math:`\hat\sigma = (1+\gamma_i)\hat\sigma_i` before the step:
