@@ -77,7 +77,13 @@ class Counter:
 
 
 def run_tinydiff(
-    model: DiffusionModel, counter: Counter, z: torch.Tensor, name: str, kw: dict, spacing: str, nfe: int
+    model: DiffusionModel,
+    counter: Counter,
+    z: torch.Tensor,
+    name: str,
+    kw: dict,
+    spacing: str,
+    nfe: int,
 ) -> torch.Tensor:
     sampler = model.make_sampler(name, kw)
     steps = max(s for s in range(1, nfe + 1) if sampler.nfe(s) <= nfe)
@@ -108,7 +114,12 @@ def diffusers_methods() -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def run_diffusers(
-    cls_name: str, kw: dict, betas: torch.Tensor, mixture: GaussianMixture, z: torch.Tensor, nfe: int
+    cls_name: str,
+    kw: dict,
+    betas: torch.Tensor,
+    mixture: GaussianMixture,
+    z: torch.Tensor,
+    nfe: int,
 ) -> tuple[torch.Tensor, int]:
     import diffusers
 
@@ -149,28 +160,34 @@ def main() -> None:
     t0 = time.time()
     for dname, (mixture, n) in datasets().items():
         for sched_name in ("linear", "cosine"):
-            cfg = {"input_shape": (mixture.dim,), "num_timesteps": T, "noise_schedule_type": sched_name}
+            cfg = {
+                "input_shape": (mixture.dim,),
+                "num_timesteps": T,
+                "noise_schedule_type": sched_name,
+            }
             model = DiffusionModel(ExactDenoiser(mixture, cfg), cfg).double()
             ab = model.alphas_cumprod
             betas = 1 - ab[1:] / ab[:-1]
             g = torch.Generator().manual_seed(1)
             z = torch.randn(n, mixture.dim, generator=g, dtype=torch.float64)
-            ref = probability_flow_reference(
-                mixture, z, float(ab[T]), float(ab[1]), num_steps=2000
-            )
+            ref = probability_flow_reference(mixture, z, float(ab[T]), float(ab[1]), num_steps=2000)
             data = mixture.sample(n, generator=torch.Generator().manual_seed(2))
             rows: dict[str, dict[int, tuple[float, float, int] | str]] = {}
             runs: list[tuple[str, Callable[[int], tuple[torch.Tensor, int]]]] = []
             for name, kw in TINY:
                 for sp in TINY_SPACINGS:
+
                     def fn(nfe: int, name=name, kw=kw, sp=sp) -> tuple[torch.Tensor, int]:
                         s = model.make_sampler(name, kw)
                         steps = max(k for k in range(1, nfe + 1) if s.nfe(k) <= nfe)
                         return run_tinydiff(model, Counter(), z, name, kw, sp, nfe), s.nfe(steps)
+
                     runs.append((f"tinydiff {name} [{sp}]", fn))
             for label, (cls_name, kw) in diffusers_methods().items():
+
                 def gn(nfe: int, cls_name=cls_name, kw=kw) -> tuple[torch.Tensor, int]:
                     return run_diffusers(cls_name, kw, betas, mixture, z, nfe)
+
                 runs.append((f"diffusers {label}", gn))
             for label, fn in runs:
                 rows[label] = {}
@@ -200,6 +217,7 @@ def main() -> None:
                 for label, r in rows.items()
             }
             for nfe in GOAL_NFES:
+
                 def best(prefix: str, nfe: int = nfe) -> tuple[float, str]:
                     vals = [
                         (r[nfe][0], lab)
@@ -207,6 +225,7 @@ def main() -> None:
                         if lab.startswith(prefix) and not isinstance(r[nfe], str)
                     ]
                     return min(vals)
+
                 ours, theirs = best("tinydiff"), best("diffusers")
                 ratio = ours[0] / theirs[0]
                 goal_lines.append(
