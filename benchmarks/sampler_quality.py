@@ -177,7 +177,9 @@ def main() -> None:
             for name, kw in TINY:
                 for sp in TINY_SPACINGS:
 
-                    def fn(nfe: int, name=name, kw=kw, sp=sp) -> tuple[torch.Tensor, int]:
+                    def fn(
+                        nfe: int, name=name, kw=kw, sp=sp, model=model, z=z
+                    ) -> tuple[torch.Tensor, int]:
                         s = model.make_sampler(name, kw)
                         steps = max(k for k in range(1, nfe + 1) if s.nfe(k) <= nfe)
                         return run_tinydiff(model, Counter(), z, name, kw, sp, nfe), s.nfe(steps)
@@ -185,7 +187,9 @@ def main() -> None:
                     runs.append((f"tinydiff {name} [{sp}]", fn))
             for label, (cls_name, kw) in diffusers_methods().items():
 
-                def gn(nfe: int, cls_name=cls_name, kw=kw) -> tuple[torch.Tensor, int]:
+                def gn(
+                    nfe: int, cls_name=cls_name, kw=kw, betas=betas, mixture=mixture, z=z
+                ) -> tuple[torch.Tensor, int]:
                     return run_diffusers(cls_name, kw, betas, mixture, z, nfe)
 
                 runs.append((f"diffusers {label}", gn))
@@ -218,7 +222,7 @@ def main() -> None:
             }
             for nfe in GOAL_NFES:
 
-                def best(prefix: str, nfe: int = nfe) -> tuple[float, str]:
+                def best(prefix: str, nfe: int = nfe, rows=rows) -> tuple[float, str]:
                     vals = [
                         (r[nfe][0], lab)
                         for lab, r in rows.items()
