@@ -36,6 +36,7 @@ __all__ = [
     "names",
     "register",
     "rescale_zero_terminal_snr",
+    "time_at_log_snr",
 ]
 
 ScheduleFn = Callable[..., torch.Tensor]
@@ -246,3 +247,51 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     out = torch.where(finite, interp_log, interp_lin)
     # exact table values at the integers (sigmoid(logit(a)) may differ in the last bit)
     return torch.where(frac == 0, a0, torch.where(frac == 1, a1, out))
+
+
+def time_at_log_snr(alphas_cumprod: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    r"""Invert :func:`alpha_bar_at`: the real time t in [0, T] whose log-SNR is ``lam``.
+
+    On a segment [k, k + 1] with finite log-SNR at both ends, :func:`alpha_bar_at` is linear
+    in log-SNR, so t = k + (lam - lam_k) / (lam_{k+1} - lam_k); on a segment with an infinite
+    end it is linear in alpha_bar, and so is the inverse. ``lam = +inf`` gives the first time
+    with alpha_bar = 1 (t = 0 for the built-in schedules) and ``lam = -inf`` gives T when
+    alpha_bar_T = 0. Meant for plan time (it searches the table).
+
+    Args:
+        alphas_cumprod: float64 table (T + 1,), strictly decreasing.
+        lam: log-SNR values, any shape, within [log_snr(table[-1]), log_snr(table[0])].
+
+    Returns:
+        float64 tensor of lam's shape: times with ``alpha_bar_at(table, t) == sigmoid(lam)`` (up
+        to rounding; table values are hit exactly at integer times).
+
+    Raises:
+        ValueError: a value of ``lam`` outside the schedule's log-SNR range, or NaN.
+    """
+    table = alphas_cumprod.to(torch.float64)
+    num_timesteps = table.numel() - 1
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=table.device)
+    lam_table = log_snr(table)
+    lo_lam, hi_lam = lam_table[-1], lam_table[0]
+    if torch.isnan(lam).any() or (lam < lo_lam).any() or (lam > hi_lam).any():
+        raise ValueError(
+            f"log-SNR values must lie in [{lo_lam.item():.6g}, {hi_lam.item():.6g}] (the "
+            f"schedule's range), got min {lam.min().item():.6g}, max {lam.max().item():.6g}"
+        )
+    flat = lam.reshape(-1)
+    # k: the segment [k, k + 1] with lam_table[k] >= lam >= lam_table[k + 1]
+    above = (lam_table[None, :] > flat[:, None]).sum(dim=1)
+    k = (above - 1).clamp(min=0, max=num_timesteps - 1)
+    l0, l1 = lam_table[k], lam_table[k + 1]
+    a0, a1 = table[k], table[k + 1]
+    finite = torch.isfinite(l0) & torch.isfinite(l1)
+    safe_den = torch.where(finite, l1 - l0, torch.ones_like(l0))
+    frac_log = torch.where(finite, (flat - torch.where(finite, l0, 0.0)) / safe_den, 0.0)
+    frac_lin = (torch.sigmoid(flat) - a0) / (a1 - a0)
+    frac = torch.where(finite, frac_log, frac_lin)
+    # exact ends: lam equal to a table value maps to its integer time
+    frac = torch.where(flat == l0, torch.zeros_like(frac), frac)
+    frac = torch.where(flat == l1, torch.ones_like(frac), frac)
+    t = (k.to(torch.float64) + frac.clamp(0.0, 1.0)).clamp(0.0, float(num_timesteps))
+    return t.reshape(lam.shape)

@@ -12,6 +12,7 @@ fractional times are allowed (alpha_bar follows :meth:`tinydiff.DiffusionModel.a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,8 +20,19 @@ import torch
 from torch import Tensor
 
 from tinydiff._registry import Registry
+from tinydiff.schedules import log_snr, time_at_log_snr
 
-__all__ = ["REGISTRY", "get", "make_timesteps", "names", "register"]
+__all__ = [
+    "REGISTRY",
+    "get",
+    "karras",
+    "karras_sigmas",
+    "logsnr",
+    "make_timesteps",
+    "names",
+    "quadratic",
+    "register",
+]
 
 SpacingFn = Callable[[int, int, Tensor], Tensor]
 
@@ -61,6 +73,72 @@ def linspace(num_timesteps: int, num_steps: int, alphas_cumprod: Tensor) -> Tens
     """S integers rounded from ``linspace(T, 1, S)``, then 0 (Ho et al. 2020 style)."""
     t = torch.round(torch.linspace(num_timesteps, 1, num_steps, dtype=torch.float64))
     return torch.cat([t, t.new_zeros(1)])
+
+
+@register("quadratic")
+def quadratic(num_timesteps: int, num_steps: int, alphas_cumprod: Tensor) -> Tensor:
+    """``T * ((S - i) / S) ** 2`` for i = 0..S (Song et al. 2021, DDIM's "quad" skip type):
+    denser near t = 0. The times are fractional (not rounded), so they never collide; they
+    start exactly at T and end exactly at 0."""
+    i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
+    return num_timesteps * i**2 / num_steps**2
+
+
+def _log_snr_range(alphas_cumprod: Tensor) -> tuple[float, float]:
+    """(log-SNR at t = 1, log-SNR at the largest time with finite SNR: T, or T - 1 under zero
+    terminal SNR)."""
+    lam = log_snr(alphas_cumprod.to(torch.float64))
+    hi = lam[-2] if bool(torch.isneginf(lam[-1])) and lam.numel() > 2 else lam[-1]
+    return float(lam[1]), float(hi)
+
+
+def _times_from_log_snr(lam: Tensor, num_timesteps: int, alphas_cumprod: Tensor) -> Tensor:
+    """Times of a decreasing noise ramp (log-SNR ``lam``, increasing), ends pinned to exact
+    integers: the first time is T (under zero terminal SNR this replaces the ramp's first
+    level, the largest finite one, by infinite noise), the last is 1; then 0 is appended."""
+    t = time_at_log_snr(alphas_cumprod, lam)
+    t[0] = float(num_timesteps)
+    if t.numel() > 1:
+        t[-1] = 1.0
+    return torch.cat([t, t.new_zeros(1)])
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num: int, rho: float = 7.0) -> Tensor:
+    r"""Karras et al. 2022 (eq. 5) noise levels, float64 (num,):
+    :math:`\sigma_i = (\sigma_{max}^{1/\rho} + \tfrac{i}{n-1}(\sigma_{min}^{1/\rho} -
+    \sigma_{max}^{1/\rho}))^\rho` for i = 0..n-1 (``[sigma_max]`` for n = 1)."""
+    if num == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, num, dtype=torch.float64)
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+@register("karras")
+def karras(num_timesteps: int, num_steps: int, alphas_cumprod: Tensor) -> Tensor:
+    r"""Times whose noise levels :math:`\sigma = \sqrt{(1-\bar\alpha)/\bar\alpha}` follow
+    Karras et al. 2022, eq. 5 with rho = 7, from sigma_max = sigma(T) down to
+    sigma_min = sigma(1), then t = 0. The times are fractional: the exact inverse of
+    :func:`tinydiff.schedules.alpha_bar_at` (:func:`~tinydiff.schedules.time_at_log_snr`).
+
+    Zero terminal SNR: sigma(T) is infinite, so the ramp runs from sigma(T - 1) instead and
+    its first time is replaced by T: the first step goes from infinite noise to the ramp's
+    second level. S = 1 gives [T, 0].
+    """
+    lam_lo, lam_hi = _log_snr_range(alphas_cumprod)
+    sigmas = karras_sigmas(math.exp(-0.5 * lam_lo), math.exp(-0.5 * lam_hi), num_steps)
+    return _times_from_log_snr(-2 * sigmas.log(), num_timesteps, alphas_cumprod)
+
+
+@register("logsnr", aliases=("log_snr", "uniform_logsnr"))
+def logsnr(num_timesteps: int, num_steps: int, alphas_cumprod: Tensor) -> Tensor:
+    r"""Times uniform in log-SNR :math:`\lambda = \log(\bar\alpha/(1-\bar\alpha))` from
+    lambda(T) up to lambda(1), then t = 0 (the "logSNR" spacing of DPM-Solver, Lu et al.
+    2022). Zero terminal SNR: the ramp starts at lambda(T - 1) and its first time is replaced
+    by T, as for :func:`karras`. S = 1 gives [T, 0]."""
+    lam_lo, lam_hi = _log_snr_range(alphas_cumprod)
+    lam = torch.linspace(lam_hi, lam_lo, num_steps, dtype=torch.float64)
+    return _times_from_log_snr(lam, num_timesteps, alphas_cumprod)
 
 
 def make_timesteps(

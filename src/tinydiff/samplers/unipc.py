@@ -1,0 +1,157 @@
+r"""UniPC: unified predictor-corrector (Zhao et al. 2023, "UniPC: A Unified
+Predictor-Corrector Framework for Fast Sampling of Diffusion Models"), B(h) = e^h - 1
+("bh2"), data prediction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from tinydiff.samplers._vp import finite_history, vp
+from tinydiff.samplers.base import Denoiser, Sampler, State, register
+
+#: below this many steps, ``lower_order_final`` lowers the order of the final steps
+LOWER_ORDER_FINAL_STEPS = 15
+
+
+def _unipc_weights(
+    lam: list[float], alpha_n: float, sigma_ratio: float, order: int, corrector: bool
+) -> tuple[float, list[float]]:
+    r"""Coefficients of one UniP (predictor) or UniC (corrector) update, data prediction.
+
+    ``lam`` = [lambda_n (target), lambda_c (current), lambda_{c-1}, ...] (finite except
+    lambda_n may be +inf for a first-order predictor). Returns (coefficient of x_c, weights)
+    where weights are for [D_c, D_{c-1}, ..., D_{c-order+1}] and, for the corrector, a last
+    weight for D_n (the model output at the predicted point).
+
+    With h = lambda_n - lambda_c, r_m = (lambda_{c-m} - lambda_c)/h and
+    :math:`\varphi_1 = e^{-h} - 1`, :math:`\varphi_{k+1} = \varphi_k/(-h) - 1/k!`, the
+    coefficients a solve :math:`\sum_m a_m r_m^{k-1} = k!\,\varphi_{k+1}/B(h)`, k = 1..p
+    (Zhao et al. 2023, Alg. 2 / eq. 8, with the last node r = 1 for the corrector).
+    """
+    h = lam[0] - lam[1]
+    hh = -h
+    phi_1 = math.expm1(hh)  # -1 for h = inf
+    b_h = phi_1
+    x_coef = sigma_ratio
+    w0 = -alpha_n * phi_1
+    num_hist = order - 1
+    size = order if corrector else order - 1
+    if size == 0:
+        return x_coef, [w0]
+    rks = [(lam[1 + m] - lam[1]) / h for m in range(1, num_hist + 1)]
+    if corrector:
+        rks.append(1.0)
+    g, phi_k, fact = [], phi_1 / hh - 1.0, 1.0
+    for k in range(1, size + 1):
+        g.append(phi_k * fact / b_h)
+        fact *= k + 1
+        phi_k = phi_k / hh - 1.0 / fact
+    mat = torch.tensor(
+        [[r ** (k - 1) for r in rks] for k in range(1, size + 1)], dtype=torch.float64
+    )
+    rho = torch.linalg.solve(mat, torch.tensor(g, dtype=torch.float64)).tolist()
+    weights = [w0] + [0.0] * num_hist + ([0.0] if corrector else [])
+    # x_n = ratio x_c - alpha phi_1 D_c - alpha B(h) sum_m rho_m (D_m - D_c) / r_m
+    for m, (r, a) in enumerate(zip(rks, rho, strict=True)):
+        coef = -alpha_n * b_h * a / r
+        weights[1 + m] += coef
+        weights[0] -= coef
+    return x_coef, weights
+
+
+@register("unipc", aliases=("uni_pc", "unipc_bh2"))
+class UniPC(Sampler):
+    r"""UniPC-p with the B(h) = e^h - 1 variant (bh2), data prediction, multistep.
+
+    Step i: evaluate :math:`m_i = D(\tilde x_i, t_i)` at the predicted point; correct the
+    previous step with UniC (which uses :math:`m_i`, so it costs no extra evaluation),
+    :math:`x^c_i`; then predict :math:`\tilde x_{i+1}` from :math:`x^c_i` with UniP-p using
+    :math:`m_i, m_{i-1}, \dots` (Zhao et al. 2023, Alg. 1-3). The corrector of a step of
+    order p has order p + 1. Lower orders (first steps, an infinite-noise start under zero
+    terminal SNR, the last steps with ``lower_order_final``) are zero weights in the plan.
+    The last step to t = 0 has h = inf, so its predictor is first order,
+    :math:`x_S = m_{S-1}`, and it is not corrected (no evaluation at t = 0).
+
+    Args:
+        order: 1, 2 (default) or 3; the predictor order.
+        lower_order_final: with fewer than 15 steps, cap the order of step i at S - i.
+
+    State: the last corrected iterate and ``order`` past model outputs.
+    NFE: one per step, ``nfe(S) = S``.
+    """
+
+    def __init__(self, order: int = 2, lower_order_final: bool = True) -> None:
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
+        if not isinstance(lower_order_final, bool):
+            raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
+        self.order = order
+        self.lower_order_final = lower_order_final
+
+    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
+        v = vp(alpha_bar)
+        lam = v.lam.tolist()
+        num_steps = timesteps.numel() - 1
+        p = self.order
+        orders = []
+        for i in range(num_steps):
+            o = min(p, max(finite_history(v, i), 1))
+            if self.lower_order_final and num_steps < LOWER_ORDER_FINAL_STEPS:
+                o = min(o, num_steps - i)
+            if i == num_steps - 1:
+                o = 1
+            orders.append(o)
+        # predictor columns: x^c_i, m_i, m_{i-1}, ... ; corrector columns: x^c_{i-1}, m_i
+        # (new), m_{i-1}, ..., m_{i-p}, and "keep" (1 where x~_i is taken as is)
+        pred = torch.zeros(num_steps, p + 1, dtype=torch.float64)
+        corr = torch.zeros(num_steps, p + 2, dtype=torch.float64)
+        keep = torch.zeros(num_steps, dtype=torch.float64)
+        for i in range(num_steps):
+            ratio = float(v.sigma[i + 1] / v.sigma[i])
+            alpha_n = float(v.alpha[i + 1])
+            o = orders[i]
+            nodes = [lam[i + 1]] + [lam[i - j] for j in range(o)]
+            x_coef, w = _unipc_weights(nodes, alpha_n, ratio, o, corrector=False)
+            pred[i, 0] = x_coef
+            pred[i, 1 : 1 + len(w)] = torch.tensor(w)
+            if i == 0:
+                keep[i] = 1.0
+                continue
+            o = orders[i - 1]  # correct step i-1 -> i with that step's order
+            nodes = [lam[i]] + [lam[i - 1 - j] for j in range(o)]
+            x_coef, w = _unipc_weights(
+                nodes, float(v.alpha[i]), float(v.sigma[i] / v.sigma[i - 1]), o, corrector=True
+            )
+            corr[i, 0] = x_coef
+            corr[i, 1] = w[-1]
+            corr[i, 2 : 2 + o] = torch.tensor(w[:-1])
+        out = {"keep": keep}
+        out.update({f"pred_{k}": pred[:, k] for k in range(p + 1)})
+        out.update({f"corr_{k}": corr[:, k] for k in range(p + 2)})
+        return out
+
+    def init_state(self, x: Tensor) -> State:
+        return tuple(torch.zeros_like(x) for _ in range(self.order + 1))
+
+    def step(
+        self,
+        x: Tensor,
+        state: State,
+        c: Mapping[str, Tensor],
+        denoise: Denoiser,
+        noise: Tensor | None,
+    ) -> tuple[Tensor, State]:
+        x_base, *hist = state  # x^c_{i-1}; m_{i-1}, ..., m_{i-p}
+        m = denoise(x, c["t"], c["alpha_bar"]).x0
+        x_c = c["keep"] * x + c["corr_0"] * x_base + c["corr_1"] * m
+        for j, m_j in enumerate(hist):
+            x_c = x_c + c[f"corr_{j + 2}"] * m_j
+        new_hist = [m, *hist[:-1]]
+        x_next = c["pred_0"] * x_c
+        for j, m_j in enumerate(new_hist):
+            x_next = x_next + c[f"pred_{j + 1}"] * m_j
+        return x_next, (x_c, *new_hist)
