@@ -231,6 +231,11 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return tensors
 
 
+def _key_list(keys: list[str], limit: int = 12) -> str:
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
 def _check_state(
     what: str, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str
 ) -> None:
@@ -239,9 +244,9 @@ def _check_state(
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.append(f"missing keys: {_key_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.append(f"unexpected keys: {_key_list(unexpected)}")
     for key in sorted(set(expected) & set(found)):
         want, got = expected[key], found[key]
         if tuple(want.shape) != tuple(got.shape):
