@@ -340,3 +340,11 @@ def test_corrupt_ema_file(tmp_path):
         DiffusionModel.from_pretrained(tmp_path, load_ema=True)
     with pytest.raises(SerializationError, match="ema.safetensors"):
         DiffusionModel.from_pretrained(tmp_path, use_ema_weights=True)
+
+
+def test_subclass_from_pretrained_builds_the_subclass(tmp_path):
+    class MyModel(DiffusionModel):
+        pass
+
+    mlp_model().save_pretrained(tmp_path)
+    assert type(MyModel.from_pretrained(tmp_path)) is MyModel

@@ -589,12 +589,18 @@ def from_pretrained(
     load_ema: bool = False,
     use_ema_weights: bool = False,
     device: torch.device | str = "cpu",
+    model_cls: type[DiffusionModel] | None = None,
 ) -> DiffusionModel:
     """Load a model saved by :func:`save_pretrained` from a folder or a Hub repository.
 
-    See :meth:`tinydiff.DiffusionModel.from_pretrained` for the arguments.
+    See :meth:`tinydiff.DiffusionModel.from_pretrained` for the arguments; ``model_cls`` is
+    the class to build (default :class:`~tinydiff.DiffusionModel`; a subclass whose
+    constructor takes ``(nn_module, config)``).
     """
     from tinydiff.model import DiffusionModel
+
+    if model_cls is None:
+        model_cls = DiffusionModel
 
     if load_ema and use_ema_weights:
         raise ValueError(
@@ -625,7 +631,7 @@ def from_pretrained(
         )
     weights_path = source.get(WEIGHTS_NAME)
     assert weights_path is not None
-    model = DiffusionModel(net, model_config)
+    model = model_cls(net, model_config)
     if use_ema_weights:
         ema_path = source.get(EMA_WEIGHTS_NAME)
         assert ema_path is not None

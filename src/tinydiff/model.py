@@ -739,7 +739,7 @@ class DiffusionModel(nn.Module):
         """
         from tinydiff import hub
 
-        model = hub.from_pretrained(
+        return hub.from_pretrained(
             name_or_path,
             nn_module=nn_module,
             revision=revision,
@@ -750,10 +750,8 @@ class DiffusionModel(nn.Module):
             load_ema=load_ema,
             use_ema_weights=use_ema_weights,
             device=device,
+            model_cls=cls,
         )
-        if not isinstance(model, cls):  # a subclass calling this gets its own type
-            raise TypeError(f"{cls.__name__}.from_pretrained built a {type(model).__name__}")
-        return model
 
     def push_to_hub(
         self,
