@@ -11,41 +11,15 @@ weights from the same initial noise) and ``final.png``.
 from __future__ import annotations
 
 import argparse
-import io
-import math
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
-from PIL import Image
 
 from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
+from tinydiff.datasets import swiss_roll
 from tinydiff.nn import MLP
-
-
-def swiss_roll(n: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 2) points on a noisy 2D swiss roll, scaled to roughly unit variance."""
-    u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
-    x = torch.stack([u * torch.cos(u), u * torch.sin(u)], dim=1)
-    x = x + 0.3 * torch.randn(n, 2, generator=generator)
-    return x / 7.0
-
-
-def scatter_png(points: torch.Tensor, title: str) -> Image.Image:
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
-    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.6)
-    ax.set_xlim(-2.2, 2.2)
-    ax.set_ylim(-2.2, 2.2)
-    ax.set_aspect("equal")
-    ax.set_title(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+from tinydiff.plotting import save_gif, scatter_frame
 
 
 def main() -> None:
@@ -64,13 +38,13 @@ def main() -> None:
     )
     model.enable_ema(decay=0.995)
     init_noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(1))
-    frames: list[Image.Image] = []
+    frames: list[Any] = []
 
     def snapshot(trainer: Trainer, step: int) -> None:
         model.eval()
         x = model.sample(1000, 50, sampler="ddim", init_noise=init_noise, use_ema=True)
         model.train()
-        frames.append(scatter_png(x, f"step {step}"))
+        frames.append(scatter_frame([(f"step {step}", x)], lim=2.5))
 
     trainer = Trainer(
         model,
@@ -82,9 +56,7 @@ def main() -> None:
     )
     history = trainer.fit(args.steps)
     print(f"final loss (mean of last 100 steps): {sum(history[-100:]) / 100:.4f}")
-    frames[0].save(
-        args.out / "training.gif", save_all=True, append_images=frames[1:], duration=300, loop=0
-    )
+    save_gif(args.out / "training.gif", frames)
     frames[-1].save(args.out / "final.png")
     print(f"wrote {args.out / 'training.gif'} ({len(frames)} frames) and final.png")
 

@@ -69,8 +69,11 @@ def run_demo(
     train = make_toy(dataset, 20_000, torch.Generator().manual_seed(seed))
     held_out = make_toy(dataset, num_samples, torch.Generator().manual_seed(seed + 10_000))
     config = DiffusionModelConfig(
-        input_shape=(2,), target_type="pred_v", noise_schedule_type="cosine",
-        sampler_type=sampler, timestep_spacing="trailing",
+        input_shape=(2,),
+        target_type="pred_v",
+        noise_schedule_type="cosine",
+        sampler_type=sampler,
+        timestep_spacing="trailing",
     )
     model = DiffusionModel(MLP(input_dim=2, hidden_dim=128, num_layers=3), config)
     model.enable_ema(decay=0.995)
@@ -94,7 +97,12 @@ def run_demo(
 
     every = max(1, steps // max(1, snapshots))
     trainer = Trainer(
-        model, train, batch_size=512, lr=2e-3, seed=seed, progress=progress,
+        model,
+        train,
+        batch_size=512,
+        lr=2e-3,
+        seed=seed,
+        progress=progress,
         lr_scheduler=lambda opt: warmup_cosine(opt, min(200, steps // 10), steps),
         callbacks=[(every, snapshot)],
     )
@@ -105,7 +113,11 @@ def run_demo(
     paths = {
         "png": save_scatter_png(
             out_dir / "samples.png",
-            [("held-out data", held_out), ("untrained model", untrained), ("trained model", trained)],
+            [
+                ("held-out data", held_out),
+                ("untrained model", untrained),
+                ("trained model", trained),
+            ],
         ),
         "gif": save_gif(out_dir / "training.gif", frames),
     }
@@ -159,8 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # threads that wait on each other make it many times slower
         torch.set_num_threads(1)
         result = run_demo(
-            args.dataset, args.steps, args.out, args.seed, sampler=args.sampler,
-            sampling_steps=args.sampling_steps, progress=not args.quiet,
+            args.dataset,
+            args.steps,
+            args.out,
+            args.seed,
+            sampler=args.sampler,
+            sampling_steps=args.sampling_steps,
+            progress=not args.quiet,
         )
         print(f"dataset {args.dataset}: {args.steps} steps in {result['seconds']:.0f} s")
         print(

@@ -77,5 +77,7 @@ def save_gif(path: str | Path, frames: Sequence[Any], duration_ms: int = 300) ->
     if not frames:
         raise ValueError("save_gif needs at least one frame")
     path = Path(path)
-    frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=duration_ms, loop=0)
+    frames[0].save(
+        path, save_all=True, append_images=list(frames[1:]), duration=duration_ms, loop=0
+    )
     return path
