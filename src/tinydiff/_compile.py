@@ -30,7 +30,7 @@ import types
 import weakref
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -247,7 +247,11 @@ class CompiledStep:
         kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False}
         if self.options.backend == "inductor":
             kwargs["mode"] = self.options.mode
-        self._fn = torch.compile(_fresh_copy(_step, name), backend=self.options.backend, **kwargs)
+        self._fn = torch.compile(
+            _fresh_copy(cast(types.FunctionType, _step), name),
+            backend=self.options.backend,
+            **kwargs,
+        )
 
     def __call__(
         self, x: Tensor, state: State, i: Tensor, table: Tensor, noise: Tensor | None

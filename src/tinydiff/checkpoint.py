@@ -200,7 +200,8 @@ def load_checkpoint(
     Args:
         path: the checkpoint file.
         model: receives the model state (``load_state_dict(strict=strict)``).
-        optimizer, scheduler: optional; restored if given (error if absent from the file).
+        optimizer: optional; restored if given (error if absent from the file).
+        scheduler: optional LR scheduler; restored if given (error if absent from the file).
         ema: optional EMA; default: the model's own EMA if enabled. A checkpoint with an
             EMA for a model without one (or the reverse) is an error.
         generators: named generators to restore (names must be in the file).

@@ -184,7 +184,8 @@ def apply_guidance(
     Args:
         x_t: (bsz, *input_shape).
         alpha_bar: broadcastable against x_t.
-        cond_pred, uncond_pred: (x0_hat, eps_hat), each x_t's shape.
+        cond_pred: conditional (x0_hat, eps_hat), each x_t's shape.
+        uncond_pred: unconditional (x0_hat, eps_hat), each x_t's shape.
         guidance_scale: w.
         guidance_rescale: phi in [0, 1] (Lin et al. 2024, sec. 3.4); 0 disables.
 

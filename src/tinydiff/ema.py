@@ -61,7 +61,12 @@ class EMA:
         self.averaged.requires_grad_(False)
         self.averaged.update_parameters(module)  # n_averaged 0 -> 1: a plain copy
 
-    def _avg_fn(self, ema_params: list[Tensor], params: list[Tensor], n_averaged: Tensor) -> None:
+    def _avg_fn(
+        self,
+        ema_params: list[Tensor] | tuple[Tensor, ...],
+        params: list[Tensor] | tuple[Tensor, ...],
+        n_averaged: Tensor | int,
+    ) -> None:
         # the k-th averaging update happens on call k * update_every (no device sync needed)
         k = self.num_calls // self.update_every
         get_ema_multi_avg_fn(ema_decay(self.decay, k, self.warmup))(ema_params, params, n_averaged)

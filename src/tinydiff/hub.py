@@ -439,7 +439,9 @@ class _Source:
                 f"{self.name} is a file; from_pretrained needs the folder that save_pretrained "
                 "wrote (config.json, model.safetensors) or a Hub repository id"
             )
-        self.kwargs = dict(
+        self.revision = revision
+        self.token = token
+        self.kwargs: dict[str, Any] = dict(
             revision=revision,
             token=token,
             cache_dir=cache_dir,
@@ -451,9 +453,7 @@ class _Source:
         if self.folder is not None:
             return sorted(p.name for p in self.folder.iterdir())
         try:
-            return HfApi(token=self.kwargs["token"]).list_repo_files(
-                self.name, revision=self.kwargs["revision"]
-            )
+            return HfApi(token=self.token).list_repo_files(self.name, revision=self.revision)
         except Exception:  # best effort, only to improve an error message
             return []
 

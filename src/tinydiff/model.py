@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +124,8 @@ class DiffusionModel(nn.Module):
         loss = model.loss(x).mean()
         x0 = model.sample(bsz=64, sampling_timesteps=50)
     """
+
+    _ema: EMA | None  # set with object.__setattr__ in __init__ (not a submodule)
 
     def __init__(self, nn_module: nn.Module, config: DiffusionModelConfig | dict[str, Any]) -> None:
         super().__init__()
@@ -428,7 +430,8 @@ class DiffusionModel(nn.Module):
             network = None
             if not options.compile_network:
                 mult = getattr(self.variance, "channel_multiplier", 1)
-                network = OpaqueNetwork(self._opaque_forward, mult)
+                # duck-typed: called like the network, network(x, t) -> Tensor
+                network = cast(nn.Module, OpaqueNetwork(self._opaque_forward, mult))
             self._step_cache = StepCache(_Denoiser(self, network), options)
         return self._step_cache.get(solver, plan, x).stepper(plan, x)
 
@@ -581,11 +584,10 @@ class DiffusionModel(nn.Module):
         Returns:
             the :class:`~tinydiff.ema.EMA` (also :attr:`ema`).
         """
-        object.__setattr__(
-            self, "_ema", EMA(self.nn_module, decay, warmup=warmup, update_every=update_every)
-        )
-        self._ema.averaged.train(self.training)
-        return self._ema
+        ema = EMA(self.nn_module, decay, warmup=warmup, update_every=update_every)
+        object.__setattr__(self, "_ema", ema)
+        ema.averaged.train(self.training)
+        return ema
 
     @property
     def ema(self) -> EMA | None:

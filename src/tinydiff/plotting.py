@@ -50,7 +50,7 @@ def scatter_frame(
 
     lim = _limits([p for _, p in panels]) if lim is None else lim
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), dpi=dpi, squeeze=False)
-    for ax, (title, pts) in zip(axes[0], panels):
+    for ax, (title, pts) in zip(axes[0], panels, strict=True):
         pts = pts.detach().cpu().float()
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, linewidths=0)
         ax.set_xlim(-lim, lim)

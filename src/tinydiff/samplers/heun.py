@@ -57,7 +57,8 @@ class Heun(Sampler):
 
     Args:
         s_churn: total churn, >= 0 (0: deterministic Alg. 1).
-        s_tmin, s_tmax: churn only where s_tmin <= sigma_hat_i <= s_tmax (Karras sigma).
+        s_tmin: churn only where s_tmin <= sigma_hat_i (Karras sigma).
+        s_tmax: churn only where sigma_hat_i <= s_tmax (Karras sigma).
         s_noise: scale of the added noise (Karras et al.: slightly above 1 can help).
     """
 
