@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tinydiff import losses, samplers, schedules, spacings, targets, variances
@@ -64,6 +65,17 @@ class DiffusionModelConfig(BaseModel):
     timestep_spacing: str = "trailing"
     zero_terminal_snr: bool = False
     cond_drop_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The configured schedule table: float64 (T + 1,), alpha_bar for t = 0..T, checked and
+        rescaled for ``zero_terminal_snr`` (see :func:`tinydiff.schedules.build_alphas_cumprod`).
+        """
+        return schedules.build_alphas_cumprod(
+            self.noise_schedule_type,
+            self.num_timesteps,
+            self.schedule_kwargs,
+            zero_terminal_snr=self.zero_terminal_snr,
+        )
 
     @field_validator("input_shape")
     @classmethod

@@ -141,12 +141,7 @@ class DiffusionModel(nn.Module):
         self.input_shape = tuple(cfg.input_shape)
         # float64 tables live outside the state dict: they follow from the config, and
         # module.to(dtype) must never round them.
-        self.alphas_cumprod = schedules.build_alphas_cumprod(
-            cfg.noise_schedule_type,
-            cfg.num_timesteps,
-            cfg.schedule_kwargs,
-            zero_terminal_snr=cfg.zero_terminal_snr,
-        )
+        self.alphas_cumprod = cfg.alphas_cumprod()
         self.target = targets.get(cfg.target_type)(**cfg.target_kwargs)
         self.variance = variances.get(cfg.sigma_type)(**cfg.variance_kwargs)
         self._loss_fn = losses.get(cfg.loss_type)

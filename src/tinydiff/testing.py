@@ -176,12 +176,7 @@ class ExactDenoiser(nn.Module):
                 f"input_shape {tuple(cfg.input_shape)}"
             )
         self.mixture = mixture
-        self.alphas_cumprod = schedules.build_alphas_cumprod(
-            cfg.noise_schedule_type,
-            cfg.num_timesteps,
-            cfg.schedule_kwargs,
-            zero_terminal_snr=cfg.zero_terminal_snr,
-        )
+        self.alphas_cumprod = cfg.alphas_cumprod()
         self.target = targets.get(cfg.target_type)(**cfg.target_kwargs)
         self.channel_multiplier = variances.get(cfg.sigma_type).channel_multiplier
         # a buffer, so that .double()/.to() set the dtype DiffusionModel samples in
