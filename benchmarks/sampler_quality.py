@@ -15,7 +15,7 @@ table; fractional k from Karras sigmas: diffusers' log-sigma interpolation), so 
 libraries see exact denoisers. NFE is counted; Heun uses 2S - 1 (diffusers) and 2S
 (tinydiff) evaluations and is run with the largest S within the NFE budget.
 
-Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 12 minutes on 2 cores).
+Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 18 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ TINY = [
     ("dpmpp_2m", {}),
     ("dpmpp_3m", {}),
     ("unipc", {}),
+    ("deis", {}),
 ]
-TINY_SPACINGS = ("trailing", "logsnr", "karras")
+TINY_SPACINGS = ("trailing", "logsnr", "logsnr_trailing", "karras")
 
 
 def datasets() -> dict[str, tuple[GaussianMixture, int]]:
