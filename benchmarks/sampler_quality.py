@@ -241,6 +241,10 @@ def main() -> None:
     lines += [
         "## Goal: best tinydiff RMS <= 0.8 x best diffusers RMS",
         "",
+        f"tinydiff: best over its samplers (default options) and the spacings "
+        f"{', '.join(TINY_SPACINGS)}; the winning spacing is in brackets. diffusers: best over "
+        f"the schedulers above (trailing spacing, or Karras sigmas where named).",
+        "",
         "| block | NFE | best tinydiff | best diffusers | ratio | holds |",
         "|---|---|---|---|---|---|",
         *goal_lines,
