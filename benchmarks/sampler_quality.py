@@ -15,7 +15,7 @@ table; fractional k from Karras sigmas: diffusers' log-sigma interpolation), so 
 libraries see exact denoisers. NFE is counted; Heun uses 2S - 1 (diffusers) and 2S
 (tinydiff) evaluations and is run with the largest S within the NFE budget.
 
-Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 18 minutes on 2 cores).
+Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ TINY = [
     ("unipc", {}),
     ("deis", {}),
 ]
-TINY_SPACINGS = ("trailing", "logsnr", "logsnr_trailing", "karras")
+TINY_SPACINGS = ("trailing", "logsnr", "logsnr_trailing", "quadratic", "karras")
 
 
 def datasets() -> dict[str, tuple[GaussianMixture, int]]:
