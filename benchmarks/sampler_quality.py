@@ -15,7 +15,7 @@ table; fractional k from Karras sigmas: diffusers' log-sigma interpolation), so 
 libraries see exact denoisers. NFE is counted; Heun uses 2S - 1 (diffusers) and 2S
 (tinydiff) evaluations and is run with the largest S within the NFE budget.
 
-Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 12 minutes on 2 cores).
+Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ TINY = [
     ("dpmpp_2m", {}),
     ("dpmpp_3m", {}),
     ("unipc", {}),
+    ("deis", {}),
 ]
-TINY_SPACINGS = ("trailing", "logsnr", "karras")
+TINY_SPACINGS = ("trailing", "logsnr", "logsnr_trailing", "quadratic", "karras")
 
 
 def datasets() -> dict[str, tuple[GaussianMixture, int]]:
@@ -239,6 +240,10 @@ def main() -> None:
             print(f"done {block} ({time.time() - t0:.0f}s)", flush=True)
     lines += [
         "## Goal: best tinydiff RMS <= 0.8 x best diffusers RMS",
+        "",
+        f"tinydiff: best over its samplers (default options) and the spacings "
+        f"{', '.join(TINY_SPACINGS)}; the winning spacing is in brackets. diffusers: best over "
+        f"the schedulers above (trailing spacing, or Karras sigmas where named).",
         "",
         "| block | NFE | best tinydiff | best diffusers | ratio | holds |",
         "|---|---|---|---|---|---|",

@@ -99,3 +99,21 @@ def test_explicit_lists():
         make_timesteps([10, 20], T, None, table)
     with pytest.raises(ValueError, match="outside"):
         make_timesteps([T + 1], T, None, table)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [3, 5, 10, 20])
+def test_logsnr_trailing_is_trailing_first_then_uniform_in_log_snr(schedule, steps):
+    table = _table(schedule)
+    ts = make_timesteps("logsnr_trailing", T, steps, table)
+    assert ts[0] == T and ts[1] == pytest.approx(T * (steps - 1) / steps, abs=1e-9)
+    assert ts[-2] == 1 and ts[-1] == 0
+    lam = schedules.log_snr(schedules.alpha_bar_at(table, ts[1:-1]))
+    gaps = lam[1:] - lam[:-1]
+    torch.testing.assert_close(gaps, gaps.mean().expand_as(gaps), rtol=1e-6, atol=1e-9)
+
+
+def test_logsnr_trailing_with_one_or_two_steps():
+    table = _table("cosine")
+    assert make_timesteps("logsnr_trailing", T, 1, table).tolist() == [T, 0.0]
+    assert make_timesteps("logsnr_trailing", T, 2, table).tolist() == [T, 1.0, 0.0]

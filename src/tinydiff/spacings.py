@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tinydiff._registry import Registry
-from tinydiff.schedules import log_snr, time_at_log_snr
+from tinydiff.schedules import alpha_bar_at, log_snr, time_at_log_snr
 
 __all__ = [
     "REGISTRY",
@@ -139,6 +139,31 @@ def logsnr(num_timesteps: int, num_steps: int, alphas_cumprod: Tensor) -> Tensor
     lam_lo, lam_hi = _log_snr_range(alphas_cumprod)
     lam = torch.linspace(lam_hi, lam_lo, num_steps, dtype=torch.float64)
     return _times_from_log_snr(lam, num_timesteps, alphas_cumprod)
+
+
+@register("logsnr_trailing", aliases=("trailing_logsnr",))
+def logsnr_trailing(num_timesteps: int, num_steps: int, alphas_cumprod: Tensor) -> Tensor:
+    r"""Trailing's first step, then uniform in log-SNR: t_0 = T, t_1 = T (S - 1) / S (as
+    :func:`trailing`), then t_1..t_{S-1} uniform in lambda from lambda(t_1) up to
+    lambda(1), then t = 0.
+
+    For few steps :func:`logsnr` spends steps on the extreme top of the noise range (the
+    cosine schedule clips its last beta at 0.999: sigma(T) ~ 2e4 against sigma(T - 17) ~ 38),
+    where the flow barely moves; here that range is crossed by one step, and the remaining
+    steps are log-SNR uniform over the range that matters, ending at t = 1 as
+    :func:`logsnr`. S = 1 gives [T, 0], S = 2 gives [T, 1, 0]."""
+    if num_steps <= 2:
+        head = [float(num_timesteps)] + [1.0] * (num_steps - 1)
+        return torch.tensor([*head, 0.0], dtype=torch.float64)
+    t1 = num_timesteps * (num_steps - 1) / num_steps
+    ab = alpha_bar_at(
+        alphas_cumprod.to(torch.float64), torch.tensor([t1, 1.0], dtype=torch.float64)
+    )
+    lam_hi, lam_lo = log_snr(ab).tolist()
+    lam = torch.linspace(lam_hi, lam_lo, num_steps - 1, dtype=torch.float64)
+    t = time_at_log_snr(alphas_cumprod, lam)
+    t[0], t[-1] = t1, 1.0
+    return torch.cat([t.new_tensor([float(num_timesteps)]), t, t.new_zeros(1)])
 
 
 def make_timesteps(

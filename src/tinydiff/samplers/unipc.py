@@ -18,7 +18,13 @@ LOWER_ORDER_FINAL_STEPS = 15
 
 
 def _unipc_weights(
-    lam: list[float], alpha_n: float, sigma_ratio: float, order: int, corrector: bool
+    lam: list[float],
+    alpha_n: float,
+    sigma_ratio: float,
+    order: int,
+    corrector: bool,
+    variant: str = "bh2",
+    rho: float | None = None,
 ) -> tuple[float, list[float]]:
     r"""Coefficients of one UniP (predictor) or UniC (corrector) update, data prediction.
 
@@ -31,11 +37,14 @@ def _unipc_weights(
     :math:`\varphi_1 = e^{-h} - 1`, :math:`\varphi_{k+1} = \varphi_k/(-h) - 1/k!`, the
     coefficients a solve :math:`\sum_m a_m r_m^{k-1} = k!\,\varphi_{k+1}/B(h)`, k = 1..p
     (Zhao et al. 2023, Alg. 2 / eq. 8, with the last node r = 1 for the corrector).
+    ``variant`` picks B(h): "bh1" is B(h) = h, "bh2" is B(h) = e^h - 1. A float ``rho``
+    replaces the solved coefficient when there is a single one (order-2 predictor, order-1
+    corrector); any a = 1/2 + O(h) keeps the order, since B(h) = O(h) multiplies it.
     """
     h = lam[0] - lam[1]
     hh = -h
     phi_1 = math.expm1(hh)  # -1 for h = inf
-    b_h = phi_1
+    b_h = hh if variant == "bh1" else phi_1
     x_coef = sigma_ratio
     w0 = -alpha_n * phi_1
     num_hist = order - 1
@@ -53,10 +62,13 @@ def _unipc_weights(
     mat = torch.tensor(
         [[r ** (k - 1) for r in rks] for k in range(1, size + 1)], dtype=torch.float64
     )
-    rho = torch.linalg.solve(mat, torch.tensor(g, dtype=torch.float64)).tolist()
+    if rho is not None and size == 1:
+        coeffs = [rho]
+    else:
+        coeffs = torch.linalg.solve(mat, torch.tensor(g, dtype=torch.float64)).tolist()
     weights = [w0] + [0.0] * num_hist + ([0.0] if corrector else [])
     # x_n = ratio x_c - alpha phi_1 D_c - alpha B(h) sum_m rho_m (D_m - D_c) / r_m
-    for m, (r, a) in enumerate(zip(rks, rho, strict=True)):
+    for m, (r, a) in enumerate(zip(rks, coeffs, strict=True)):
         coef = -alpha_n * b_h * a / r
         weights[1 + m] += coef
         weights[0] -= coef
@@ -79,16 +91,38 @@ class UniPC(Sampler):
     Args:
         order: 1, 2 (default) or 3; the predictor order.
         lower_order_final: with fewer than 15 steps, cap the order of step i at S - i.
+        variant: "bh2" (default, B(h) = e^h - 1) or "bh1" (B(h) = h) (Zhao et al. 2023,
+            sec. 3.2); both have the same order.
+        rho: None (default) solves the order conditions for every coefficient; a float fixes
+            the single coefficient of the order-2 predictor and order-1 corrector (0.5 is the
+            small-h limit that diffusers uses). Orders are unchanged (see ``_unipc_weights``).
 
     State: the last corrected iterate and ``order`` past model outputs.
     NFE: one per step, ``nfe(S) = S``.
     """
 
-    def __init__(self, order: int = 2, lower_order_final: bool = True) -> None:
+    def __init__(
+        self,
+        order: int = 2,
+        lower_order_final: bool = True,
+        variant: str = "bh2",
+        rho: float | None = None,
+    ) -> None:
         if isinstance(order, bool) or order not in (1, 2, 3):
             raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
         if not isinstance(lower_order_final, bool):
             raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
+        if variant not in ("bh1", "bh2"):
+            raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
+        if rho is not None and (
+            isinstance(rho, bool)
+            or not isinstance(rho, (int, float))
+            or not math.isfinite(rho)
+            or not 0 < rho <= 1
+        ):
+            raise ValueError(f"unipc rho must be None or a float in (0, 1], got {rho!r}")
+        self.variant = variant
+        self.rho = None if rho is None else float(rho)
         self.order = order
         self.lower_order_final = lower_order_final
 
@@ -115,7 +149,9 @@ class UniPC(Sampler):
             alpha_n = float(v.alpha[i + 1])
             o = orders[i]
             nodes = [lam[i + 1]] + [lam[i - j] for j in range(o)]
-            x_coef, w = _unipc_weights(nodes, alpha_n, ratio, o, corrector=False)
+            x_coef, w = _unipc_weights(
+                nodes, alpha_n, ratio, o, corrector=False, variant=self.variant, rho=self.rho
+            )
             pred[i, 0] = x_coef
             pred[i, 1 : 1 + len(w)] = torch.tensor(w)
             if i == 0:
@@ -124,7 +160,13 @@ class UniPC(Sampler):
             o = orders[i - 1]  # correct step i-1 -> i with that step's order
             nodes = [lam[i]] + [lam[i - 1 - j] for j in range(o)]
             x_coef, w = _unipc_weights(
-                nodes, float(v.alpha[i]), float(v.sigma[i] / v.sigma[i - 1]), o, corrector=True
+                nodes,
+                float(v.alpha[i]),
+                float(v.sigma[i] / v.sigma[i - 1]),
+                o,
+                corrector=True,
+                variant=self.variant,
+                rho=self.rho,
             )
             corr[i, 0] = x_coef
             corr[i, 1] = w[-1]

@@ -1,0 +1,117 @@
+r"""DEIS: diffusion exponential integrator sampler, tAB in log-SNR (Zhang & Chen 2022,
+"Fast Sampling of Diffusion Models with Exponential Integrator", the multistep "tAB-DEIS"
+with the noise prediction interpolated in :math:`\lambda` ("logrho"))."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from tinydiff.samplers._vp import finite_history, vp
+from tinydiff.samplers.base import Denoiser, Sampler, State, register
+
+#: below this many steps, ``lower_order_final`` lowers the order of the final steps
+LOWER_ORDER_FINAL_STEPS = 15
+
+
+def _eps_adams_weights(lam: list[float], order: int) -> list[float]:
+    r"""Weights w_j (for eps at lam[1], lam[2], ...) of
+    :math:`\int_0^{h} e^{-\tau} P(\lambda_c + \tau)\,d\tau = \sum_j w_j \epsilon_{c-j}`, P the
+    polynomial in lambda through the ``order`` past noise predictions.
+
+    ``lam`` = [lambda_n (target, may be +inf), lambda_c, lambda_{c-1}, ...]. The moments
+    :math:`M_m = \int_0^h e^{-\tau}\tau^m d\tau` are finite for h = inf (m!), so unlike the
+    data-prediction form this step keeps its order on the last step to t = 0."""
+    h = lam[0] - lam[1]
+    nodes = [lam[1 + j] - lam[1] for j in range(order)]  # tau_j <= 0
+    if math.isinf(h):
+        moments = [float(math.factorial(m)) for m in range(order)]
+    else:
+        # M_m = m! (1 - e^{-h} sum_{k<=m} h^k / k!), summed stably by upward recursion
+        moments = [-math.expm1(-h)]
+        for m in range(1, order):
+            moments.append(m * moments[-1] - h**m * math.exp(-h))
+    scale = max(abs(nodes[-1]), 1.0)  # condition the Vandermonde system: tau / scale
+    vander = torch.tensor(
+        [[(u / scale) ** m for u in nodes] for m in range(order)], dtype=torch.float64
+    )
+    rhs = torch.tensor([mo / scale**m for m, mo in enumerate(moments)], dtype=torch.float64)
+    return torch.linalg.solve(vander, rhs).tolist()
+
+
+@register("deis", aliases=("deis_tab", "tab_deis"))
+class DEIS(Sampler):
+    r"""Multistep exponential integrator of the noise-prediction probability-flow ODE.
+
+    With :math:`\rho = \sigma/\alpha = e^{-\lambda}` the flow is
+    :math:`d(x/\alpha) = \hat\epsilon\,d\rho`, so step i is exactly
+    :math:`x_{i+1} = \frac{\alpha_{i+1}}{\alpha_i}x_i - \alpha_{i+1}e^{-\lambda_i}
+    \int_0^{h_i} e^{-\tau}\hat\epsilon(\lambda_i+\tau)\,d\tau` with :math:`\hat\epsilon`
+    replaced by the polynomial in :math:`\lambda` through
+    :math:`\hat\epsilon_i, \hat\epsilon_{i-1}, \dots` (tAB-DEIS, Zhang & Chen 2022, sec. 4,
+    with DPM-Solver's log-SNR variable, Lu et al. 2022), integrated exactly at plan time.
+
+    The moments of :math:`e^{-\tau}` stay finite for :math:`h = \infty`, so the last step to
+    t = 0 keeps the full order (the data-prediction solvers must take it at first order,
+    :math:`x_S = D_{S-1}`). Order ramps up over the first steps; a start at infinite noise
+    (zero terminal SNR, :math:`\alpha_0 = 0`) takes the finite first-order form
+    :math:`x_1 = \alpha_1 D_0 + \sigma_1\hat\epsilon_0` (DDIM).
+
+    Args:
+        order: 1, 2 (default) or 3; 1 is DDIM. Order 2 measured best at few steps
+            (``benchmarks/sampler_quality.py``).
+        lower_order_final: with fewer than 15 steps, cap the order of step i at S - i
+            (off by default: the last long step is where the order pays, see above).
+
+    State: ``order - 1`` past noise predictions. NFE: one per step, ``nfe(S) = S``.
+    """
+
+    def __init__(self, order: int = 2, lower_order_final: bool = False) -> None:
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"deis order must be 1, 2 or 3, got {order!r}")
+        if not isinstance(lower_order_final, bool):
+            raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
+        self.order = order
+        self.lower_order_final = lower_order_final
+
+    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
+        v = vp(alpha_bar)
+        lam = v.lam.tolist()
+        num_steps = timesteps.numel() - 1
+        p = self.order
+        # columns: x_i, D_i, eps_i, eps_{i-1}, ..., eps_{i-p+1}
+        cols = torch.zeros(num_steps, p + 2, dtype=torch.float64)
+        for i in range(num_steps):
+            a_t, a_s, s_s = float(v.alpha[i]), float(v.alpha[i + 1]), float(v.sigma[i + 1])
+            if a_t == 0.0:  # infinite noise: only the first-order (DDIM) limit is finite
+                cols[i, 1], cols[i, 2] = a_s, s_s
+                continue
+            order = min(p, max(finite_history(v, i), 1))
+            if self.lower_order_final and num_steps < LOWER_ORDER_FINAL_STEPS:
+                order = min(order, num_steps - i)
+            w = _eps_adams_weights([lam[i + 1]] + [lam[i - j] for j in range(order)], order)
+            scale = a_s * math.exp(-lam[i])  # alpha_{i+1} sigma_i / alpha_i
+            cols[i, 0] = a_s / a_t
+            cols[i, 2 : 2 + order] = torch.tensor([-scale * wj for wj in w])
+        return {f"coef_{k}": cols[:, k] for k in range(p + 2)}
+
+    def init_state(self, x: Tensor) -> State:
+        return tuple(torch.zeros_like(x) for _ in range(self.order - 1))
+
+    def step(
+        self,
+        x: Tensor,
+        state: State,
+        c: Mapping[str, Tensor],
+        denoise: Denoiser,
+        noise: Tensor | None,
+    ) -> tuple[Tensor, State]:
+        pred = denoise(x, c["t"], c["alpha_bar"])
+        history = (pred.eps, *state)
+        x_next = c["coef_0"] * x + c["coef_1"] * pred.x0
+        for j, e_j in enumerate(history):
+            x_next = x_next + c[f"coef_{j + 2}"] * e_j
+        return x_next, history[:-1]
