@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from tinydiff.samplers._vp import finite_history, vp
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, State, register
+from tinydiff.samplers.dpmpp_2m import DPMSolverPP2M
 
 
 @register("dpmpp_2m_sde", aliases=("dpm_solver_pp_2m_sde", "dpmsolver++_2m_sde"))
-class DPMSolverPP2MSDE(Sampler):
+class DPMSolverPP2MSDE(DPMSolverPP2M):
     r"""Second-order multistep solver of the reverse SDE in data-prediction form.
 
     With :math:`h = \lambda_{i+1} - \lambda_i` and :math:`\eta \ge 0`, step i is the exact
@@ -72,9 +73,6 @@ class DPMSolverPP2MSDE(Sampler):
             "coef_noise": cols[:, 3],
         }
 
-    def init_state(self, x: Tensor) -> State:
-        return (torch.zeros_like(x),)
-
     def step(
         self,
         x: Tensor,
@@ -83,9 +81,7 @@ class DPMSolverPP2MSDE(Sampler):
         denoise: Denoiser,
         noise: Tensor | None,
     ) -> tuple[Tensor, State]:
-        (d_prev,) = state
-        d = denoise(x, c["t"], c["alpha_bar"]).x0
-        x_next = c["coef_x"] * x + c["coef_d"] * d + c["coef_prev"] * d_prev
+        x_next, state = super().step(x, state, c, denoise, noise)
         if noise is not None:
             x_next = x_next + c["coef_noise"] * noise
-        return x_next, (d,)
+        return x_next, state
