@@ -22,7 +22,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from tinydiff import DiffusionModel, samplers
 from tinydiff._compile import _NETWORKS, CompileOptions
 from tinydiff.samplers.base import build_plan, run_sampler
-from tinydiff.schedules import alpha_bar_at
 
 SAMPLERS = samplers.names()
 BSZ = 8
@@ -132,9 +131,8 @@ def test_compiled_trajectory_matches_eager(
 
 @pytest.mark.parametrize("target_type", ["pred_eps", "pred_x_0", "pred_v"])
 def test_compiled_conditioning_guidance_and_ema_match_eager(target_type: str) -> None:
-    """cond, classifier-free guidance and EMA weights reach the opaque network call: compiled
-    sampling gives eager sampling's samples (guidance on the raw output equals guidance on
-    (x0, eps) for these affine targets)."""
+    """cond, classifier-free guidance (with rescale) and EMA weights reach the opaque network
+    call: compiled sampling runs the eager denoiser's code and gives eager sampling's samples."""
     from _nets import CondNet
 
     from tinydiff import DiffusionModelConfig
@@ -183,15 +181,31 @@ def test_compiled_conditioning_guidance_and_ema_match_eager(target_type: str) ->
         generator=torch.Generator().manual_seed(1),
     )
     assert (live - ema).abs().max() > 1e-4  # the EMA weights really are used
-    with pytest.raises(ValueError, match="guidance_rescale"):
+    # guidance rescale runs through the same denoiser code when compiled (0.1 refused it)
+    rescaled = [
         model.sample(
             4,
             6,
+            sampler="dpmpp_2m",
             cond={"class_labels": labels},
             guidance_scale=2.0,
-            guidance_rescale=0.5,
-            compile=True,
+            guidance_rescale=0.7,
+            generator=torch.Generator().manual_seed(1),
+            compile=flag,
         )
+        for flag in (False, True)
+    ]
+    torch.testing.assert_close(rescaled[1], rescaled[0], rtol=1e-5, atol=1e-5)
+    plain = model.sample(
+        4,
+        6,
+        sampler="dpmpp_2m",
+        cond={"class_labels": labels},
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(1),
+        compile=True,
+    )
+    assert (plain - rescaled[1]).abs().max() > 1e-4  # the rescale really is applied
 
 
 def test_compile_network_matches_eager() -> None:
@@ -241,14 +255,14 @@ def test_sampling_loop_has_no_host_sync(
     model, _ = inductor_model
     solver = model.make_sampler(name)
     timesteps = model.sampling_timesteps(6)
-    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    plan = build_plan(solver, model.process.path_values(timesteps))
     x = torch.randn(BSZ, 2)
-    loop = model._compiled_loop(solver, plan, x) if compiled else None
-    denoise = model._step_cache.denoise if compiled else _eager_denoiser(model)
+    denoise = model.denoiser()
+    loop = _compiled_loop(model, solver, plan, x) if compiled else None
     with torch.no_grad():
         run_sampler(solver, x, plan, denoise, loop=loop)  # warm up (compile)
     gen = torch.Generator().manual_seed(0)
-    loop = model._compiled_loop(solver, plan, x) if compiled else None
+    loop = _compiled_loop(model, solver, plan, x) if compiled else None
     net_calls = len(model.nn_module.compute_dtypes)
     with torch.no_grad(), host_syncs_forbidden():
         out = run_sampler(solver, x, plan, denoise, generator=gen, loop=loop)
@@ -257,9 +271,15 @@ def test_sampling_loop_has_no_host_sync(
 
 
 def _eager_denoiser(model: DiffusionModel) -> Any:
-    from tinydiff.model import _Denoiser
+    return model.denoiser()
 
-    return _Denoiser(model)
+
+def _compiled_loop(model: DiffusionModel, solver: Any, plan: Any, x: Tensor) -> Any:
+    """The compiled driver that ``sample(..., compile=True)`` would use for this plan."""
+    if model._step_cache is None:
+        model.sample(2, 1, sampler="ddim", compile=True)  # builds the model's step cache
+    assert model._step_cache is not None
+    return model._step_cache.loop(solver, plan, x, model.denoiser(), live_network=model.nn_module)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -285,7 +305,7 @@ class RecordingDDIM(samplers.get("ddim")):  # type: ignore[misc,valid-type]
     dtypes: ClassVar[list[torch.dtype]] = []
 
     def step(self, x, state, c, denoise, noise):  # type: ignore[no-untyped-def]
-        pred = denoise(x, c["t"], c["alpha_bar"])
+        pred = denoise(x, c["point"])
         type(self).dtypes += [pred.x0.dtype, pred.eps.dtype]
         x_next, state = super().step(x, state, c, denoise, noise)
         type(self).dtypes += [x_next.dtype, *(s.dtype for s in state)]
@@ -309,7 +329,7 @@ def test_autocast_keeps_solver_in_float32(name: str) -> None:
     x = torch.randn(BSZ, 2)
     state = solver.init_state(x)
     timesteps = model.sampling_timesteps(5)
-    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    plan = build_plan(solver, model.process.path_values(timesteps))
     denoise = _eager_denoiser(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for i in range(5):
@@ -325,7 +345,7 @@ def test_autocast_predictions_are_float32() -> None:
     RecordingDDIM.dtypes = []
     solver = RecordingDDIM()
     timesteps = model.sampling_timesteps(3)
-    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    plan = build_plan(solver, model.process.path_values(timesteps))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         run_sampler(solver, torch.randn(BSZ, 2), plan, _eager_denoiser(model))
     assert set(RecordingDDIM.dtypes) == {torch.float32}
@@ -338,7 +358,7 @@ def test_state_does_not_grow_with_steps(name: str) -> None:
     solver = model.make_sampler(name)
     x = torch.randn(BSZ, 2)
     timesteps = model.sampling_timesteps(12)
-    plan = build_plan(solver, timesteps, alpha_bar_at(model.alphas_cumprod, timesteps))
+    plan = build_plan(solver, model.process.path_values(timesteps))
     state = solver.init_state(x)
     sizes = set()
     denoise = _eager_denoiser(model)

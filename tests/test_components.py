@@ -9,7 +9,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from tinydiff import losses, targets, variances
-from tinydiff.variances import VlbTerms, gaussian_kl, posterior_coefficients
+from tinydiff.process import Point
+from tinydiff.variances import VlbTerms, gaussian_kl, gaussian_posterior, posterior_coefficients
 
 pytestmark = pytest.mark.usefixtures("_double")
 
@@ -23,14 +24,26 @@ def _double():
     torch.set_default_dtype(old)
 
 
+def vp_point(ab: torch.Tensor) -> Point:
+    """The point of a variance-preserving process with alpha_bar ``ab`` (derivatives unused)."""
+    zero = torch.zeros_like(ab)
+    return Point(zero, ab.sqrt(), (1 - ab).sqrt(), zero, zero)
+
+
+@pytest.mark.parametrize("vp", [True, False], ids=["vp", "any_path"])
 @pytest.mark.parametrize("name", targets.names())
-def test_target_round_trip(name: str) -> None:
+def test_target_round_trip(name: str, vp: bool) -> None:
+    """to_x0_eps inverts target on x_t = alpha x0 + sigma eps, also off the VP circle."""
     target = targets.get(name)()
     x0, eps = torch.randn(64, 3), torch.randn(64, 3)
     ab = torch.rand(64, 1) * 0.98 + 0.01
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    out = target.target(x0, eps, ab)
-    x0_hat, eps_hat = target.to_x0_eps(out, x_t, ab)
+    p = vp_point(ab)
+    if not vp:  # rectified-flow-like and variance-exploding-like scales
+        p = p._replace(alpha=torch.rand(64, 1) + 0.01, sigma=3 * torch.rand(64, 1) + 0.01)
+        p = p._replace(d_alpha=-torch.rand(64, 1), d_sigma=torch.rand(64, 1) + 0.5)
+    x_t = p.alpha * x0 + p.sigma * eps
+    out = target.target(x0, eps, p)
+    x0_hat, eps_hat = target.to_x0_eps(out, x_t, p)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
 
@@ -42,8 +55,8 @@ def test_x0_error_scale_is_the_jacobian_of_the_conversion(name: str) -> None:
     ab = torch.tensor([[0.05], [0.5], [0.95]])
     x_t, out = torch.randn(3, 4), torch.randn(3, 4)
     delta = 1e-3 * torch.randn(3, 4)
-    x0_a, _ = target.to_x0_eps(out, x_t, ab)
-    x0_b, _ = target.to_x0_eps(out + delta, x_t, ab)
+    x0_a, _ = target.to_x0_eps(out, x_t, vp_point(ab))
+    x0_b, _ = target.to_x0_eps(out + delta, x_t, vp_point(ab))
     ratio = (delta**2).sum(1) / ((x0_b - x0_a) ** 2).sum(1)
     snr = (ab / (1 - ab)).squeeze(1)
     torch.testing.assert_close(ratio, target.x0_error_scale(snr), rtol=1e-9, atol=0)
@@ -52,8 +65,8 @@ def test_x0_error_scale_is_the_jacobian_of_the_conversion(name: str) -> None:
 def test_pred_v_is_finite_at_zero_snr() -> None:
     target = targets.get("pred_v")()
     x0, eps = torch.randn(5, 2), torch.randn(5, 2)
-    ab = torch.zeros(5, 1)
-    x0_hat, eps_hat = target.to_x0_eps(target.target(x0, eps, ab), eps, ab)
+    p = vp_point(torch.zeros(5, 1))
+    x0_hat, eps_hat = target.to_x0_eps(target.target(x0, eps, p), eps, p)
     torch.testing.assert_close(x0_hat, x0)
     torch.testing.assert_close(eps_hat, eps)
 
@@ -72,6 +85,21 @@ def test_posterior_coefficients_match_gaussian_conditioning() -> None:
     torch.testing.assert_close(beta_tilde, var_s - cov**2 / var_t)
     torch.testing.assert_close(beta, 1 - ab_t / ab_s)
     assert torch.isfinite(torch.stack([coef_x0, coef_xt, beta, beta_tilde])).all()
+
+
+def test_gaussian_posterior_matches_conditioning_on_any_path() -> None:
+    """q(x_s | x_t, x0) of a non-VP path (alpha^2 + sigma^2 != 1) from the joint Gaussian."""
+    a_s, s_s = torch.tensor([0.9, 1.0, 0.5]), torch.tensor([0.3, 2.0, 0.5])
+    a_t, s_t = torch.tensor([0.6, 1.0, 0.0]), torch.tensor([1.1, 5.0, 1.0])
+    coef_x0, coef_xt, beta, beta_tilde = gaussian_posterior(a_t, s_t, a_s, s_s)
+    # x_t = (a_t / a_s) x_s + sqrt(beta) e2 with beta = s_t^2 - (a_t / a_s)^2 s_s^2
+    ratio = a_t / a_s
+    cov = ratio * s_s**2  # Cov(x_s, x_t | x0)
+    gain = cov / s_t**2
+    torch.testing.assert_close(beta, s_t**2 - ratio**2 * s_s**2)
+    torch.testing.assert_close(coef_xt, gain)
+    torch.testing.assert_close(coef_x0, a_s - gain * a_t)
+    torch.testing.assert_close(beta_tilde, s_s**2 - cov**2 / s_t**2)
 
 
 def test_gaussian_kl_matches_torch_distributions() -> None:

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from tinydiff import DiffusionModel, DiffusionModelConfig, samplers
-from tinydiff.model import _Denoiser
 
 
 class LabelNet(nn.Module):
@@ -59,13 +58,13 @@ def test_guidance_is_affine_combination(target: str, w: float) -> None:
     model = _model(LabelNet(), target_type=target).double()
     x = torch.randn(5, 2, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 1])
-    t, ab = torch.tensor(7.0, dtype=torch.float64), model.alpha_bar(7.0)
-    cond_out = _Denoiser(model, cond={"class_labels": labels})(x, t, ab)
+    pt, ab = model.process.points(torch.tensor(7.0, dtype=torch.float64)), model.alpha_bar(7.0)
+    cond_out = model.denoiser(cond={"class_labels": labels})(x, pt)
     null = torch.full_like(labels, 4)
-    unc_out = _Denoiser(model, cond={"class_labels": null})(x, t, ab)
+    unc_out = model.denoiser(cond={"class_labels": null})(x, pt)
     net = model.nn_module
     net.seen.clear()
-    guided = _Denoiser(model, cond={"class_labels": labels}, guidance_scale=w)(x, t, ab)
+    guided = model.denoiser(cond={"class_labels": labels}, guidance_scale=w)(x, pt)
     # one forward pass of 2 bsz rows: conditional rows then null rows
     assert len(net.seen) == 1 and torch.equal(net.seen[0], torch.cat([labels, null]))
     for field in ("x0", "eps"):
@@ -79,7 +78,7 @@ def test_guidance_rescale_matches_formula() -> None:
     model = _model(LabelNet(), target_type="pred_x_0").double()
     x = torch.randn(3, 2, dtype=torch.float64)
     labels = torch.tensor([0, 2, 3])
-    t, ab = torch.tensor(5.0, dtype=torch.float64), model.alpha_bar(5.0)
+    pt, ab = model.process.points(torch.tensor(5.0, dtype=torch.float64)), model.alpha_bar(5.0)
     # with pred_x_0 and this net x0_c = label, x0_u = -1 in both coordinates, so x0 has zero
     # per-sample std; use a rescale-aware net output instead: x + label
     model.nn_module.forward = lambda x, t, class_labels=None: (
@@ -87,15 +86,15 @@ def test_guidance_rescale_matches_formula() -> None:
         + (torch.where(class_labels == 4, -1.0, class_labels.double())[:, None])
     )
     phi, w = 0.7, 2.5
-    c = _Denoiser(model, cond={"class_labels": labels})(x, t, ab).x0
-    u = _Denoiser(model, cond={"class_labels": torch.full_like(labels, 4)})(x, t, ab).x0
+    c = model.denoiser(cond={"class_labels": labels})(x, pt).x0
+    u = model.denoiser(cond={"class_labels": torch.full_like(labels, 4)})(x, pt).x0
     g = u + w * (c - u)
     expected = (
         phi * g * c.std(1, keepdim=True, unbiased=False) / g.std(1, keepdim=True, unbiased=False)
     )
     expected = expected + (1 - phi) * g
-    out = _Denoiser(model, cond={"class_labels": labels}, guidance_scale=w, guidance_rescale=phi)(
-        x, t, ab
+    out = model.denoiser(cond={"class_labels": labels}, guidance_scale=w, guidance_rescale=phi)(
+        x, pt
     )
     assert torch.allclose(out.x0, expected, atol=1e-12)
     assert torch.allclose(ab.sqrt() * out.x0 + (1 - ab).sqrt() * out.eps, x, atol=1e-10)

@@ -255,9 +255,9 @@ def test_every_sampler_with_every_spacing(name, spacing, zts):
 def test_plans_are_finite_under_zero_terminal_snr(name):
     model = exact_model(target_type="pred_v", zero_terminal_snr=True)
     ts = model.sampling_timesteps(7)
-    ab = schedules.alpha_bar_at(model.alphas_cumprod, ts)
-    assert ab[0] == 0
-    for col, value in model.make_sampler(name).plan(ts, ab).items():
+    path = model.process.path_values(ts)
+    assert path.alpha[0] == 0
+    for col, value in model.make_sampler(name).plan(path).items():
         assert torch.isfinite(value).all(), col
 
 

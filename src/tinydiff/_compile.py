@@ -13,7 +13,11 @@ every step. The compiled path instead
    serves every step of a run, and runs with any number of steps: dim 0 of the table is marked
    dynamic;
 3. reaches the network through an opaque custom operator unless ``compile_network=True``, so
-   only the update math is traced, and any network (graph breaks included) can be used.
+   only the update math is traced, and any network (graph breaks included) can be used. The
+   step calls the same :class:`tinydiff.denoiser.Denoiser` code as eager sampling (target
+   conversion, guidance and its rescale are traced); only the raw ``network(x, t, **cond)``
+   call is opaque. Which network (live or EMA) and which ``cond`` a run uses is read from the
+   cache's :class:`NetworkSlot`, so one compiled step serves every run.
 
 Nothing on the host depends on device values: no ``.item()``, no ``nonzero``, no CPU tensor
 in the loop, so CUDA graphs can capture a step and ``torch.cuda.set_sync_debug_mode("error")``
@@ -35,12 +39,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from tinydiff.samplers.base import Denoiser, Sampler, State
+from tinydiff.denoiser import Denoiser
+from tinydiff.samplers.base import Sampler, State
 
 __all__ = [
     "MODES",
     "CompileOptions",
     "CompiledStep",
+    "NetworkSlot",
     "OpaqueNetwork",
     "PlanLayout",
     "StepCache",
@@ -309,17 +315,33 @@ def _no_cache() -> None:
     return None
 
 
+class NetworkSlot:
+    """The network and ``cond`` of the current compiled run, behind the opaque operator.
+
+    ``slot(x, t)`` calls ``network(x, t, **cond)``; :meth:`StepCache.loop` fills the slot
+    before each run.
+    """
+
+    def __init__(self) -> None:
+        self.network: Callable[..., Tensor] | None = None
+        self.cond: dict[str, Any] | None = None
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.network is None:
+            raise RuntimeError("no network was set for this compiled sampling run")
+        return self.network(x, t) if self.cond is None else self.network(x, t, **self.cond)
+
+
 class StepCache:
     """Compiled steps of one model, built on first use and reused across runs.
 
     Args:
-        denoise: the model's denoiser as compiled steps must see it.
         options: the compile options of every entry.
     """
 
-    def __init__(self, denoise: Denoiser, options: CompileOptions) -> None:
-        self.denoise = denoise
+    def __init__(self, options: CompileOptions) -> None:
         self.options = options
+        self.slot = NetworkSlot()
         self._entries: dict[Hashable, CompiledStep] = {}
 
     def __len__(self) -> int:
@@ -333,8 +355,32 @@ class StepCache:
     def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
         return _no_cache, ()
 
-    def get(self, sampler: Sampler, plan: Mapping[str, Tensor], x: Tensor) -> CompiledStep:
-        """The compiled step for this sampler, plan layout and x (built if missing)."""
+    def _traced_denoiser(self, denoiser: Denoiser, live_network: Any) -> Denoiser:
+        """The denoiser the compiled step calls: ``denoiser``'s target, variance and guidance,
+        with the network behind the opaque operator (or the live network, traced)."""
+        if self.options.compile_network:
+            if denoiser.cond is not None or denoiser.network is not live_network:
+                raise ValueError(
+                    "compile_network=True traces the live network without conditioning: "
+                    "cond, guidance and use_ema need compile_network=False (the default)"
+                )
+            network: Any = live_network
+        else:
+            network = OpaqueNetwork(self.slot, denoiser.channel_multiplier)
+        traced = Denoiser(network, denoiser.target, denoiser.variance)
+        traced.guidance_scale = denoiser.guidance_scale
+        traced.guidance_rescale = denoiser.guidance_rescale
+        return traced
+
+    def get(
+        self,
+        sampler: Sampler,
+        plan: Mapping[str, Tensor],
+        x: Tensor,
+        denoiser: Denoiser,
+        live_network: Any = None,
+    ) -> CompiledStep:
+        """The compiled step for this sampler, plan layout, x and guidance (built if missing)."""
         layout = PlanLayout.of(plan)
         key = (
             type(sampler),
@@ -344,9 +390,27 @@ class StepCache:
             tuple(x.shape),
             x.dtype,
             x.device,
+            denoiser.guidance_scale,
+            denoiser.guidance_rescale,
         )
         entry = self._entries.get(key)
         if entry is None:
-            entry = CompiledStep(sampler, self.denoise, layout, self.options)
+            traced = self._traced_denoiser(denoiser, live_network)
+            entry = CompiledStep(sampler, traced, layout, self.options)
             self._entries[key] = entry
         return entry
+
+    def loop(
+        self,
+        sampler: Sampler,
+        plan: Mapping[str, Tensor],
+        x: Tensor,
+        denoiser: Denoiser,
+        live_network: Any = None,
+    ) -> CompiledLoop:
+        """The compiled driver of one run: fills the slot with ``denoiser``'s network and
+        cond, then returns the (cached) step's per-run loop."""
+        entry = self.get(sampler, plan, x, denoiser, live_network)
+        self.slot.network = denoiser.network
+        self.slot.cond = denoiser.cond
+        return entry.stepper(plan, x)

@@ -225,6 +225,10 @@ class Registry(Generic[T]):
             out = [n for n in out if fnmatch.fnmatchcase(n, pat)]
         return out
 
+    def name_of(self, obj: object) -> str | None:
+        """The canonical name under which ``obj`` is registered, or None."""
+        return next((k for k, v in self._entries.items() if v is obj), None)
+
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False

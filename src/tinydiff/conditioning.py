@@ -23,8 +23,8 @@ pass of 2 bsz rows, the guided estimates are
     \hat\epsilon = \hat\epsilon^{u} + w(\hat\epsilon^{c} - \hat\epsilon^{u}),
 
 so w = 0 is unconditional, w = 1 conditional, w > 1 guided. Both are the same affine
-combination (weights 1 - w and w), so :math:`x_t = \sqrt{\bar\alpha}\hat x_0 +
-\sqrt{1-\bar\alpha}\hat\epsilon` still holds, and for every affine target (eps, x0, v) this
+combination (weights 1 - w and w), so :math:`x_t = \alpha\hat x_0 + \sigma\hat\epsilon`
+still holds, and for every affine target (eps, x0, v) this
 equals guiding the raw network output. Guidance rescale (Lin et al. 2024, sec. 3.4) with
 factor :math:`\phi` rescales the guided x0 to the conditional x0's standard deviation (per
 sample, over all non-batch dims), :math:`\hat x_0 \leftarrow \phi\,\hat x_0\,\sigma_c/\sigma_g
@@ -173,7 +173,8 @@ def concat_cond(first: Cond, second: Cond) -> Cond:
 
 def apply_guidance(
     x_t: Tensor,
-    alpha_bar: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
     cond_pred: tuple[Tensor, Tensor],
     uncond_pred: tuple[Tensor, Tensor],
     guidance_scale: float,
@@ -183,7 +184,7 @@ def apply_guidance(
 
     Args:
         x_t: (bsz, *input_shape).
-        alpha_bar: broadcastable against x_t.
+        alpha, sigma: the process at x_t's time, broadcastable against x_t.
         cond_pred: conditional (x0_hat, eps_hat), each x_t's shape.
         uncond_pred: unconditional (x0_hat, eps_hat), each x_t's shape.
         guidance_scale: w.
@@ -201,5 +202,5 @@ def apply_guidance(
         std_c = x0_c.std(dim=dims, keepdim=True, unbiased=False)
         std_g = x0.std(dim=dims, keepdim=True, unbiased=False).clamp_min(1e-12)
         x0 = guidance_rescale * x0 * (std_c / std_g) + (1 - guidance_rescale) * x0
-        eps = (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).clamp_min(1e-20).sqrt()
+        eps = (x_t - alpha * x0) / sigma.clamp_min(1e-10)
     return x0, eps

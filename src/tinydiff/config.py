@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tinydiff import losses, samplers, schedules, spacings, targets, variances
 from tinydiff._registry import Registry, check_kwargs
+from tinydiff.process import GaussianProcess
 
 __all__ = ["DiffusionModelConfig"]
 
@@ -27,13 +28,16 @@ class DiffusionModelConfig(BaseModel):
     and are checked against its signature when the config is built.
 
     Attributes:
-        input_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 28, 28)``. Required.
-        num_timesteps: T, the number of diffusion steps.
-        noise_schedule_type: name in :mod:`tinydiff.schedules`.
+        input_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 28, 28)``. Required by
+            :class:`~tinydiff.DiffusionModel` (here or as its keyword argument).
+        num_timesteps: T, the number of diffusion steps (network times lie in [0, T]).
+        noise_schedule_type: name in :mod:`tinydiff.schedules` (a discrete VP table or a
+            continuous path).
         schedule_kwargs: options for the schedule function.
         target_type: name in :mod:`tinydiff.targets`.
         target_kwargs: options for the target class.
-        sigma_type: variance type, name in :mod:`tinydiff.variances`.
+        variance_type: variance type, name in :mod:`tinydiff.variances`; ``sigma_type`` (its
+            name in tinydiff 0.1) is accepted as an alias on input.
         variance_kwargs: options for the variance class.
         loss_type: name in :mod:`tinydiff.losses`.
         loss_kwargs: options for the loss function (e.g. ``{"delta": 0.5}`` for huber).
@@ -49,13 +53,15 @@ class DiffusionModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None = None
     num_timesteps: int = Field(default=1000, ge=1, le=100_000)
     noise_schedule_type: str = "cosine"
     schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
     target_type: str = "pred_eps"
     target_kwargs: dict[str, Any] = Field(default_factory=dict)
-    sigma_type: str = "upper_bound"
+    variance_type: str = Field(
+        default="upper_bound", validation_alias=AliasChoices("variance_type", "sigma_type")
+    )
     variance_kwargs: dict[str, Any] = Field(default_factory=dict)
     loss_type: str = "l2"
     loss_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -66,20 +72,31 @@ class DiffusionModelConfig(BaseModel):
     zero_terminal_snr: bool = False
     cond_drop_prob: float = Field(default=0.0, ge=0.0, le=1.0)
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        """The configured schedule table: float64 (T + 1,), alpha_bar for t = 0..T, checked and
-        rescaled for ``zero_terminal_snr`` (see :func:`tinydiff.schedules.build_alphas_cumprod`).
-        """
-        return schedules.build_alphas_cumprod(
+    def process(self) -> GaussianProcess:
+        """The configured Gaussian process (:func:`tinydiff.schedules.build_process`)."""
+        return schedules.build_process(
             self.noise_schedule_type,
             self.num_timesteps,
             self.schedule_kwargs,
             zero_terminal_snr=self.zero_terminal_snr,
         )
 
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha(t)^2 at t = 0..T, float64 (T + 1,): for a discrete VP schedule its checked
+        alpha_bar table, rescaled for ``zero_terminal_snr``."""
+        t = torch.arange(self.num_timesteps + 1, dtype=torch.float64)
+        return self.process().alpha_bar(t)
+
+    @property
+    def sigma_type(self) -> str:
+        """tinydiff 0.1's name of :attr:`variance_type`."""
+        return self.variance_type
+
     @field_validator("input_shape")
     @classmethod
-    def _check_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _check_shape(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
         if len(v) == 0 or any(d < 1 for d in v):
             raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {v}")
         return v
@@ -94,7 +111,7 @@ class DiffusionModelConfig(BaseModel):
     def _target(cls, v: Any) -> str:
         return _registry_name(targets.REGISTRY, v)
 
-    @field_validator("sigma_type")
+    @field_validator("variance_type")
     @classmethod
     def _variance(cls, v: Any) -> str:
         return _registry_name(variances.REGISTRY, v)
@@ -118,18 +135,14 @@ class DiffusionModelConfig(BaseModel):
     def _check_components(self) -> DiffusionModelConfig:
         target_cls = targets.get(self.target_type)
         try:  # TypeError -> ValueError, so that pydantic reports a ValidationError
-            check_kwargs(
-                "noise schedule",
-                self.noise_schedule_type,
-                schedules.get(self.noise_schedule_type),
-                self.num_timesteps,
-                **self.schedule_kwargs,
+            schedules.check_schedule_kwargs(
+                self.noise_schedule_type, self.num_timesteps, self.schedule_kwargs
             )
             check_kwargs("prediction target", self.target_type, target_cls, **self.target_kwargs)
             check_kwargs(
                 "variance type",
-                self.sigma_type,
-                variances.get(self.sigma_type),
+                self.variance_type,
+                variances.get(self.variance_type),
                 **self.variance_kwargs,
             )
             check_kwargs(
@@ -138,6 +151,11 @@ class DiffusionModelConfig(BaseModel):
             samplers.get(self.sampler_type).check_options(self.sampler_kwargs)
         except TypeError as err:
             raise ValueError(str(err)) from err
+        if self.zero_terminal_snr and schedules.is_path(self.noise_schedule_type):
+            raise ValueError(
+                f"zero_terminal_snr=True rescales discrete VP tables; noise schedule "
+                f"{self.noise_schedule_type!r} is a continuous path: give it alpha(1) = 0 instead"
+            )
         if self.zero_terminal_snr and self.num_timesteps < 2:
             raise ValueError("zero_terminal_snr=True needs num_timesteps >= 2")
         if self.zero_terminal_snr and not getattr(target_cls, "supports_zero_snr", True):

@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from tinydiff.samplers.ddpm import clipped_log_beta_tilde
-from tinydiff.variances import gaussian_kl, posterior_coefficients
+from tinydiff.variances import clipped_log_beta_tilde, gaussian_kl, gaussian_posterior
 
 if TYPE_CHECKING:
     from tinydiff.model import DiffusionModel
@@ -124,11 +123,10 @@ def vlb_terms(
             timesteps.
     """
     from tinydiff import conditioning
-    from tinydiff.model import _Denoiser
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    x = model._check_x(x)
+    x = model.check_data(x)
     if decoder == "discrete" and (x.min() < -1 or x.max() > 1):
         raise ValueError(
             f"the discrete decoder models image data in [-1, 1] (256 levels), but x spans "
@@ -136,29 +134,31 @@ def vlb_terms(
             "decoder='continuous' for real-valued data"
         )
     bsz = x.shape[0]
-    network = model._select_network(use_ema)
+    network = model.network(use_ema)
     if cond is not None:
         cond = conditioning.check_cond(network, cond, bsz)
-    denoise = _Denoiser(model, network, cond)
+    denoise = model.denoiser(cond=cond, network=network)
     times = _times(model, timesteps)
-    desc = torch.tensor([*times[::-1], 0], dtype=torch.int64)
-    ab_all = model.alphas_cumprod
-    ab = ab_all[desc]  # float64 (K + 1,), sampling order
-    coef_x0, coef_xt, beta, beta_tilde = posterior_coefficients(ab[:-1], ab[1:])
+    desc = torch.tensor([*times[::-1], 0], dtype=torch.float64)
+    path = model.process.path_values(desc)  # float64 (K + 1,), sampling order
+    points = model.process.points(desc[:-1])
+    alpha, sigma = path.alpha, path.sigma
+    coef_x0, coef_xt, beta, beta_tilde = gaussian_posterior(
+        alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+    )
     log_beta, log_bt = torch.log(beta), clipped_log_beta_tilde(beta, beta_tilde)
     x64 = x.double()
 
-    ab_T = ab[0].to(x.device)
-    prior = gaussian_kl(ab_T.sqrt() * x64, torch.log1p(-ab_T).expand_as(x64), 0 * x64, 0 * x64)
+    a_T, s_T = alpha[0].to(x.device), sigma[0].to(x.device)
+    prior = gaussian_kl(a_T * x64, (2 * torch.log(s_T)).expand_as(x64), 0 * x64, 0 * x64)
     kls: list[Tensor] = []
     dec = x64.new_zeros(bsz)
     dtype = x.dtype
     for i in range(len(times)):
-        a_t = ab[i].to(x.device)
+        a_t, s_t = alpha[i].to(x.device), sigma[i].to(x.device)
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-        x_t = a_t.sqrt() * x64 + (1 - a_t).sqrt() * eps
-        t = desc[i].to(device=x.device, dtype=torch.float64)
-        pred = denoise(x_t.to(dtype), t, a_t.to(dtype))
+        x_t = a_t * x64 + s_t * eps
+        pred = denoise(x_t.to(dtype), points[i].to(x.device))
         cx0, cxt = coef_x0[i].to(x.device), coef_xt[i].to(x.device)
         mean_p = cx0 * pred.x0.double() + cxt * x_t
         var_out = None if pred.var_out is None else pred.var_out.double()

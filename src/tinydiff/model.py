@@ -3,10 +3,15 @@ r"""`DiffusionModel`: a network plus a configured diffusion process; training lo
 The network contract: ``nn_module(x_t, t, **cond) -> out`` where ``x_t`` has shape
 (bsz, *input_shape) and ``t`` is a float tensor of shape (bsz,) on the [0, T] time scale
 (integer-valued during training and for integer spacings; fractional for samplers or
-spacings that use fractional times). ``out`` has x_t's shape, except that variance types with
-``channel_multiplier`` > 1 (``learned_range``) need that many times the channels (dim 1).
-``cond`` (optional) is a dict of keyword arguments, e.g. ``{"class_labels": y}``; see
-:mod:`tinydiff.conditioning` for the null-condition and guidance contracts.
+spacings that use fractional times), for every process. ``out`` has x_t's shape, except that
+variance types with ``channel_multiplier`` > 1 (``learned_range``) need that many times the
+channels (dim 1). ``cond`` (optional) is a dict of keyword arguments, e.g.
+``{"class_labels": y}``; see :mod:`tinydiff.conditioning`.
+
+The model composes: the process (:mod:`tinydiff.process`, from the config's schedule), the
+target, the variance type and the loss; sampling goes config -> process -> plan
+(:func:`tinydiff.samplers.base.build_plan`) -> loop (:func:`~tinydiff.samplers.base.run_sampler`),
+calling the network only through a :class:`tinydiff.denoiser.Denoiser`.
 
 EMA weights (:meth:`DiffusionModel.enable_ema`) live in a :class:`tinydiff.ema.EMA` held as a
 plain attribute: they are not parameters of the model (an optimizer over
@@ -19,17 +24,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from tinydiff import conditioning, losses, samplers, schedules, spacings, targets, variances
+from tinydiff import conditioning, losses, samplers, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig
+from tinydiff.denoiser import Denoiser, network_time_dtype
 from tinydiff.ema import EMA
-from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
-from tinydiff.samplers.ddpm import clipped_log_beta_tilde
-from tinydiff.variances import VlbTerms, posterior_coefficients
+from tinydiff.process import GaussianProcess, Point
+from tinydiff.samplers.base import Sampler, build_plan, run_sampler
+from tinydiff.variances import VlbTerms
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -39,70 +45,39 @@ if TYPE_CHECKING:
 __all__ = ["DiffusionModel"]
 
 
-def _as_config(config: DiffusionModelConfig | dict[str, Any]) -> DiffusionModelConfig:
-    if isinstance(config, DiffusionModelConfig):
-        return config
-    if isinstance(config, dict):
-        return DiffusionModelConfig(**config)
-    raise TypeError(f"config must be a DiffusionModelConfig or a dict, got {type(config).__name__}")
-
-
-class _Denoiser:
-    """The model as seen by samplers: (x_t, t, alpha_bar_t) -> Prediction.
-
-    Conditioning and classifier-free guidance happen here, so every sampler supports them.
-    With guidance, the conditional and unconditional rows go through the network in one
-    batch of 2 bsz; the variance channels (``learned_range``) are the conditional ones.
-    The network output is cast to x's dtype: under autocast the network may run in bf16 or
-    fp16 while the solver keeps x's precision.
-    """
-
-    def __init__(
-        self,
-        model: DiffusionModel,
-        network: nn.Module | None = None,
-        cond: dict[str, Any] | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-    ) -> None:
-        self.model = model
-        self.variance = model.variance
-        self.network = model.nn_module if network is None else network
-        self.cond = cond
-        self.guidance_scale = guidance_scale
-        self.guidance_rescale = guidance_rescale
-        self.cond_2x: dict[str, Any] | None = None
-        if guidance_scale is not None:
-            if cond is None:
-                raise ValueError("guidance_scale needs a cond to guide towards; got cond=None")
-            self.cond_2x = conditioning.concat_cond(
-                cond, conditioning.null_cond(self.network, cond)
-            )
-
-    def __call__(self, x: Tensor, t: Tensor, alpha_bar: Tensor) -> Prediction:
-        m = self.model
-        bsz = x.shape[0]
-        time_dtype = m._time_dtype(x)
-        if self.cond_2x is None:
-            out = m._network(x, t.to(time_dtype).expand(bsz), self.cond, self.network).to(x.dtype)
-            model_out, var_out = m.variance.split(out)
-            x0, eps = m.target.to_x0_eps(model_out, x, alpha_bar)
-            return Prediction(x0, eps, var_out)
-        x2 = torch.cat([x, x])
-        out = m._network(x2, t.to(time_dtype).expand(2 * bsz), self.cond_2x, self.network)
-        out = out.to(x.dtype)
-        model_out, var_out = m.variance.split(out)
-        x0_2, eps_2 = m.target.to_x0_eps(model_out, x2, alpha_bar)
-        assert self.guidance_scale is not None
-        x0, eps = conditioning.apply_guidance(
-            x,
-            alpha_bar,
-            (x0_2[:bsz], eps_2[:bsz]),
-            (x0_2[bsz:], eps_2[bsz:]),
-            self.guidance_scale,
-            self.guidance_rescale,
+def _merge_config(config: Any, overrides: dict[str, Any]) -> DiffusionModelConfig:
+    """The config with the constructor's keyword fields merged in (a conflict is an error)."""
+    if config is None:
+        base: dict[str, Any] = {}
+        explicit: set[str] = set()
+    elif isinstance(config, DiffusionModelConfig):
+        base = config.model_dump(exclude_unset=False)
+        explicit = set(config.model_fields_set)
+    elif isinstance(config, dict):
+        base, explicit = dict(config), set(config)
+    else:
+        raise TypeError(
+            f"config must be a DiffusionModelConfig or a dict, got {type(config).__name__}"
         )
-        return Prediction(x0, eps, None if var_out is None else var_out[:bsz])
+    if overrides:
+        fields = DiffusionModelConfig.model_fields
+        unknown = sorted(k for k in overrides if k not in fields and k != "sigma_type")
+        if unknown:
+            raise TypeError(
+                f"DiffusionModel() got unexpected keyword arguments {unknown}; it takes "
+                f"nn_module, config and the config's fields ({', '.join(fields)})"
+            )
+        probe = DiffusionModelConfig(**{**base, **overrides})
+        for key, value in overrides.items():
+            field = "variance_type" if key == "sigma_type" else key
+            in_config = field in explicit or (key == "sigma_type" and "variance_type" in explicit)
+            if in_config and getattr(probe, field) != base.get(field, base.get(key)):
+                raise ValueError(
+                    f"{key}={value!r} was given to DiffusionModel() and the config sets "
+                    f"{field}={base.get(field, base.get(key))!r}; set it in one place"
+                )
+        return probe
+    return config if isinstance(config, DiffusionModelConfig) else DiffusionModelConfig(**base)
 
 
 class DiffusionModel(nn.Module):
@@ -111,11 +86,14 @@ class DiffusionModel(nn.Module):
     Args:
         nn_module: the network, called as ``nn_module(x_t, t)`` (see the module docstring).
         config: a :class:`DiffusionModelConfig` or a dict of its fields.
+        **config_fields: config fields given directly (``num_timesteps=500,
+            input_shape=(1, 32, 32)``), merged into ``config``; setting a field both here and
+            (to another value) in ``config`` is an error.
 
     Attributes:
         nn_module: the wrapped network.
         config: the validated configuration.
-        alphas_cumprod: float64 tensor (T + 1,), alpha_bar for t = 0..T (on the CPU).
+        process: the :class:`~tinydiff.process.GaussianProcess` (alpha(t), sigma(t)).
         target, variance: the configured prediction target and variance type instances.
 
     Example::
@@ -127,50 +105,59 @@ class DiffusionModel(nn.Module):
 
     _ema: EMA | None  # set with object.__setattr__ in __init__ (not a submodule)
 
-    def __init__(self, nn_module: nn.Module, config: DiffusionModelConfig | dict[str, Any]) -> None:
+    def __init__(
+        self,
+        nn_module: nn.Module,
+        config: DiffusionModelConfig | dict[str, Any] | None = None,
+        **config_fields: Any,
+    ) -> None:
         super().__init__()
         if not isinstance(nn_module, nn.Module):
             raise TypeError(
                 f"nn_module must be a torch.nn.Module called as nn_module(x_t, t), "
                 f"got {type(nn_module).__name__}"
             )
+        self.config = cfg = _merge_config(config, config_fields)
+        if cfg.input_shape is None:
+            raise ValueError(
+                "input_shape is required: the shape of one sample, e.g. input_shape=(1, 32, 32), "
+                "in the config or as DiffusionModel(..., input_shape=...)"
+            )
         self.nn_module = nn_module
-        self.config = _as_config(config)
-        cfg = self.config
-        self.num_timesteps = cfg.num_timesteps
-        self.input_shape = tuple(cfg.input_shape)
-        # float64 tables live outside the state dict: they follow from the config, and
-        # module.to(dtype) must never round them.
-        self.alphas_cumprod = cfg.alphas_cumprod()
-        self.target = targets.get(cfg.target_type)(**cfg.target_kwargs)
-        self.variance = variances.get(cfg.sigma_type)(**cfg.variance_kwargs)
+        self.input_shape: tuple[int, ...] = tuple(cfg.input_shape)
+        # float64 process tables live outside the state dict: they follow from the config, and
+        # module.to(dtype) must never round them
+        self.process: GaussianProcess = cfg.process()
+        self.target = targets.build(cfg.target_type, cfg.target_kwargs)
+        self.variance = variances.get(cfg.variance_type)(**cfg.variance_kwargs)
         self._loss_fn = losses.get(cfg.loss_type)
-        self._train_tables = self._training_tables()
+        self._train_tables = variances.posterior_tables(self.process)
         self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
         # a plain attribute (object.__setattr__ bypasses Module's registration): the EMA
         # weights stay out of parameters() and state_dict(); _apply/train forward to it
         object.__setattr__(self, "_ema", None)
         self._compile_options: CompileOptions | None = None
         self._step_cache: StepCache | None = None
-        self._opaque_call: tuple[Any, ...] = (nn_module, None, None, None)
 
-    # -- schedule ----------------------------------------------------------------------------
-    def _training_tables(self) -> dict[str, Tensor]:
-        """float64 tables indexed by integer t = 0..T for the loss (row 0 unused)."""
-        ab = self.alphas_cumprod
-        coef_x0, coef_xt, beta, beta_tilde = posterior_coefficients(ab[1:], ab[:-1])
-        # clipped_log_beta_tilde expects sampling order (t decreasing)
-        log_bt = clipped_log_beta_tilde(beta.flip(0), beta_tilde.flip(0)).flip(0)
-        pad = ab.new_zeros(1)
-        return {
-            "alpha_bar": ab,
-            "snr": ab / (1 - ab),
-            "coef_x0": torch.cat([pad, coef_x0]),
-            "coef_xt": torch.cat([pad, coef_xt]),
-            "log_beta": torch.cat([pad, beta.log()]),
-            "log_beta_tilde": torch.cat([pad, log_bt]),
-        }
+    # -- the process ----------------------------------------------------------------------------
+    @property
+    def num_timesteps(self) -> int:
+        """T: network times lie in [0, T]."""
+        return self.config.num_timesteps
 
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """alpha(t)^2 at t = 0..T, float64 (T + 1,): the alpha_bar table of a discrete VP schedule."""
+        return self.process.alpha_bar(torch.arange(self.num_timesteps + 1, dtype=torch.float64))
+
+    def alpha_bar(self, t: Tensor | float | Sequence[float]) -> Tensor:
+        """alpha(t)^2 at real times t in [0, T] (float64, t's shape): alpha_bar for a
+        variance-preserving process (see :class:`tinydiff.process.DiscreteVP`)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        self.process.check_times(t)
+        return self.process.alpha_bar(t)
+
+    # -- helpers -------------------------------------------------------------------------------
     def _tables(self, device: torch.device) -> dict[str, Tensor]:
         tables = self._device_tables.get(device)
         if tables is None:
@@ -178,27 +165,13 @@ class DiffusionModel(nn.Module):
             self._device_tables[device] = tables
         return tables
 
-    def alpha_bar(self, t: Tensor | float | Sequence[float]) -> Tensor:
-        """alpha_bar at real times t in [0, T] (float64, t's shape).
+    def check_data(self, x: Any, name: str = "x") -> Tensor:
+        """Return ``x`` if it is a floating-point batch (bsz >= 1, *input_shape), else raise.
 
-        Integers return the table; between integers the log-SNR is linearly interpolated
-        (alpha_bar itself on a segment whose end has infinite log-SNR).
+        Raises:
+            TypeError: not a floating-point tensor.
+            ValueError: wrong shape or an empty batch.
         """
-        return schedules.alpha_bar_at(self.alphas_cumprod, torch.as_tensor(t, dtype=torch.float64))
-
-    # -- helpers -------------------------------------------------------------------------------
-    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        for p in [*self.nn_module.parameters(), *self.nn_module.buffers()]:
-            if p.is_floating_point():
-                return p.dtype, p.device
-        return torch.get_default_dtype(), torch.device("cpu")
-
-    @staticmethod
-    def _time_dtype(x: Tensor) -> torch.dtype:
-        # t up to T must stay exact: never hand the network half-precision times
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    def _check_x(self, x: Any, name: str = "x") -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -212,27 +185,43 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"{name} must hold at least one sample, got batch size 0")
         return x
 
-    def _network(
+    def network(self, use_ema: bool = False) -> nn.Module:
+        """The live network, or the EMA copy with ``use_ema=True``."""
+        return self._require_ema().module if use_ema else self.nn_module
+
+    def denoiser(
         self,
-        x_t: Tensor,
-        t: Tensor,
+        *,
         cond: dict[str, Any] | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        use_ema: bool = False,
         network: nn.Module | None = None,
-    ) -> Tensor:
-        net = self.nn_module if network is None else network
-        out = net(x_t, t) if cond is None else net(x_t, t, **cond)
-        mult = getattr(self.variance, "channel_multiplier", 1)
-        expected = (x_t.shape[0], x_t.shape[1] * mult, *x_t.shape[2:])
-        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            extra = (
-                f" (sigma_type={self.config.sigma_type!r} needs {mult}x the input channels on "
-                "dim 1: the mean channels then the variance channels)"
-                if mult != 1
-                else ""
-            )
-            raise ValueError(f"nn_module returned {got}; expected shape {expected}{extra}")
-        return out
+    ) -> Denoiser:
+        """The model as samplers see it (:class:`tinydiff.denoiser.Denoiser`).
+
+        Args:
+            cond: keyword arguments of the network (tensors with leading dim bsz).
+            guidance_scale: classifier-free guidance scale w, or None.
+            guidance_rescale: phi in [0, 1].
+            use_ema: use the EMA weights.
+            network: another network to call (default: the live or EMA one).
+        """
+        net = self.network(use_ema) if network is None else network
+        return Denoiser(
+            net,
+            self.target,
+            self.variance,
+            cond=cond,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+        )
+
+    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        for p in [*self.nn_module.parameters(), *self.nn_module.buffers()]:
+            if p.is_floating_point():
+                return p.dtype, p.device
+        return torch.get_default_dtype(), torch.device("cpu")
 
     # -- training ------------------------------------------------------------------------------
     def loss(
@@ -247,12 +236,12 @@ class DiffusionModel(nn.Module):
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
-        Draws t uniformly from 1..T and eps ~ N(0, I), forms
-        x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps, and compares the network output
-        with the configured target, with optional min-SNR-gamma weighting and the variance
-        type's extra term (learned_range's VLB). With ``cond`` and ``config.cond_drop_prob``
-        p > 0, each sample's condition is replaced by the network's null condition with
-        probability p (classifier-free guidance training, Ho & Salimans 2022).
+        Draws t uniformly from 1..T and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps,
+        and compares the network output with the configured target, with optional
+        min-SNR-gamma weighting and the variance type's extra term (learned_range's VLB). With
+        ``cond`` and ``config.cond_drop_prob`` p > 0, each sample's condition is replaced by the
+        network's null condition with probability p (classifier-free guidance training, Ho &
+        Salimans 2022).
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
@@ -271,7 +260,7 @@ class DiffusionModel(nn.Module):
             ValueError: a cond key the network does not accept; cond_drop_prob > 0 but the
                 network has no null condition.
         """
-        x = self._check_x(x)
+        x = self.check_data(x)
         bsz, ndim = x.shape[0], x.dim()
         if cond is not None:
             cond = conditioning.check_cond(self.nn_module, cond, bsz)
@@ -295,8 +284,14 @@ class DiffusionModel(nn.Module):
         def at(name: str) -> Tensor:
             return tables[name][t].to(x.dtype).view(view)
 
-        ab = at("alpha_bar")
-        x_t = ab.sqrt() * x + (1 - ab).sqrt() * noise
+        zero = torch.zeros(view, dtype=x.dtype, device=x.device)
+        p = Point(t.to(network_time_dtype(x)), at("alpha"), at("sigma"), zero, zero)
+        if self.target.uses_derivatives:
+            d_alpha, d_sigma = self.process.derivatives(t.to(torch.float64))
+            p = p._replace(
+                d_alpha=d_alpha.to(x.dtype).view(view), d_sigma=d_sigma.to(x.dtype).view(view)
+            )
+        x_t = p.alpha * x + p.sigma * noise
         if cond is not None:
             if cond_drop_mask is None and self.config.cond_drop_prob > 0:
                 u = torch.rand(bsz, generator=generator, device=x.device)
@@ -310,10 +305,8 @@ class DiffusionModel(nn.Module):
                 cond = conditioning.drop_cond(self.nn_module, cond, cond_drop_mask)
         elif cond_drop_mask is not None:
             raise ValueError("cond_drop_mask was given without a cond to drop")
-        out = self._network(x_t, t.to(self._time_dtype(x)), cond)
-        model_out, var_out = self.variance.split(out)
-        target = self.target.target(x, noise, ab)
-        loss = self._loss_fn(model_out, target, **self.config.loss_kwargs)
+        model_out, var_out = self.denoiser(cond=cond).forward_network(x_t, p)
+        loss = self._loss_fn(model_out, self.target.target(x, noise, p), **self.config.loss_kwargs)
         if self.config.min_snr_gamma is not None:
             snr = tables["snr"][t].view(view)
             weight = losses.min_snr_weight(
@@ -321,21 +314,20 @@ class DiffusionModel(nn.Module):
             )
             loss = loss * weight.to(x.dtype)
         if type(self.variance).extra_loss is not variances.Variance.extra_loss:
-            x0_hat, _ = self.target.to_x0_eps(model_out.detach(), x_t, ab)
-            extra = self.variance.extra_loss(
-                VlbTerms(
-                    x0=x,
-                    x_t=x_t,
-                    x0_hat=x0_hat,
-                    var_out=var_out,
-                    coef_x0=at("coef_x0"),
-                    coef_xt=at("coef_xt"),
-                    log_beta=at("log_beta"),
-                    log_beta_tilde=at("log_beta_tilde"),
-                    is_first=(t == 1).to(x.dtype).view(view),
-                    num_timesteps=self.num_timesteps,
-                )
+            x0_hat, _ = self.target.to_x0_eps(model_out.detach(), x_t, p)
+            terms = VlbTerms(
+                x0=x,
+                x_t=x_t,
+                x0_hat=x0_hat,
+                var_out=var_out,
+                coef_x0=at("coef_x0"),
+                coef_xt=at("coef_xt"),
+                log_beta=at("log_beta"),
+                log_beta_tilde=at("log_beta_tilde"),
+                is_first=(t == 1).to(x.dtype).view(view),
+                num_timesteps=self.num_timesteps,
             )
+            extra = self.variance.extra_loss(terms)
             if extra is not None:
                 loss = loss + extra
         return loss
@@ -376,9 +368,7 @@ class DiffusionModel(nn.Module):
         if isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int):
             raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
         spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
-        return spacings.make_timesteps(
-            spacing, self.num_timesteps, sampling_timesteps, self.alphas_cumprod
-        )
+        return spacings.make_timesteps(spacing, self.num_timesteps, sampling_timesteps, self.process)
 
     def compile_sampler(
         self,
@@ -389,8 +379,8 @@ class DiffusionModel(nn.Module):
     ) -> DiffusionModel:
         """Configure compiled sampling (``sample(..., compile=True)``); drops compiled steps.
 
-        Each sampler's step is compiled once per (sampler options, batch shape, dtype, device)
-        with ``fullgraph=True`` and reused for every step and every number of steps.
+        Each sampler's step is compiled once per (sampler options, batch shape, dtype, device,
+        guidance) with ``fullgraph=True`` and reused for every step and every number of steps.
 
         Args:
             mode: ``"default"``, ``"reduce-overhead"`` (on CUDA: each step replays one CUDA
@@ -412,40 +402,6 @@ class DiffusionModel(nn.Module):
         self._compile_options = CompileOptions(mode, compile_network, backend)
         self._step_cache = None
         return self
-
-    def _compiled_loop(
-        self, solver: Sampler, plan: dict[str, Tensor], x: Tensor
-    ) -> samplers.base.StepLoop:
-        from tinydiff._compile import CompileOptions, OpaqueNetwork, StepCache
-
-        if self._compile_options is None:
-            self._compile_options = CompileOptions()
-        if self._step_cache is None:
-            options = self._compile_options
-            network = None
-            if not options.compile_network:
-                mult = getattr(self.variance, "channel_multiplier", 1)
-                # duck-typed: called like the network, network(x, t) -> Tensor
-                network = cast(nn.Module, OpaqueNetwork(self._opaque_forward, mult))
-            self._step_cache = StepCache(_Denoiser(self, network), options)
-        return self._step_cache.get(solver, plan, x).stepper(plan, x)
-
-    def _opaque_forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """The network call behind compiled sampling's opaque operator.
-
-        It reads this run's network (live or EMA), ``cond`` and guidance scale from
-        ``_opaque_call`` (set by :meth:`sample`), so one compiled step serves every run. Guidance
-        is applied to the raw mean output, which equals guiding (x0, eps) for every target whose
-        conversion is affine in the output at fixed x_t (all built-in targets).
-        """
-        network, cond, cond_2x, scale = self._opaque_call
-        if scale is None:
-            return self._network(x, t, cond, network)
-        bsz = x.shape[0]
-        out = self._network(torch.cat([x, x]), torch.cat([t, t]), cond_2x, network)
-        mean, var = self.variance.split(out)
-        guided = mean[bsz:] + scale * (mean[:bsz] - mean[bsz:])
-        return guided if var is None else torch.cat([guided, var[:bsz]], dim=1)
 
     @torch.no_grad()
     def sample(
@@ -503,14 +459,7 @@ class DiffusionModel(nn.Module):
         """
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")
-        network = self._select_network(use_ema)
-        if guidance_scale is not None:
-            if cond is None:
-                raise ValueError(
-                    "guidance_scale was given without cond: classifier-free guidance needs the "
-                    "condition to guide towards, e.g. cond={'class_labels': labels}"
-                )
-            guidance_scale = float(guidance_scale)
+        network = self.network(use_ema)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if guidance_rescale > 0 and guidance_scale is None:
@@ -536,20 +485,20 @@ class DiffusionModel(nn.Module):
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
-        denoiser = _Denoiser(self, network, cond, guidance_scale, guidance_rescale)
+        denoiser = self.denoiser(
+            cond=cond,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            network=network,
+        )
+        plan = build_plan(solver, self.process.path_values(timesteps))
+        loop = None
         if compile:
-            options = self._compile_options
-            if options is not None and options.compile_network and (cond is not None or use_ema):
-                raise ValueError(
-                    "compile_network=True traces the live network without conditioning: "
-                    "cond, guidance and use_ema need compile_network=False (the default)"
-                )
-            if guidance_rescale > 0:
-                raise ValueError(
-                    "guidance_rescale is not supported with compile=True; use compile=False"
-                )
-            self._opaque_call = (network, cond, denoiser.cond_2x, guidance_scale)
-        plan = build_plan(solver, timesteps, schedules.alpha_bar_at(self.alphas_cumprod, timesteps))
+            from tinydiff._compile import CompileOptions, StepCache
+
+            if self._step_cache is None:
+                self._step_cache = StepCache(self._compile_options or CompileOptions())
+            loop = self._step_cache.loop(solver, plan, x, denoiser, live_network=self.nn_module)
         return run_sampler(
             solver,
             x,
@@ -558,7 +507,7 @@ class DiffusionModel(nn.Module):
             generator=generator,
             return_trajectory=return_trajectory,
             progress=progress,
-            loop=self._compiled_loop(solver, plan, x) if compile else None,
+            loop=loop,
         )
 
     # -- EMA ---------------------------------------------------------------------------------
@@ -596,9 +545,6 @@ class DiffusionModel(nn.Module):
                 "training (then model.update_ema() after each optimizer step)"
             )
         return self._ema
-
-    def _select_network(self, use_ema: bool) -> nn.Module:
-        return self._require_ema().module if use_ema else self.nn_module
 
     def update_ema(self) -> bool:
         """Average the current weights into the EMA (call after ``optimizer.step()``).
@@ -660,7 +606,8 @@ class DiffusionModel(nn.Module):
         c = self.config
         return (
             f"input_shape={c.input_shape}, T={c.num_timesteps}, schedule={c.noise_schedule_type}, "
-            f"target={c.target_type}, sigma={c.sigma_type}, loss={c.loss_type}, sampler={c.sampler_type}"
+            f"target={c.target_type}, variance={c.variance_type}, loss={c.loss_type}, "
+            f"sampler={c.sampler_type}"
         )
 
     # -- serialization and the Hub (tinydiff.hub) ----------------------------------------------

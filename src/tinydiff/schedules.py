@@ -1,8 +1,15 @@
-r"""Noise schedules: the table :math:`\bar\alpha_t` for :math:`t = 0, \dots, T`.
+r"""Noise schedules: the Gaussian process :math:`x_t = \alpha(t)\,x_0 + \sigma(t)\,\epsilon`.
 
-Forward process (Ho et al. 2020): :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`.
+Two kinds of entries share one registry, and :func:`build_process` turns either into a
+:class:`tinydiff.process.GaussianProcess`:
 
-Contract for a registered schedule::
+* **discrete variance-preserving tables** (DDPM, Ho et al. 2020): :math:`\bar\alpha_t` for
+  :math:`t = 0, \dots, T`, with :math:`\alpha = \sqrt{\bar\alpha}`,
+  :math:`\sigma = \sqrt{1-\bar\alpha}` (:class:`~tinydiff.process.DiscreteVP`);
+* **continuous paths**, functions of :math:`s = t/T \in [0, 1]` returning (alpha, sigma)
+  (:class:`~tinydiff.process.ContinuousProcess`), registered with :func:`register_path`.
+
+Contract for a registered table schedule::
 
     fn(num_timesteps: int, **schedule_kwargs) -> Tensor  # shape (T + 1,)
 
@@ -14,27 +21,38 @@ schedule so that :math:`\bar\alpha_T = 0` (Lin et al. 2024).
 Register your own::
 
     @tinydiff.schedules.register("my_schedule")
-    def my_schedule(num_timesteps: int) -> torch.Tensor: ...
+    def my_schedule(num_timesteps: int) -> torch.Tensor: ...   # alpha_bar, (T + 1,)
+
+    @tinydiff.schedules.register_path("cos_path")
+    def cos_path(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # s in [0, 1]
+        return torch.cos(torch.pi * s / 2), torch.sin(torch.pi * s / 2)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tinydiff._registry import Registry
+from tinydiff._registry import Registry, check_kwargs
+from tinydiff.process import ContinuousProcess, DiscreteVP, GaussianProcess
 
 __all__ = [
     "REGISTRY",
+    "PathSpec",
     "alpha_bar_at",
     "build_alphas_cumprod",
+    "build_process",
+    "check_schedule_kwargs",
     "get",
+    "is_path",
     "log_snr",
     "names",
     "register",
+    "register_path",
     "rescale_zero_terminal_snr",
     "time_at_log_snr",
 ]
@@ -42,17 +60,117 @@ __all__ = [
 ScheduleFn = Callable[..., torch.Tensor]
 
 
+@dataclass(frozen=True)
+class PathSpec:
+    """A registered continuous path (see :func:`register_path`).
+
+    Attributes:
+        fn: ``fn(s, **kwargs) -> (alpha, sigma)`` for s in [0, 1] (float64 tensors).
+        inverse: optional closed form ``(lam, **kwargs) -> s`` of lambda = log(alpha / sigma).
+        variance_preserving: alpha^2 + sigma^2 = 1 (checked when the process is built).
+    """
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    inverse: Callable[..., torch.Tensor] | None = None
+    variance_preserving: bool = False
+
+    def __call__(self, s: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(s, **kwargs)
+
+
 def _check_callable(obj: Any) -> None:
     if not callable(obj):
         raise TypeError(
-            f"a noise schedule must be callable fn(num_timesteps, **kwargs), got {obj!r}"
+            f"a noise schedule must be callable fn(num_timesteps, **kwargs) (a VP table) or a "
+            f"path registered with register_path, got {obj!r}"
         )
 
 
-REGISTRY: Registry[ScheduleFn] = Registry("noise schedule", _check_callable)
+REGISTRY: Registry[ScheduleFn | PathSpec] = Registry("noise schedule", _check_callable)
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names
+
+
+def register_path(
+    name: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    override: bool = False,
+    inverse: Callable[..., torch.Tensor] | None = None,
+    variance_preserving: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a continuous Gaussian path ``fn(s, **kwargs) -> (alpha, sigma)``.
+
+    ``s = t / T`` is a float64 tensor in [0, 1]; return float64 tensors of its shape (or
+    scalars), written with torch operations so that derivatives come from autograd. lambda =
+    log(alpha / sigma) must decrease strictly in s. The decorated function is returned
+    unchanged; the registry holds a :class:`PathSpec`.
+
+    Args:
+        name: registry name (used as ``noise_schedule_type``).
+        aliases: other names.
+        override: replace an existing entry.
+        inverse: optional closed-form ``(lam, **kwargs) -> s`` (else bisection).
+        variance_preserving: declare alpha^2 + sigma^2 = 1.
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        spec = PathSpec(fn, inverse, variance_preserving)
+        REGISTRY.register(name, aliases=aliases, override=override)(spec)
+        return fn
+
+    return deco
+
+
+def is_path(name: str) -> bool:
+    """Whether the schedule ``name`` is a continuous path (else a discrete VP table)."""
+    return isinstance(get(name), PathSpec)
+
+
+def check_schedule_kwargs(name: str, num_timesteps: int, kwargs: Mapping[str, Any]) -> None:
+    """Raise TypeError if the schedule would not accept ``kwargs``."""
+    entry = get(name)
+    if isinstance(entry, PathSpec):
+        check_kwargs("noise schedule", name, entry.fn, None, **kwargs)
+    else:
+        check_kwargs("noise schedule", name, entry, num_timesteps, **kwargs)
+
+
+def build_process(
+    schedule: str,
+    num_timesteps: int,
+    schedule_kwargs: Mapping[str, Any] | None = None,
+    *,
+    zero_terminal_snr: bool = False,
+) -> GaussianProcess:
+    """The process of a registered schedule: a :class:`~tinydiff.process.DiscreteVP` for a
+    table, a :class:`~tinydiff.process.ContinuousProcess` for a path.
+
+    Raises:
+        ValueError: bad table or path values (see :func:`build_alphas_cumprod`); zero terminal
+            SNR on a continuous path (define alpha(1) = 0 in the path instead).
+        TypeError: the schedule rejected its options.
+    """
+    entry = get(schedule)
+    if isinstance(entry, PathSpec):
+        if zero_terminal_snr:
+            raise ValueError(
+                f"zero_terminal_snr=True rescales discrete VP tables; noise schedule "
+                f"{schedule!r} is a continuous path: give it alpha(1) = 0 instead"
+            )
+        return ContinuousProcess(
+            entry.fn,
+            num_timesteps,
+            dict(schedule_kwargs or {}),
+            name=schedule,
+            inverse=entry.inverse,
+            variance_preserving=entry.variance_preserving,
+        )
+    table = build_alphas_cumprod(
+        schedule, num_timesteps, schedule_kwargs, zero_terminal_snr=zero_terminal_snr
+    )
+    return DiscreteVP(table)
 
 
 def _from_betas(betas: torch.Tensor) -> torch.Tensor:
@@ -169,6 +287,11 @@ def build_alphas_cumprod(
         TypeError: the schedule did not return a tensor-like, or rejected the kwargs.
     """
     fn = get(schedule)
+    if isinstance(fn, PathSpec):
+        raise ValueError(
+            f"noise schedule {schedule!r} is a continuous path, not an alpha_bar table; use "
+            "build_process (or model.process) for its alpha(t) and sigma(t)"
+        )
     kwargs = dict(schedule_kwargs or {})
     try:
         out = fn(num_timesteps, **kwargs)

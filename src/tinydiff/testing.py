@@ -1,13 +1,13 @@
 r"""Gaussian mixtures with the exact denoiser: validate samplers, schedules and plugins
 without training.
 
-For data :math:`x_0 \sim \sum_k w_k\,\mathcal N(\mu_k, \mathrm{diag}(s_k^2))` and
-:math:`x_t = a\,x_0 + \sqrt{1-a^2}\,\epsilon` with :math:`a = \sqrt{\bar\alpha_t}`, the
-marginal of x_t is the mixture :math:`\sum_k w_k\,\mathcal N(a\mu_k, a^2 s_k^2 + 1 - a^2)`,
+For data :math:`x_0 \sim \sum_k w_k\,\mathcal N(\mu_k, \mathrm{diag}(s_k^2))` and any
+Gaussian process :math:`x_t = a\,x_0 + \sigma\,\epsilon` (:math:`a = \alpha(t)`), the
+marginal of x_t is the mixture :math:`\sum_k w_k\,\mathcal N(a\mu_k, a^2 s_k^2 + \sigma^2)`,
 and the optimal denoiser is available in closed form:
 
 .. math::
-    \mathbb E[x_0 \mid x_t] = \sum_k r_k(x_t)\Big(\mu_k + \frac{a s_k^2}{a^2 s_k^2 + 1 - a^2}
+    \mathbb E[x_0 \mid x_t] = \sum_k r_k(x_t)\Big(\mu_k + \frac{a s_k^2}{a^2 s_k^2 + \sigma^2}
     (x_t - a\mu_k)\Big),
 
 with :math:`r_k` the posterior responsibilities. :class:`ExactDenoiser` turns it into the
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tinydiff import schedules, targets, variances
+from tinydiff import targets, variances
 from tinydiff.config import DiffusionModelConfig
+from tinydiff.process import GaussianProcess, Point
 
 __all__ = ["ExactDenoiser", "GaussianMixture", "probability_flow_reference"]
 
@@ -103,10 +104,14 @@ class GaussianMixture:
         second = second + torch.diag(self.weights @ self.stds**2)
         return second - torch.outer(mu, mu)
 
-    def _noised_log_resp(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        """(log w_k N(x; a mu_k, var_k)) (n, K) and var_k (n, K, D) for x (n, D), a (n,)."""
+    def _noised_log_resp(
+        self, x: Tensor, a: Tensor, s: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(log w_k N(x; a mu_k, var_k)) (n, K) and var_k (n, K, D) for x (n, D), a and s (n,)
+        (s defaults to sqrt(1 - a^2), variance preserving)."""
         a = a[:, None, None]
-        var = a**2 * self.stds[None] ** 2 + (1 - a**2)
+        s2 = (1 - a**2) if s is None else s[:, None, None] ** 2
+        var = a**2 * self.stds[None] ** 2 + s2
         diff = x[:, None, :] - a * self.means[None]
         logp = -0.5 * ((diff**2) / var + torch.log(2 * math.pi * var)).sum(-1)
         return logp + torch.log(self.weights)[None], var
@@ -133,11 +138,24 @@ class GaussianMixture:
         Returns:
             (n, *event_shape) in x_t's dtype.
         """
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        return self.denoise(x_t, ab.sqrt(), (1 - ab).clamp_min(0).sqrt())
+
+    def denoise(self, x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+        """E[x0 | x_t] for x_t = alpha x0 + sigma eps (any Gaussian process).
+
+        Args:
+            x_t: (n, *event_shape).
+            alpha, sigma: scalars or (n,), alpha >= 0, sigma > 0.
+
+        Returns:
+            (n, *event_shape) in x_t's dtype.
+        """
         n = x_t.shape[0]
         x = x_t.reshape(n, -1).to(torch.float64)
-        ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=x.device).expand(n)
-        a = ab.sqrt()
-        logp, var = self._noised_log_resp(x, a)
+        a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).expand(n)
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(n)
+        logp, var = self._noised_log_resp(x, a, s)
         resp = torch.softmax(logp, dim=1)
         gain = a[:, None, None] * self.stds[None] ** 2 / var
         comp_mean = self.means[None] + gain * (x[:, None, :] - a[:, None, None] * self.means[None])
@@ -157,7 +175,9 @@ class ExactDenoiser(nn.Module):
     Args:
         mixture: the data distribution.
         model_or_config: a DiffusionModel, a DiffusionModelConfig or a config dict; supplies
-            the schedule (alpha_bar at real t), the target and the variance type.
+            the process (alpha(t), sigma(t) at real t), the target and the variance type. The
+            network is called with the raw (x_t, t) (targets whose ``network_input`` is the
+            identity: eps, x0, v and velocity targets).
     """
 
     def __init__(self, mixture: GaussianMixture, model_or_config: Any) -> None:
@@ -176,9 +196,10 @@ class ExactDenoiser(nn.Module):
                 f"input_shape {tuple(cfg.input_shape)}"
             )
         self.mixture = mixture
-        self.alphas_cumprod = cfg.alphas_cumprod()
-        self.target = targets.get(cfg.target_type)(**cfg.target_kwargs)
-        self.channel_multiplier = variances.get(cfg.sigma_type).channel_multiplier
+        process = getattr(model_or_config, "process", None)
+        self.process = process if isinstance(process, GaussianProcess) else cfg.process()
+        self.target = targets.build(cfg.target_type, cfg.target_kwargs)
+        self.channel_multiplier = variances.get(cfg.variance_type).channel_multiplier
         # a buffer, so that .double()/.to() set the dtype DiffusionModel samples in
         self.register_buffer("dtype_anchor", torch.zeros(()), persistent=False)
 
@@ -186,11 +207,17 @@ class ExactDenoiser(nn.Module):
         """Exact target for x_t (bsz, *input_shape) at times t (bsz,) in [0, T]."""
         # the mixture lives on the CPU in float64: this is a test oracle, not a fast network
         x64 = x_t.detach().to("cpu", torch.float64)
-        ab = schedules.alpha_bar_at(self.alphas_cumprod, t.detach().cpu().expand(x64.shape[0]))
-        x0 = self.mixture.posterior_mean(x64, ab)
-        ab_v = ab.view((-1,) + (1,) * (x64.dim() - 1))
-        eps = (x64 - ab_v.sqrt() * x0) / (1 - ab_v).clamp_min(1e-30).sqrt()
-        out = self.target.target(x0, eps, ab_v)
+        t64 = t.detach().to("cpu", torch.float64).expand(x64.shape[0])
+        alpha, sigma = self.process.alpha_sigma(t64)
+        x0 = self.mixture.denoise(x64, alpha, sigma.clamp_min(1e-300))
+        view = (-1,) + (1,) * (x64.dim() - 1)
+        zero = torch.zeros_like(t64).view(view)
+        p = Point(t64.view(view), alpha.view(view), sigma.view(view), zero, zero)
+        if self.target.uses_derivatives:
+            d_alpha, d_sigma = self.process.derivatives(t64)
+            p = p._replace(d_alpha=d_alpha.view(view), d_sigma=d_sigma.view(view))
+        eps = (x64 - p.alpha * x0) / p.sigma.clamp_min(1e-15)
+        out = self.target.target(x0, eps, p)
         if self.channel_multiplier > 1:
             v = -torch.ones_like(out)
             out = torch.cat([out] + [v] * (self.channel_multiplier - 1), dim=1)

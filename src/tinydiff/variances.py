@@ -1,15 +1,19 @@
-r"""Variance types: the variance of the reverse (denoising) step.
+r"""Variance types: the variance of the reverse (denoising) step, and the posterior tables.
 
-For a step from time t to an earlier time s (s < t; s = t - 1 without respacing) the forward
-posterior is :math:`q(x_s \mid x_t, x_0) = \mathcal N(\tilde\mu, \tilde\beta)` with
+For a step from time t to an earlier time s (s < t; s = t - 1 without respacing) of any
+Gaussian process :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`, the transition is
+:math:`x_t \mid x_s \sim \mathcal N(\alpha_{t|s} x_s, \beta)` with
+:math:`\alpha_{t|s} = \alpha_t/\alpha_s`, :math:`\beta = \sigma_t^2 - \alpha_{t|s}^2\sigma_s^2`,
+and the forward posterior is :math:`q(x_s \mid x_t, x_0) = \mathcal N(\tilde\mu, \tilde\beta)`:
 
 .. math::
-    \beta = 1 - \bar\alpha_t / \bar\alpha_s,\quad
-    \tilde\beta = \frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}\,\beta,\quad
-    \tilde\mu = \frac{\sqrt{\bar\alpha_s}\,\beta}{1 - \bar\alpha_t}\,x_0
-              + \frac{\sqrt{\bar\alpha_t/\bar\alpha_s}\,(1 - \bar\alpha_s)}{1 - \bar\alpha_t}\,x_t
+    \tilde\beta = \frac{\sigma_s^2}{\sigma_t^2}\,\beta,\quad
+    \tilde\mu = \frac{\alpha_s\,\beta}{\sigma_t^2}\,x_0
+              + \frac{\alpha_{t|s}\,\sigma_s^2}{\sigma_t^2}\,x_t
 
-(Ho et al. 2020, eq. 6-7; respaced pairs as in Nichol & Dhariwal 2021).
+(Kingma et al. 2021, eq. 32-33). On a variance-preserving process (:math:`\alpha^2 = \bar\alpha`)
+these are Ho et al. 2020, eq. 6-7: :math:`\beta = 1 - \bar\alpha_t/\bar\alpha_s`; respaced
+pairs as in Nichol & Dhariwal 2021.
 
 =============== ===================================================== ======================
 name            reverse variance                                      reference
@@ -42,6 +46,7 @@ import torch
 from torch import Tensor
 
 from tinydiff._registry import Registry
+from tinydiff.process import GaussianProcess
 
 __all__ = [
     "REGISTRY",
@@ -50,33 +55,80 @@ __all__ = [
     "UpperBound",
     "Variance",
     "VlbTerms",
+    "clipped_log_beta_tilde",
     "gaussian_kl",
+    "gaussian_posterior",
     "get",
     "names",
     "posterior_coefficients",
+    "posterior_tables",
     "register",
 ]
+
+
+def gaussian_posterior(
+    alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Coefficients of :math:`q(x_s \mid x_t, x_0)` for s < t on any Gaussian process
+    (module docstring).
+
+    Args:
+        alpha_t, sigma_t: the process at the later time t, any shape (sigma_t > 0).
+        alpha_s, sigma_s: the process at the earlier time s, same shape (alpha_s > 0).
+
+    Returns:
+        (coef_x0, coef_xt, beta, beta_tilde), each of the inputs' shape. Finite for
+        alpha_t = 0 (zero terminal SNR) and sigma_s = 0 (s = 0).
+    """
+    ratio = alpha_t / alpha_s
+    var_t = sigma_t**2
+    beta = var_t - ratio**2 * sigma_s**2
+    coef_x0 = alpha_s * beta / var_t
+    coef_xt = ratio * sigma_s**2 / var_t
+    beta_tilde = beta * sigma_s**2 / var_t
+    return coef_x0, coef_xt, beta, beta_tilde
 
 
 def posterior_coefficients(
     alpha_bar_t: Tensor, alpha_bar_s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""Coefficients of :math:`q(x_s \mid x_t, x_0)` for s < t (module docstring).
+    """:func:`gaussian_posterior` of a variance-preserving process given by alpha_bar
+    (Ho et al. 2020, eq. 6-7): (coef_x0, coef_xt, beta, beta_tilde)."""
+    return gaussian_posterior(
+        alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt(), alpha_bar_s.sqrt(), (1 - alpha_bar_s).sqrt()
+    )
 
-    Args:
-        alpha_bar_t: alpha_bar at the later time t, any shape.
-        alpha_bar_s: alpha_bar at the earlier time s, same shape, > alpha_bar_t.
 
-    Returns:
-        (coef_x0, coef_xt, beta, beta_tilde), each of the inputs' shape. Finite whenever
-        alpha_bar_t < alpha_bar_s <= 1, zero terminal SNR (alpha_bar_t = 0) included.
-    """
-    one_minus_t = 1 - alpha_bar_t
-    beta = 1 - alpha_bar_t / alpha_bar_s
-    coef_x0 = alpha_bar_s.sqrt() * beta / one_minus_t
-    coef_xt = (alpha_bar_t / alpha_bar_s).sqrt() * (1 - alpha_bar_s) / one_minus_t
-    beta_tilde = beta * (1 - alpha_bar_s) / one_minus_t
-    return coef_x0, coef_xt, beta, beta_tilde
+def clipped_log_beta_tilde(beta: Tensor, beta_tilde: Tensor) -> Tensor:
+    """log(beta_tilde) per step, with a zero entry (the step to t = 0) replaced by the
+    neighbouring step's value (Nichol & Dhariwal 2021's clipping), or by log(beta) for a
+    one-step plan. Inputs in sampling order, shape (S,)."""
+    prev = torch.cat([beta_tilde[:1], beta_tilde[:-1]])
+    fallback = torch.where(prev > 0, prev, beta)
+    return torch.log(torch.where(beta_tilde > 0, beta_tilde, fallback))
+
+
+def posterior_tables(process: GaussianProcess) -> dict[str, Tensor]:
+    """float64 tables indexed by integer t = 0..T of the step t -> t - 1 (row 0 unused):
+    ``alpha``, ``sigma``, ``snr`` (every row) and ``coef_x0``, ``coef_xt``, ``log_beta``,
+    ``log_beta_tilde`` (clipped as in sampling), for the training loss's VLB term."""
+    t = torch.arange(process.num_timesteps + 1, dtype=torch.float64)
+    alpha, sigma = process.alpha_sigma(t)
+    coef_x0, coef_xt, beta, beta_tilde = gaussian_posterior(
+        alpha[1:], sigma[1:], alpha[:-1], sigma[:-1]
+    )
+    # clipped_log_beta_tilde expects sampling order (t decreasing)
+    log_bt = clipped_log_beta_tilde(beta.flip(0), beta_tilde.flip(0)).flip(0)
+    pad = alpha.new_zeros(1)
+    return {
+        "alpha": alpha,
+        "sigma": sigma,
+        "snr": (alpha / sigma) ** 2,
+        "coef_x0": torch.cat([pad, coef_x0]),
+        "coef_xt": torch.cat([pad, coef_xt]),
+        "log_beta": torch.cat([pad, beta.log()]),
+        "log_beta_tilde": torch.cat([pad, log_bt]),
+    }
 
 
 def gaussian_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:

@@ -2,35 +2,42 @@ r"""The sampler contract, the registry, and the loop that runs any sampler.
 
 Data flows one way (k-diffusion's idea of a denoiser wrapper, made plan-based):
 
-1. :meth:`Sampler.plan` turns the sampling times :math:`t_0 > t_1 > \dots > t_S = 0` and
-   :math:`\bar\alpha_{t_i}` (float64) into per-step coefficient tables, built once;
+1. :meth:`Sampler.plan` turns the sampling times :math:`t_0 > t_1 > \dots > t_S = 0` and the
+   process there, :math:`\alpha(t_i)`, :math:`\sigma(t_i)`, :math:`\lambda(t_i)` (float64,
+   :class:`tinydiff.process.PathValues`), into per-step coefficient tables, built once. The
+   coefficients hold for any Gaussian path (alpha^2 + sigma^2 need not be 1);
 2. :func:`run_sampler` casts the tables to x's device and dtype and calls :meth:`Sampler.step`
    S times. A step only does tensor math: no ``.item()``, no timestep search, no
    data-dependent Python branch, so that ``torch.compile`` can fuse it and CUDA graphs can
    capture it. Lower-order first or last steps are expressed as coefficients (zeros), not
    branches.
 
-The network is reached only through a :class:`Denoiser`, which turns (x_t, t) into
-:class:`Prediction` (x0_hat, eps_hat): samplers never care what the network was trained to
-predict.
+The network is reached only through a :class:`tinydiff.denoiser.Denoiser`, called as
+``denoise(x, c["point"])``, which turns x_t at a process point into :class:`Prediction`
+(x0_hat, eps_hat): samplers never care what the network was trained to predict.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from tinydiff._registry import Registry
+from tinydiff.denoiser import Prediction
+from tinydiff.process import PathValues
 from tinydiff.variances import Variance
 
 __all__ = [
+    "LOWER_ORDER_FINAL_STEPS",
     "REGISTRY",
     "Denoiser",
+    "PathValues",
     "Prediction",
     "Sampler",
     "StepLoop",
@@ -42,31 +49,23 @@ __all__ = [
 
 State = tuple[Tensor, ...]
 
-
-class Prediction(NamedTuple):
-    """The denoiser's output at one (x_t, t).
-
-    Attributes:
-        x0: estimate of the clean data, x's shape.
-        eps: estimate of the noise, x's shape.
-        var_out: the network's variance channels (``learned_range``), or None.
-    """
-
-    x0: Tensor
-    eps: Tensor
-    var_out: Tensor | None
+#: multistep samplers with ``lower_order_final`` lower the order of their final steps when a
+#: plan has fewer steps than this (Lu et al. 2022, sec. 4)
+LOWER_ORDER_FINAL_STEPS = 15
 
 
 class Denoiser(Protocol):
-    """What a sampler calls: the model wrapped as ``(x_t, t, alpha_bar_t) -> Prediction``.
+    """What a sampler calls: ``denoise(x_t, point) -> Prediction``
+    (:class:`tinydiff.denoiser.Denoiser`).
 
-    ``t`` and ``alpha_bar`` are 0-dim tensors on x's device (t on the [0, T] scale).
-    ``variance`` is the model's variance type, for samplers that use the reverse variance.
+    ``point`` is a row of a plan's ``point`` column, (5,) on x's device: the network time and
+    the process coefficients there (:data:`tinydiff.process.POINT_FIELDS`). ``variance`` is
+    the model's variance type, for samplers that use the reverse variance.
     """
 
     variance: Variance
 
-    def __call__(self, x: Tensor, t: Tensor, alpha_bar: Tensor) -> Prediction: ...
+    def __call__(self, x: Tensor, point: Tensor) -> Prediction: ...
 
 
 class StepLoop(Protocol):
@@ -91,7 +90,9 @@ class Sampler:
     :meth:`init_state` and :attr:`stochastic` where needed.
 
     ``step`` receives ``c``, the plan row of the current step: the sampler's own columns plus
-    ``t``, ``t_next``, ``alpha_bar`` and ``alpha_bar_next`` (0-dim tensors, x's dtype).
+    ``t`` and ``t_next`` (0-dim tensors, x's dtype) and ``point`` (the process point at t, to
+    call the denoiser with: ``denoise(x, c["point"])``). A sampler that calls the denoiser at
+    other times adds its own point columns with ``path.process.points(times)``.
     """
 
     #: steps that draw fresh Gaussian noise get it as ``step``'s ``noise`` argument
@@ -127,12 +128,12 @@ class Sampler:
         """Network evaluations for ``num_steps`` sampling steps."""
         return num_steps
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
         """Per-step coefficients.
 
         Args:
-            timesteps: float64 (S + 1,), strictly decreasing, ``timesteps[-1] == 0``.
-            alpha_bar: float64 (S + 1,), alpha_bar at those times.
+            path: the process at the sampling times (``path.t``: float64 (S + 1,), strictly
+                decreasing, ``path.t[-1] == 0``; ``path.alpha``, ``path.sigma``, ``path.lam``).
 
         Returns:
             dict of float64 tensors with leading dimension S (row i is used by step i).
@@ -166,9 +167,40 @@ get = REGISTRY.get
 names = REGISTRY.names
 
 
-def build_plan(sampler: Sampler, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-    """The sampler's plan plus the shared columns, float64 on the CPU."""
-    plan = dict(sampler.plan(timesteps, alpha_bar))
+def _is_legacy(sampler: Sampler) -> bool:
+    params = list(inspect.signature(sampler.plan).parameters)
+    return len(params) == 2 and params[1] == "alpha_bar"
+
+
+def build_plan(sampler: Sampler, path: PathValues) -> dict[str, Tensor]:
+    """The sampler's plan plus the shared columns ``t``, ``t_next`` and ``point``, float64 on
+    the CPU.
+
+    A sampler written for tinydiff 0.1 (``plan(timesteps, alpha_bar)``, calling
+    ``denoise(x, t, alpha_bar)``) still runs on variance-preserving processes, with a
+    DeprecationWarning; it also gets the ``alpha_bar`` and ``alpha_bar_next`` columns.
+    """
+    timesteps = path.t
+    legacy = _is_legacy(sampler)
+    if legacy:
+        if not path.process.variance_preserving:
+            raise ValueError(
+                f"sampler {type(sampler).__name__} uses the tinydiff 0.1 contract "
+                "plan(timesteps, alpha_bar), which only describes variance-preserving "
+                f"processes, not {path.process!r}; write plan(self, path) with path.alpha, "
+                "path.sigma, path.lam"
+            )
+        warnings.warn(
+            f"sampler {type(sampler).__name__} uses the tinydiff 0.1 contract plan(timesteps, "
+            "alpha_bar); write plan(self, path) (tinydiff.process.PathValues) and call "
+            "denoise(x, c['point']) to support every process",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        alpha_bar = path.alpha**2
+        plan = dict(sampler.plan(timesteps, alpha_bar))  # type: ignore[call-arg]
+    else:
+        plan = dict(sampler.plan(path))
     num_steps = timesteps.numel() - 1
     for key, value in plan.items():
         if value.shape[:1] != (num_steps,):
@@ -176,12 +208,9 @@ def build_plan(sampler: Sampler, timesteps: Tensor, alpha_bar: Tensor) -> dict[s
                 f"{type(sampler).__name__}.plan() column {key!r} has shape {tuple(value.shape)}; "
                 f"expected leading dimension {num_steps} (one row per step)"
             )
-    plan.update(
-        t=timesteps[:-1],
-        t_next=timesteps[1:],
-        alpha_bar=alpha_bar[:-1],
-        alpha_bar_next=alpha_bar[1:],
-    )
+    plan.update(t=timesteps[:-1], t_next=timesteps[1:], point=path.process.points(timesteps[:-1]))
+    if legacy:
+        plan.update(alpha_bar=alpha_bar[:-1], alpha_bar_next=alpha_bar[1:])
     return plan
 
 

@@ -6,17 +6,21 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from tinydiff.process import PathValues
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
-from tinydiff.variances import posterior_coefficients
+from tinydiff.variances import gaussian_posterior
 
 
 @register("ddim")
 class DDIM(Sampler):
-    r"""DDIM update (Song et al. 2021, eq. 12):
+    r"""DDIM update (Song et al. 2021, eq. 12), on any Gaussian path:
 
     .. math::
-        x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\hat\epsilon
-              + \sigma z, \qquad \sigma = \eta\,\sqrt{\tilde\beta_{s,t}}.
+        x_s = \alpha_s\,\hat x_0 + \sqrt{\sigma_s^2 - c^2}\,\hat\epsilon
+              + c\,z, \qquad c = \eta\,\sqrt{\tilde\beta_{s,t}}
+
+    (:math:`\alpha_s = \sqrt{\bar\alpha_s}`, :math:`\sigma_s^2 = 1 - \bar\alpha_s` on a
+    variance-preserving process).
 
     ``eta=0`` is deterministic (a first-order solver of the probability-flow ODE);
     ``eta=1`` is exactly DDPM ancestral sampling with the ``lower_bound`` variance.
@@ -36,14 +40,14 @@ class DDIM(Sampler):
     def is_stochastic(self) -> bool:
         return self.eta > 0
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        ab_s = alpha_bar[1:]
-        *_, beta_tilde = posterior_coefficients(alpha_bar[:-1], ab_s)
-        sigma = self.eta * beta_tilde.sqrt()
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
+        alpha_s, sigma_s = path.alpha[1:], path.sigma[1:]
+        *_, beta_tilde = gaussian_posterior(path.alpha[:-1], path.sigma[:-1], alpha_s, sigma_s)
+        noise = self.eta * beta_tilde.sqrt()
         return {
-            "coef_x0": ab_s.sqrt(),
-            "coef_eps": (1 - ab_s - sigma**2).clamp_min(0).sqrt(),
-            "sigma": sigma,
+            "coef_x0": alpha_s,
+            "coef_eps": (sigma_s**2 - noise**2).clamp_min(0).sqrt(),
+            "sigma": noise,
         }
 
     def step(
@@ -54,7 +58,7 @@ class DDIM(Sampler):
         denoise: Denoiser,
         noise: Tensor | None,
     ) -> tuple[Tensor, State]:
-        pred = denoise(x, c["t"], c["alpha_bar"])
+        pred = denoise(x, c["point"])
         x_next = c["coef_x0"] * pred.x0 + c["coef_eps"] * pred.eps
         if noise is not None:
             x_next = x_next + c["sigma"] * noise

@@ -10,11 +10,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinydiff.samplers._vp import finite_history, vp
+from tinydiff.process import PathValues
+from tinydiff.samplers._exp import exp_moments, solve_vandermonde, step_orders
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
-
-#: below this many steps, ``lower_order_final`` lowers the order of the final steps
-LOWER_ORDER_FINAL_STEPS = 15
 
 
 def _eps_adams_weights(lam: list[float], order: int) -> list[float]:
@@ -27,19 +25,13 @@ def _eps_adams_weights(lam: list[float], order: int) -> list[float]:
     data-prediction form this step keeps its order on the last step to t = 0."""
     h = lam[0] - lam[1]
     nodes = [lam[1 + j] - lam[1] for j in range(order)]  # tau_j <= 0
-    if math.isinf(h):
-        moments = [float(math.factorial(m)) for m in range(order)]
-    else:
-        # M_m = m! (1 - e^{-h} sum_{k<=m} h^k / k!), summed stably by upward recursion
-        moments = [-math.expm1(-h)]
-        for m in range(1, order):
-            moments.append(m * moments[-1] - h**m * math.exp(-h))
+    moments = exp_moments(h, order)  # N_m = h^-m M_m (finite h); M_m = m! (h = inf)
+    if not math.isinf(h):
+        moments = [h**m * n_m for m, n_m in enumerate(moments)]
     scale = max(abs(nodes[-1]), 1.0)  # condition the Vandermonde system: tau / scale
-    vander = torch.tensor(
-        [[(u / scale) ** m for u in nodes] for m in range(order)], dtype=torch.float64
+    return solve_vandermonde(
+        [u / scale for u in nodes], [mo / scale**m for m, mo in enumerate(moments)]
     )
-    rhs = torch.tensor([mo / scale**m for m, mo in enumerate(moments)], dtype=torch.float64)
-    return torch.linalg.solve(vander, rhs).tolist()
 
 
 @register("deis", aliases=("deis_tab", "tab_deis"))
@@ -77,26 +69,23 @@ class DEIS(Sampler):
         self.order = order
         self.lower_order_final = lower_order_final
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        v = vp(alpha_bar)
-        lam = v.lam.tolist()
-        num_steps = timesteps.numel() - 1
-        p = self.order
-        # columns: x_i, D_i, eps_i, eps_{i-1}, ..., eps_{i-p+1}
-        cols = torch.zeros(num_steps, p + 2, dtype=torch.float64)
-        for i in range(num_steps):
-            a_t, a_s, s_s = float(v.alpha[i]), float(v.alpha[i + 1]), float(v.sigma[i + 1])
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
+        lam = path.lam.tolist()
+        orders = step_orders(
+            path, self.order, lower_order_final=self.lower_order_final, last_first_order=False
+        )
+        # columns: x_i, D_i, then the weights of eps_i, eps_{i-1}, ..., eps_{i-p+1}
+        cols = torch.zeros(len(orders), self.order + 2, dtype=torch.float64)
+        for i, order in enumerate(orders):
+            a_t, a_s, s_s = float(path.alpha[i]), float(path.alpha[i + 1]), float(path.sigma[i + 1])
             if a_t == 0.0:  # infinite noise: only the first-order (DDIM) limit is finite
                 cols[i, 1], cols[i, 2] = a_s, s_s
                 continue
-            order = min(p, max(finite_history(v, i), 1))
-            if self.lower_order_final and num_steps < LOWER_ORDER_FINAL_STEPS:
-                order = min(order, num_steps - i)
             w = _eps_adams_weights([lam[i + 1]] + [lam[i - j] for j in range(order)], order)
             scale = a_s * math.exp(-lam[i])  # alpha_{i+1} sigma_i / alpha_i
             cols[i, 0] = a_s / a_t
             cols[i, 2 : 2 + order] = torch.tensor([-scale * wj for wj in w])
-        return {f"coef_{k}": cols[:, k] for k in range(p + 2)}
+        return {"coef_x": cols[:, 0], "coef_x0": cols[:, 1], "coef_eps": cols[:, 2:]}
 
     def init_state(self, x: Tensor) -> State:
         return tuple(torch.zeros_like(x) for _ in range(self.order - 1))
@@ -109,9 +98,9 @@ class DEIS(Sampler):
         denoise: Denoiser,
         noise: Tensor | None,
     ) -> tuple[Tensor, State]:
-        pred = denoise(x, c["t"], c["alpha_bar"])
+        pred = denoise(x, c["point"])
         history = (pred.eps, *state)
-        x_next = c["coef_0"] * x + c["coef_1"] * pred.x0
+        x_next = c["coef_x"] * x + c["coef_x0"] * pred.x0
         for j, e_j in enumerate(history):
-            x_next = x_next + c[f"coef_{j + 2}"] * e_j
+            x_next = x_next + c["coef_eps"][j] * e_j
         return x_next, history[:-1]

@@ -8,8 +8,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinydiff.samplers._vp import finite_history, first_order, vp
+from tinydiff.process import PathValues
+from tinydiff.samplers._exp import first_order, step_orders
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
+
+
+def midpoint_weight(v: PathValues, i: int) -> float:
+    r""":math:`1/(2r_i) = h_i/(2h_{i-1})`: the weight of the backward difference
+    :math:`D_i - D_{i-1}` in the second-order multistep step i (Lu et al. 2022, Alg. 2)."""
+    return 0.5 * float(v.lam[i + 1] - v.lam[i]) / float(v.lam[i] - v.lam[i - 1])
 
 
 @register("dpmpp_2m", aliases=("dpm_solver_pp_2m", "dpmsolver++_2m"))
@@ -31,30 +38,14 @@ class DPMSolverPP2M(Sampler):
     State: the previous denoiser output. NFE: one per step, ``nfe(S) = S``.
     """
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        v = vp(alpha_bar)
-        num_steps = timesteps.numel() - 1
-        cx, cd, cprev = [], [], []
-        for i in range(num_steps):
-            ratio, w = first_order(v, i)
-            second = i < num_steps - 1 and finite_history(v, i) >= 2
-            if second:
-                h = float(v.lam[i + 1] - v.lam[i])
-                h_prev = float(v.lam[i] - v.lam[i - 1])
-                half_inv_r = 0.5 * h / h_prev
-                cx.append(ratio)
-                cd.append(w * (1 + half_inv_r))
-                cprev.append(-w * half_inv_r)
-            else:
-                cx.append(ratio)
-                cd.append(w)
-                cprev.append(0.0)
-        f64 = torch.float64
-        return {
-            "coef_x": torch.tensor(cx, dtype=f64),
-            "coef_d": torch.tensor(cd, dtype=f64),
-            "coef_prev": torch.tensor(cprev, dtype=f64),
-        }
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
+        rows = []
+        for i, order in enumerate(step_orders(path, 2)):
+            ratio, w = first_order(path, i)
+            half_inv_r = midpoint_weight(path, i) if order == 2 else 0.0
+            rows.append((ratio, w * (1 + half_inv_r), -w * half_inv_r))
+        cols = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+        return {"coef_x": cols[:, 0], "coef_d": cols[:, 1], "coef_prev": cols[:, 2]}
 
     def init_state(self, x: Tensor) -> State:
         return (torch.zeros_like(x),)
@@ -68,6 +59,6 @@ class DPMSolverPP2M(Sampler):
         noise: Tensor | None,
     ) -> tuple[Tensor, State]:
         (d_prev,) = state
-        d = denoise(x, c["t"], c["alpha_bar"]).x0
+        d = denoise(x, c["point"]).x0
         x_next = c["coef_x"] * x + c["coef_d"] * d + c["coef_prev"] * d_prev
         return x_next, (d,)

@@ -9,9 +9,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinydiff.samplers._vp import finite_history, vp
+from tinydiff.process import PathValues
+from tinydiff.samplers._exp import first_order, step_orders
 from tinydiff.samplers.base import Denoiser, State, register
-from tinydiff.samplers.dpmpp_2m import DPMSolverPP2M
+from tinydiff.samplers.dpmpp_2m import DPMSolverPP2M, midpoint_weight
 
 
 @register("dpmpp_2m_sde", aliases=("dpm_solver_pp_2m_sde", "dpmsolver++_2m_sde"))
@@ -49,21 +50,21 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
     def is_stochastic(self) -> bool:
         return self.eta > 0
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        v = vp(alpha_bar)
-        num_steps = timesteps.numel() - 1
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
         eta = self.eta
         rows = []
-        for i in range(num_steps):
-            h = float(v.lam[i + 1] - v.lam[i])  # may be +inf (first under zero SNR, or last)
-            s_t, s_s, a_s = float(v.sigma[i]), float(v.sigma[i + 1]), float(v.alpha[i + 1])
-            decay = 1.0 if eta == 0 else math.exp(-eta * h)
-            coef_x = s_s / s_t * decay
-            coef_d = a_s * -math.expm1(-(1 + eta) * h)
-            coef_noise = s_s * math.sqrt(-math.expm1(-2 * eta * h)) if eta > 0 else 0.0
-            half_inv_r = 0.0
-            if i < num_steps - 1 and finite_history(v, i) >= 2:
-                half_inv_r = 0.5 * h / float(v.lam[i] - v.lam[i - 1])
+        for i, order in enumerate(step_orders(path, 2)):
+            if eta == 0:  # exactly DPM-Solver++(2M)
+                coef_x, coef_d = first_order(path, i)
+                coef_noise = 0.0
+            else:
+                h = float(path.lam[i + 1] - path.lam[i])  # +inf at an infinite-noise start or the end
+                s_t, s_s = float(path.sigma[i]), float(path.sigma[i + 1])
+                a_s = float(path.alpha[i + 1])
+                coef_x = s_s / s_t * math.exp(-eta * h)
+                coef_d = a_s * -math.expm1(-(1 + eta) * h)
+                coef_noise = s_s * math.sqrt(-math.expm1(-2 * eta * h))
+            half_inv_r = midpoint_weight(path, i) if order == 2 else 0.0
             rows.append((coef_x, coef_d * (1 + half_inv_r), -coef_d * half_inv_r, coef_noise))
         cols = torch.tensor(rows, dtype=torch.float64)
         return {

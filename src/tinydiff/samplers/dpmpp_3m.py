@@ -8,11 +8,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinydiff.samplers._vp import exponential_adams_weights, finite_history, vp
+from tinydiff.process import PathValues
+from tinydiff.samplers._exp import exponential_adams_weights, step_orders
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
-
-#: below this many steps, ``lower_order_final`` lowers the order of the final steps
-LOWER_ORDER_FINAL_STEPS = 15
 
 
 @register("dpmpp_3m", aliases=("dpm_solver_pp_3m", "dpmsolver++_3m"))
@@ -29,7 +27,7 @@ class DPMSolverPP3M(Sampler):
     (h = inf: :math:`x_S = D_{S-1}`).
 
     Args:
-        lower_order_final: with fewer than 15 steps, cap the order of step i at S - i (the
+        lower_order_final: with fewer than ``LOWER_ORDER_FINAL_STEPS`` (15) steps, cap the order of step i at S - i (the
             step before the last is second order), which avoids extrapolating over the long
             final steps (Lu et al. 2022, sec. 4).
 
@@ -43,20 +41,14 @@ class DPMSolverPP3M(Sampler):
             raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
         self.lower_order_final = lower_order_final
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        v = vp(alpha_bar)
-        num_steps = timesteps.numel() - 1
-        cols = torch.zeros(num_steps, self.order + 1, dtype=torch.float64)
-        for i in range(num_steps):
-            order = min(self.order, finite_history(v, i))
-            if self.lower_order_final and num_steps < LOWER_ORDER_FINAL_STEPS:
-                order = min(order, num_steps - i)
-            if i == num_steps - 1:
-                order = 1  # h = inf: only the first-order limit is finite
-            order = max(order, 1)
-            cols[i, 0] = float(v.sigma[i + 1] / v.sigma[i])
-            cols[i, 1 : order + 1] = torch.tensor(exponential_adams_weights(v, i, order))
-        return {f"coef_{k}": cols[:, k] for k in range(self.order + 1)}
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
+        orders = step_orders(path, self.order, lower_order_final=self.lower_order_final)
+        # columns: x_i, then the weights of D_i, D_{i-1}, D_{i-2}
+        cols = torch.zeros(len(orders), self.order + 1, dtype=torch.float64)
+        for i, order in enumerate(orders):
+            cols[i, 0] = float(path.sigma[i + 1] / path.sigma[i])
+            cols[i, 1 : order + 1] = torch.tensor(exponential_adams_weights(path, i, order))
+        return {"coef_x": cols[:, 0], "coef_d": cols[:, 1:]}
 
     def init_state(self, x: Tensor) -> State:
         return tuple(torch.zeros_like(x) for _ in range(self.order - 1))
@@ -69,9 +61,9 @@ class DPMSolverPP3M(Sampler):
         denoise: Denoiser,
         noise: Tensor | None,
     ) -> tuple[Tensor, State]:
-        d = denoise(x, c["t"], c["alpha_bar"]).x0
+        d = denoise(x, c["point"]).x0
         history = (d, *state)
-        x_next = c["coef_0"] * x
+        x_next = c["coef_x"] * x
         for j, d_j in enumerate(history):
-            x_next = x_next + c[f"coef_{j + 1}"] * d_j
+            x_next = x_next + c["coef_d"][j] * d_j
         return x_next, history[:-1]

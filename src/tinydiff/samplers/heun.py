@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinydiff.samplers._vp import vp
+from tinydiff.process import PathValues
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
 
 
@@ -49,11 +49,11 @@ class Heun(Sampler):
     **Churn (Alg. 2).** With :math:`\gamma_i = \min(s_{churn}/S, \sqrt2 - 1)` where
     :math:`s_{tmin} \le \hat\sigma_i \le s_{tmax}` (0 elsewhere), noise is added to raise
     the level to :math:`\hat\sigma = (1+\gamma_i)\hat\sigma_i` before the step:
-    :math:`y \leftarrow y + \sqrt{\hat\sigma^2 - \hat\sigma_i^2}\,s_{noise}\,z`. A plan only
-    knows the schedule at its own times, so the network time of the raised level is
-    interpolated linearly in log-SNR between :math:`t_i` and :math:`t_{i-1}` (alpha_bar is
-    exact); :math:`\hat\sigma` is capped at :math:`\hat\sigma_{i-1}`, and the first step (and
-    the step after an infinite-noise start) has no churn.
+    :math:`y \leftarrow y + \sqrt{\hat\sigma^2 - \hat\sigma_i^2}\,s_{noise}\,z`. The network
+    time of the raised level is read from the process (the exact inverse
+    :meth:`~tinydiff.process.GaussianProcess.time_at_lam`); :math:`\hat\sigma` is capped at
+    :math:`\hat\sigma_{i-1}`, and the first step (and the step after an infinite-noise start)
+    has no churn.
 
     Args:
         s_churn: total churn, >= 0 (0: deterministic Alg. 1).
@@ -86,16 +86,16 @@ class Heun(Sampler):
     def nfe(self, num_steps: int) -> int:
         return 2 * num_steps
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        v = vp(alpha_bar)
-        ts = timesteps.to(torch.float64)
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
+        process = path.process
+        ts = path.t
         num_steps = ts.numel() - 1
-        ksig = torch.exp(-v.lam)  # Karras sigma = sigma / alpha (inf at zero SNR, 0 at t = 0)
-        names = "t_hat ab_hat churn_scale churn_noise e_x e_d t2 ab2 c_x c_0 c_1".split()
-        rows = []
+        ksig = torch.exp(-path.lam)  # Karras sigma = sigma / alpha (inf at zero SNR, 0 at t = 0)
+        # churn: raise the level of step i to k_hat = (1 + gamma_i) k_i, at its exact time
+        t_hat = ts[:-1].clone()
+        k_target = ksig[:-1].clone()
         for i in range(num_steps):
             k_i = float(ksig[i])
-            gamma = 0.0
             if (
                 self.s_churn > 0
                 and i > 0
@@ -104,37 +104,44 @@ class Heun(Sampler):
             ):
                 gamma = min(self.s_churn / num_steps, math.sqrt(2) - 1)
                 gamma = min(gamma, float(ksig[i - 1]) / k_i - 1)
-            if gamma > 0:
-                k_hat = k_i * (1 + gamma)
-                lam_hat = -math.log(k_hat)
-                frac = (float(v.lam[i]) - lam_hat) / float(v.lam[i] - v.lam[i - 1])
-                t_hat = float(ts[i]) + frac * float(ts[i - 1] - ts[i])
-                ab_hat = 1.0 / (1.0 + k_hat**2)
-                a_hat, s_hat = math.sqrt(ab_hat), math.sqrt(1 - ab_hat)
-                churn_scale = a_hat / float(v.alpha[i])
-                churn_noise = a_hat * math.sqrt(k_hat**2 - k_i**2) * self.s_noise
+                if gamma > 0:
+                    k_target[i] = k_i * (1 + gamma)
+        churned = k_target != ksig[:-1]
+        if bool(churned.any()):
+            t_hat[churned] = process.time_at_lam(-torch.log(k_target[churned]))
+        a_hat, s_hat = process.alpha_sigma(t_hat)
+        a_hat = torch.where(churned, a_hat, path.alpha[:-1])
+        s_hat = torch.where(churned, s_hat, path.sigma[:-1])
+        t2 = torch.cat([ts[1:-1], t_hat[-1:]])  # the last step's unused second call: at t_hat
+        names = "churn_scale churn_noise e_x e_d c_x c_0 c_1".split()
+        rows = []
+        for i in range(num_steps):
+            k_i = float(ksig[i])
+            a_h, s_h = float(a_hat[i]), float(s_hat[i])
+            if bool(churned[i]):
+                k_h = s_h / a_h
+                churn_scale = a_h / float(path.alpha[i])
+                churn_noise = a_h * math.sqrt(max(k_h**2 - k_i**2, 0.0)) * self.s_noise
             else:
-                k_hat, t_hat, ab_hat = k_i, float(ts[i]), float(alpha_bar[i])
-                a_hat, s_hat = float(v.alpha[i]), float(v.sigma[i])
-                churn_scale, churn_noise = 1.0, 0.0
-            a_n, s_n, k_n = float(v.alpha[i + 1]), float(v.sigma[i + 1]), float(ksig[i + 1])
-            ratio = s_n / s_hat
-            q = k_n / k_hat  # 0 at the last step and after an infinite-noise start
-            last = i == num_steps - 1
-            if last:  # Euler to sigma = 0; the second call repeats the first, weight 0
-                e_x, e_d, t2, ab2 = 1.0, 0.0, t_hat, ab_hat
+                k_h, churn_scale, churn_noise = k_i, 1.0, 0.0
+            a_n, s_n, k_n = float(path.alpha[i + 1]), float(path.sigma[i + 1]), float(ksig[i + 1])
+            ratio = s_n / s_h
+            q = k_n / k_h  # 0 at the last step and after an infinite-noise start
+            if i == num_steps - 1:  # Euler to sigma = 0; the second call repeats the first
+                e_x, e_d = 1.0, 0.0
             else:
-                e_x, e_d, t2, ab2 = ratio, a_n * (1 - q), float(ts[i + 1]), float(alpha_bar[i + 1])
+                e_x, e_d = ratio, a_n * (1 - q)
             if q > 0:
                 c_0 = a_n * (q - 1) * (1 - 2 * q) / (2 * q)
                 c_1 = a_n * (1 - q) / (2 * q)
             else:
                 c_0, c_1 = a_n, 0.0
-            rows.append(
-                (t_hat, ab_hat, churn_scale, churn_noise, e_x, e_d, t2, ab2, ratio, c_0, c_1)
-            )
+            rows.append((churn_scale, churn_noise, e_x, e_d, ratio, c_0, c_1))
         cols = torch.tensor(rows, dtype=torch.float64).reshape(num_steps, len(names))
-        return {name: cols[:, k] for k, name in enumerate(names)}
+        plan = {name: cols[:, k] for k, name in enumerate(names)}
+        plan["point_hat"] = process.points(t_hat)
+        plan["point_2"] = process.points(t2)
+        return plan
 
     def step(
         self,
@@ -146,7 +153,7 @@ class Heun(Sampler):
     ) -> tuple[Tensor, State]:
         if noise is not None:
             x = c["churn_scale"] * x + c["churn_noise"] * noise
-        d0 = denoise(x, c["t_hat"], c["ab_hat"]).x0
+        d0 = denoise(x, c["point_hat"]).x0
         x_pred = c["e_x"] * x + c["e_d"] * d0
-        d1 = denoise(x_pred, c["t2"], c["ab2"]).x0
+        d1 = denoise(x_pred, c["point_2"]).x0
         return c["c_x"] * x + c["c_0"] * d0 + c["c_1"] * d1, state

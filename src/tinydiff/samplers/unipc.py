@@ -10,11 +10,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tinydiff.samplers._vp import finite_history, vp
+from tinydiff.process import PathValues
+from tinydiff.samplers._exp import solve_vandermonde, step_orders
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
-
-#: below this many steps, ``lower_order_final`` lowers the order of the final steps
-LOWER_ORDER_FINAL_STEPS = 15
 
 
 def _unipc_weights(
@@ -59,13 +57,7 @@ def _unipc_weights(
         g.append(phi_k * fact / b_h)
         fact *= k + 1
         phi_k = phi_k / hh - 1.0 / fact
-    mat = torch.tensor(
-        [[r ** (k - 1) for r in rks] for k in range(1, size + 1)], dtype=torch.float64
-    )
-    if rho is not None and size == 1:
-        coeffs = [rho]
-    else:
-        coeffs = torch.linalg.solve(mat, torch.tensor(g, dtype=torch.float64)).tolist()
+    coeffs = [rho] if rho is not None and size == 1 else solve_vandermonde(rks, g)
     weights = [w0] + [0.0] * num_hist + ([0.0] if corrector else [])
     # x_n = ratio x_c - alpha phi_1 D_c - alpha B(h) sum_m rho_m (D_m - D_c) / r_m
     for m, (r, a) in enumerate(zip(rks, coeffs, strict=True)):
@@ -90,7 +82,7 @@ class UniPC(Sampler):
 
     Args:
         order: 1, 2 (default) or 3; the predictor order.
-        lower_order_final: with fewer than 15 steps, cap the order of step i at S - i.
+        lower_order_final: with fewer than ``LOWER_ORDER_FINAL_STEPS`` (15) steps, cap the order of step i at S - i.
         variant: "bh2" (default, B(h) = e^h - 1) or "bh1" (B(h) = h) (Zhao et al. 2023,
             sec. 3.2); both have the same order.
         rho: None (default) solves the order conditions for every coefficient; a float fixes
@@ -126,19 +118,12 @@ class UniPC(Sampler):
         self.order = order
         self.lower_order_final = lower_order_final
 
-    def plan(self, timesteps: Tensor, alpha_bar: Tensor) -> dict[str, Tensor]:
-        v = vp(alpha_bar)
+    def plan(self, path: PathValues) -> dict[str, Tensor]:
+        v = path
         lam = v.lam.tolist()
-        num_steps = timesteps.numel() - 1
+        num_steps = v.t.numel() - 1
         p = self.order
-        orders = []
-        for i in range(num_steps):
-            o = min(p, max(finite_history(v, i), 1))
-            if self.lower_order_final and num_steps < LOWER_ORDER_FINAL_STEPS:
-                o = min(o, num_steps - i)
-            if i == num_steps - 1:
-                o = 1
-            orders.append(o)
+        orders = step_orders(v, p, lower_order_final=self.lower_order_final)
         # predictor columns: x^c_i, m_i, m_{i-1}, ... ; corrector columns: x^c_{i-1}, m_i
         # (new), m_{i-1}, ..., m_{i-p}, and "keep" (1 where x~_i is taken as is)
         pred = torch.zeros(num_steps, p + 1, dtype=torch.float64)
@@ -171,10 +156,7 @@ class UniPC(Sampler):
             corr[i, 0] = x_coef
             corr[i, 1] = w[-1]
             corr[i, 2 : 2 + o] = torch.tensor(w[:-1])
-        out = {"keep": keep}
-        out.update({f"pred_{k}": pred[:, k] for k in range(p + 1)})
-        out.update({f"corr_{k}": corr[:, k] for k in range(p + 2)})
-        return out
+        return {"keep": keep, "pred": pred, "corr": corr}
 
     def init_state(self, x: Tensor) -> State:
         return tuple(torch.zeros_like(x) for _ in range(self.order + 1))
@@ -188,12 +170,13 @@ class UniPC(Sampler):
         noise: Tensor | None,
     ) -> tuple[Tensor, State]:
         x_base, *hist = state  # x^c_{i-1}; m_{i-1}, ..., m_{i-p}
-        m = denoise(x, c["t"], c["alpha_bar"]).x0
-        x_c = c["keep"] * x + c["corr_0"] * x_base + c["corr_1"] * m
+        m = denoise(x, c["point"]).x0
+        corr, pred = c["corr"], c["pred"]
+        x_c = c["keep"] * x + corr[0] * x_base + corr[1] * m
         for j, m_j in enumerate(hist):
-            x_c = x_c + c[f"corr_{j + 2}"] * m_j
+            x_c = x_c + corr[j + 2] * m_j
         new_hist = [m, *hist[:-1]]
-        x_next = c["pred_0"] * x_c
+        x_next = pred[0] * x_c
         for j, m_j in enumerate(new_hist):
-            x_next = x_next + c[f"pred_{j + 1}"] * m_j
+            x_next = x_next + pred[j + 1] * m_j
         return x_next, (x_c, *new_hist)
