@@ -432,7 +432,8 @@ class DiffusionModel(nn.Module):
             sampler: a name in :mod:`tinydiff.samplers` (default: the config's sampler_type).
             sampler_kwargs: the sampler's options (default: the config's, for its sampler).
             timestep_spacing: overrides the config's spacing; a name or explicit times.
-            init_noise: x_T to start from, (bsz, *input_shape).
+            init_noise: x_T to start from, (bsz, *input_shape) (default: N(0, I) times
+                ``process.prior_std()``, which is 1 for variance-preserving processes).
             generator: a torch.Generator on ``device`` for the initial and per-step noise; the
                 same seed gives bitwise-identical samples.
             device: where to sample (default: the network's parameters' device).
@@ -471,6 +472,9 @@ class DiffusionModel(nn.Module):
         shape = (bsz, *self.input_shape)
         if init_noise is None:
             x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            scale = self.process.prior_std()
+            if scale != 1.0:
+                x = x * scale
         else:
             if not isinstance(init_noise, Tensor) or tuple(init_noise.shape) != shape:
                 got = (

@@ -171,6 +171,15 @@ class GaussianProcess:
         alpha, sigma = self.alpha_sigma(t)
         return PathValues(t, alpha, sigma, _log_ratio(alpha, sigma), self)
 
+    def prior_std(self) -> float:
+        """The scale of the initial noise x_T ~ N(0, prior_std^2 I): sqrt(alpha(T)^2 +
+        sigma(T)^2), the marginal std of data with unit variance (1 on variance-preserving
+        processes; sqrt(1 + sigma_max^2) for a variance-exploding one, as in EDM)."""
+        if self.variance_preserving:
+            return 1.0
+        alpha, sigma = self.alpha_sigma(torch.tensor(float(self.num_timesteps), dtype=_F64))
+        return float((alpha**2 + sigma**2).sqrt())
+
     def lam_range(self) -> tuple[float, float]:
         """(lambda at t = T, lambda at t = 0) (possibly -inf / +inf)."""
         ends = self.lam(torch.tensor([float(self.num_timesteps), 0.0], dtype=_F64))

@@ -227,56 +227,72 @@ class ExactDenoiser(nn.Module):
 def probability_flow_reference(
     mixture: GaussianMixture,
     x: Tensor,
-    alpha_bar_start: float,
-    alpha_bar_end: float,
+    alpha_bar_start: float | None = None,
+    alpha_bar_end: float | None = None,
     *,
+    start: tuple[float, float] | None = None,
+    end: tuple[float, float] | None = None,
     num_steps: int = 2000,
     denoise_end: bool = True,
 ) -> Tensor:
     r"""Solve the probability-flow ODE of a mixture accurately, independently of any sampler.
 
-    In Karras' variables :math:`y = x/\sqrt{\bar\alpha}`, :math:`\hat\sigma =
-    \sqrt{(1-\bar\alpha)/\bar\alpha}` the VP probability-flow ODE is
+    For any Gaussian path, in Karras' variables :math:`y = x/\alpha`,
+    :math:`\hat\sigma = \sigma/\alpha` the probability-flow ODE is
     :math:`dy/d\hat\sigma = (y - D(y,\hat\sigma))/\hat\sigma` (Karras et al. 2022, eq. 4),
-    i.e. :math:`dy/ds = y - D` in :math:`s = \log\hat\sigma`, with D the mixture's exact
-    posterior mean. Classical RK4 with ``num_steps`` uniform steps in s, float64.
+    i.e. :math:`dy/du = y - D` in :math:`u = \log\hat\sigma`, with D the mixture's exact
+    posterior mean. Classical RK4 with ``num_steps`` uniform steps in u, float64.
+
+    The ends are given as alpha_bar values of a variance-preserving process
+    (``alpha_bar_start``, ``alpha_bar_end``) or as (alpha, sigma) pairs of any process
+    (``start``, ``end``).
 
     Args:
         mixture: the data distribution (gives D).
-        x: (n, *event_shape) state at alpha_bar_start (e.g. the initial noise).
+        x: (n, *event_shape) state at the start (e.g. the initial noise).
         alpha_bar_start: in (0, 1) (finite noise level; the start of a plan).
         alpha_bar_end: in (alpha_bar_start, 1).
+        start: (alpha, sigma) at the start, both > 0, instead of alpha_bar_start.
+        end: (alpha, sigma) at the end, less noise than the start, instead of alpha_bar_end.
         num_steps: RK4 steps.
         denoise_end: return :math:`D(x_{end})`, the x0 estimate at the end, instead of
-            x_end: this is what every sampler returns from its last step to t = 0, so a
-            plan ending ..., t_end, 0 is compared with it.
+            x_end: this is what every sampler returns from its last step to t = 0 when
+            sigma(0) = 0, so a plan ending ..., t_end, 0 is compared with it.
 
     Returns:
         float64 (n, *event_shape).
     """
-    if not 0 < alpha_bar_start < alpha_bar_end < 1:
+
+    def ends(ab: float | None, pair: tuple[float, float] | None, name: str) -> tuple[float, float]:
+        if (ab is None) == (pair is None):
+            raise ValueError(f"give either alpha_bar_{name} or {name}=(alpha, sigma)")
+        if pair is not None:
+            return float(pair[0]), float(pair[1])
+        assert ab is not None
+        if not 0 < ab < 1:
+            raise ValueError(f"alpha_bar_{name} must lie in (0, 1) (finite noise), got {ab}")
+        return math.sqrt(ab), math.sqrt(1 - ab)
+
+    a0, sig0 = ends(alpha_bar_start, start, "start")
+    a1, sig1 = ends(alpha_bar_end, end, "end")
+    if not (a0 > 0 and sig0 > 0 and a1 > 0 and sig1 > 0 and sig1 / a1 < sig0 / a0):
         raise ValueError(
-            "need 0 < alpha_bar_start < alpha_bar_end < 1 (finite noise levels), got "
-            f"{alpha_bar_start}, {alpha_bar_end}"
+            "need finite, positive alpha and sigma at both ends and less noise (sigma / alpha) at "
+            f"the end: start (alpha, sigma) = {(a0, sig0)}, end = {(a1, sig1)}"
         )
-    s0 = 0.5 * math.log((1 - alpha_bar_start) / alpha_bar_start)
-    s1 = 0.5 * math.log((1 - alpha_bar_end) / alpha_bar_end)
-    ds = (s1 - s0) / num_steps
+    u0, u1 = math.log(sig0 / a0), math.log(sig1 / a1)
+    du = (u1 - u0) / num_steps
 
-    def ab_of(s: float) -> float:
-        return 1.0 / (1.0 + math.exp(2 * s))
+    def field(y: Tensor, u: float) -> Tensor:
+        return y - mixture.denoise(y, 1.0, math.exp(u))
 
-    def field(y: Tensor, s: float) -> Tensor:
-        ab = ab_of(s)
-        return y - mixture.posterior_mean(y * math.sqrt(ab), ab)
-
-    y = x.to(torch.float64) / math.sqrt(alpha_bar_start)
+    y = x.to(torch.float64) / a0
     for k in range(num_steps):
-        s = s0 + k * ds
-        k1 = field(y, s)
-        k2 = field(y + 0.5 * ds * k1, s + 0.5 * ds)
-        k3 = field(y + 0.5 * ds * k2, s + 0.5 * ds)
-        k4 = field(y + ds * k3, s + ds)
-        y = y + ds / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    x_end = y * math.sqrt(alpha_bar_end)
-    return mixture.posterior_mean(x_end, alpha_bar_end) if denoise_end else x_end
+        u = u0 + k * du
+        k1 = field(y, u)
+        k2 = field(y + 0.5 * du * k1, u + 0.5 * du)
+        k3 = field(y + 0.5 * du * k2, u + 0.5 * du)
+        k4 = field(y + du * k3, u + du)
+        y = y + du / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    x_end = y * a1
+    return mixture.denoise(x_end, a1, sig1) if denoise_end else x_end

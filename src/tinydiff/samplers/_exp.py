@@ -57,10 +57,11 @@ def step_orders(
     It ramps up as history becomes available (only outputs at finite lambda count, so a start
     at infinite noise restarts the ramp); with ``lower_order_final`` and fewer than
     :data:`LOWER_ORDER_FINAL_STEPS` steps, step i has order at most S - i; with
-    ``last_first_order`` the last step (to t = 0, h = inf) is first order, the only finite one
-    for data prediction.
+    ``last_first_order`` the last step is first order when it ends at sigma = 0 (h = inf: the
+    only finite data-prediction step); a process with sigma(0) > 0 keeps the order there.
     """
     num_steps = v.t.numel() - 1
+    last_first_order = last_first_order and math.isinf(float(v.lam[-1]))
     orders = []
     for i in range(num_steps):
         o = min(order, finite_history(v, i))

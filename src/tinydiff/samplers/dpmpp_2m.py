@@ -33,7 +33,8 @@ class DPMSolverPP2M(Sampler):
     the first step, the step after an infinite-noise start (zero terminal SNR: lambda_0 is
     -inf, so D_0 cannot enter a polynomial in lambda), and the last step to t = 0, where
     h = +inf and the exact first-order update is :math:`x_S = D_{S-1}` (so the
-    ``lower_order_final`` switch of other implementations is built in, not an option).
+    ``lower_order_final`` switch of other implementations is built in, not an option; on a
+    process with sigma(0) > 0 the last step is an ordinary second-order step).
 
     State: the previous denoiser output. NFE: one per step, ``nfe(S) = S``.
     """

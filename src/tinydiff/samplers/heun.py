@@ -112,7 +112,9 @@ class Heun(Sampler):
         a_hat, s_hat = process.alpha_sigma(t_hat)
         a_hat = torch.where(churned, a_hat, path.alpha[:-1])
         s_hat = torch.where(churned, s_hat, path.sigma[:-1])
-        t2 = torch.cat([ts[1:-1], t_hat[-1:]])  # the last step's unused second call: at t_hat
+        # the last step to sigma = 0 is Euler: its unused second call is made at t_hat
+        to_zero = bool(ksig[-1] == 0)
+        t2 = torch.cat([ts[1:-1], t_hat[-1:] if to_zero else ts[-1:]])
         names = "churn_scale churn_noise e_x e_d c_x c_0 c_1".split()
         rows = []
         for i in range(num_steps):
@@ -127,7 +129,7 @@ class Heun(Sampler):
             a_n, s_n, k_n = float(path.alpha[i + 1]), float(path.sigma[i + 1]), float(ksig[i + 1])
             ratio = s_n / s_h
             q = k_n / k_h  # 0 at the last step and after an infinite-noise start
-            if i == num_steps - 1:  # Euler to sigma = 0; the second call repeats the first
+            if i == num_steps - 1 and to_zero:  # Euler to sigma = 0; the 2nd call repeats the 1st
                 e_x, e_d = 1.0, 0.0
             else:
                 e_x, e_d = ratio, a_n * (1 - q)
