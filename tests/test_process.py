@@ -82,7 +82,9 @@ def test_discrete_vp_is_the_table() -> None:
     process = DiscreteVP(table)
     t = torch.arange(101, dtype=torch.float64)
     assert torch.equal(process.alpha_bar(t), table)
-    torch.testing.assert_close(process.alpha(t) ** 2 + process.sigma(t) ** 2, torch.ones(101, dtype=torch.float64))
+    torch.testing.assert_close(
+        process.alpha(t) ** 2 + process.sigma(t) ** 2, torch.ones(101, dtype=torch.float64)
+    )
 
 
 def test_a_path_whose_noise_does_not_grow_is_refused() -> None:

@@ -7,10 +7,16 @@ Public API::
 
 Plugin registries (each with ``register``, ``get``, ``names``): :mod:`tinydiff.schedules`,
 :mod:`tinydiff.targets`, :mod:`tinydiff.variances`, :mod:`tinydiff.losses`,
-:mod:`tinydiff.samplers`, :mod:`tinydiff.spacings`.
+:mod:`tinydiff.samplers`, :mod:`tinydiff.spacings`. The core: :mod:`tinydiff.process` (the
+Gaussian process alpha(t), sigma(t)) and :mod:`tinydiff.denoiser`. Subpackages that need more
+imports load on first access: ``tinydiff.nn``, ``tinydiff.testing``, ``tinydiff.likelihood``,
+``tinydiff.hub``, ``tinydiff.metrics``, ``tinydiff.plotting``.
 """
 
-from tinydiff import losses, samplers, schedules, spacings, targets, variances
+import importlib
+from typing import Any
+
+from tinydiff import denoiser, losses, process, samplers, schedules, spacings, targets, variances
 from tinydiff._registry import load_plugins
 from tinydiff._version import __version__
 from tinydiff.checkpoint import load_checkpoint, save_checkpoint
@@ -19,15 +25,27 @@ from tinydiff.ema import EMA
 from tinydiff.model import DiffusionModel
 from tinydiff.trainer import Trainer, warmup_cosine
 
+_LAZY = ("nn", "testing", "likelihood", "hub", "metrics", "plotting", "conditioning", "cli")
+
+
+def __getattr__(name: str) -> Any:
+    """``tinydiff.nn`` and the other subpackages of ``_LAZY`` without importing them first."""
+    if name in _LAZY:
+        return importlib.import_module(f"tinydiff.{name}")
+    raise AttributeError(f"module 'tinydiff' has no attribute {name!r}")
+
+
 __all__ = [
     "EMA",
     "DiffusionModel",
     "DiffusionModelConfig",
     "Trainer",
     "__version__",
+    "denoiser",
     "load_checkpoint",
     "load_plugins",
     "losses",
+    "process",
     "samplers",
     "save_checkpoint",
     "schedules",

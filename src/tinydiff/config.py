@@ -11,7 +11,7 @@ from tinydiff import losses, samplers, schedules, spacings, targets, variances
 from tinydiff._registry import Registry, check_kwargs
 from tinydiff.process import GaussianProcess
 
-__all__ = ["DiffusionModelConfig"]
+__all__ = ["DiffusionModelConfig", "merge_config"]
 
 
 def _registry_name(registry: Registry[Any], value: Any) -> str:
@@ -166,3 +166,44 @@ class DiffusionModelConfig(BaseModel):
                 "'pred_x_0' (Lin et al. 2024 recommend pred_v)."
             )
         return self
+
+
+def merge_config(config: Any, overrides: dict[str, Any]) -> DiffusionModelConfig:
+    """``config`` (a config, a dict of fields or None) with the keyword fields ``overrides``
+    merged in, as :class:`tinydiff.DiffusionModel` takes them.
+
+    Raises:
+        TypeError: a config of another type, or an override that is not a config field.
+        ValueError: an override that sets a field which ``config`` sets to another value.
+    """
+    if config is None:
+        base: dict[str, Any] = {}
+        explicit: set[str] = set()
+    elif isinstance(config, DiffusionModelConfig):
+        base = config.model_dump(exclude_unset=False)
+        explicit = set(config.model_fields_set)
+    elif isinstance(config, dict):
+        base, explicit = dict(config), set(config)
+    else:
+        raise TypeError(
+            f"config must be a DiffusionModelConfig or a dict, got {type(config).__name__}"
+        )
+    if overrides:
+        fields = DiffusionModelConfig.model_fields
+        unknown = sorted(k for k in overrides if k not in fields and k != "sigma_type")
+        if unknown:
+            raise TypeError(
+                f"DiffusionModel() got unexpected keyword arguments {unknown}; it takes "
+                f"nn_module, config and the config's fields ({', '.join(fields)})"
+            )
+        probe = DiffusionModelConfig(**{**base, **overrides})
+        for key, value in overrides.items():
+            field = "variance_type" if key == "sigma_type" else key
+            in_config = field in explicit or (key == "sigma_type" and "variance_type" in explicit)
+            if in_config and getattr(probe, field) != base.get(field, base.get(key)):
+                raise ValueError(
+                    f"{key}={value!r} was given to DiffusionModel() and the config sets "
+                    f"{field}={base.get(field, base.get(key))!r}; set it in one place"
+                )
+        return probe
+    return config if isinstance(config, DiffusionModelConfig) else DiffusionModelConfig(**base)

@@ -97,7 +97,7 @@ class Denoiser:
                     "guidance_scale was given without cond: classifier-free guidance needs the "
                     "condition to guide towards, e.g. cond={'class_labels': labels}"
                 )
-            source = network if null_source is None else null_source
+            source: Any = network if null_source is None else null_source
             self.cond = conditioning.concat_cond(
                 dict(cond), conditioning.null_cond(source, dict(cond))
             )
@@ -119,7 +119,9 @@ class Denoiser:
         x_in, t_in = self.target.network_input(x_t, p)
         bsz = x_t.shape[0]
         t_in = t_in.reshape(-1).expand(bsz) if t_in.dim() <= 1 else t_in.reshape(bsz)
-        out = self.network(x_in, t_in) if self.cond is None else self.network(x_in, t_in, **self.cond)
+        out = (
+            self.network(x_in, t_in) if self.cond is None else self.network(x_in, t_in, **self.cond)
+        )
         expected = (bsz, x_t.shape[1] * self.channel_multiplier, *x_t.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

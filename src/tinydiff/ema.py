@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["EMA", "ema_decay"]
+__all__ = ["EMA", "EMAMixin", "ema_decay"]
 
 
 def ema_decay(decay: float, k: int, warmup: bool = True) -> float:
@@ -113,3 +113,75 @@ class EMA:
             f"EMA(decay={self.decay}, warmup={self.warmup}, update_every={self.update_every}, "
             f"num_updates={self.num_updates})"
         )
+
+
+class EMAMixin(nn.Module):
+    """EMA methods of :class:`tinydiff.DiffusionModel` (a plain-attribute :class:`EMA` of
+    ``self.nn_module``, moved by ``.to()`` and switched by ``.train()`` with the model)."""
+
+    _ema: EMA | None
+    nn_module: nn.Module
+
+    def enable_ema(
+        self, decay: float = 0.9999, *, warmup: bool = True, update_every: int = 1
+    ) -> EMA:
+        """Start keeping an EMA of the network's weights (from the current weights).
+
+        Call :meth:`update_ema` after each ``optimizer.step()``. The decay of the k-th
+        update is ``min(decay, (1 + k) / (10 + k))`` with warm-up, else ``decay``; see
+        :mod:`tinydiff.ema`.
+
+        Args:
+            decay: d in [0, 1].
+            warmup: use the warm-up schedule.
+            update_every: average on every n-th call of :meth:`update_ema`.
+
+        Returns:
+            the :class:`~tinydiff.ema.EMA` (also :attr:`ema`).
+        """
+        ema = EMA(self.nn_module, decay, warmup=warmup, update_every=update_every)
+        object.__setattr__(self, "_ema", ema)
+        ema.averaged.train(self.training)
+        return ema
+
+    @property
+    def ema(self) -> EMA | None:
+        """The EMA, or None if :meth:`enable_ema` was not called."""
+        return self._ema
+
+    def _require_ema(self) -> EMA:
+        if self._ema is None:
+            raise ValueError(
+                "EMA is not enabled on this model: call model.enable_ema(decay=...) before "
+                "training (then model.update_ema() after each optimizer step)"
+            )
+        return self._ema
+
+    def update_ema(self) -> bool:
+        """Average the current weights into the EMA (call after ``optimizer.step()``).
+
+        Returns:
+            whether an averaging update happened (see ``update_every``).
+        """
+        return self._require_ema().update(self.nn_module)
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """The EMA's state (tensors only; see :meth:`tinydiff.ema.EMA.state_dict`)."""
+        return self._require_ema().state_dict()
+
+    def load_ema_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`ema_state_dict`'s output (enable EMA first, with its options)."""
+        self._require_ema().load_state_dict(state)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # .to()/.double()/.cuda() also move the EMA copy, which is not a submodule
+        super()._apply(fn, *args, **kwargs)
+        if self._ema is not None:
+            self._ema.averaged._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> Any:
+        super().train(mode)
+        if self._ema is not None:
+            self._ema.averaged.train(mode)
+        return self

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from tinydiff import conditioning, losses, samplers, spacings, targets, variances
-from tinydiff.config import DiffusionModelConfig
+from tinydiff.config import DiffusionModelConfig, merge_config
 from tinydiff.denoiser import Denoiser, network_time_dtype
-from tinydiff.ema import EMA
+from tinydiff.ema import EMA, EMAMixin
 from tinydiff.process import GaussianProcess, Point
 from tinydiff.samplers.base import Sampler, build_plan, run_sampler
 from tinydiff.variances import VlbTerms
@@ -45,42 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["DiffusionModel"]
 
 
-def _merge_config(config: Any, overrides: dict[str, Any]) -> DiffusionModelConfig:
-    """The config with the constructor's keyword fields merged in (a conflict is an error)."""
-    if config is None:
-        base: dict[str, Any] = {}
-        explicit: set[str] = set()
-    elif isinstance(config, DiffusionModelConfig):
-        base = config.model_dump(exclude_unset=False)
-        explicit = set(config.model_fields_set)
-    elif isinstance(config, dict):
-        base, explicit = dict(config), set(config)
-    else:
-        raise TypeError(
-            f"config must be a DiffusionModelConfig or a dict, got {type(config).__name__}"
-        )
-    if overrides:
-        fields = DiffusionModelConfig.model_fields
-        unknown = sorted(k for k in overrides if k not in fields and k != "sigma_type")
-        if unknown:
-            raise TypeError(
-                f"DiffusionModel() got unexpected keyword arguments {unknown}; it takes "
-                f"nn_module, config and the config's fields ({', '.join(fields)})"
-            )
-        probe = DiffusionModelConfig(**{**base, **overrides})
-        for key, value in overrides.items():
-            field = "variance_type" if key == "sigma_type" else key
-            in_config = field in explicit or (key == "sigma_type" and "variance_type" in explicit)
-            if in_config and getattr(probe, field) != base.get(field, base.get(key)):
-                raise ValueError(
-                    f"{key}={value!r} was given to DiffusionModel() and the config sets "
-                    f"{field}={base.get(field, base.get(key))!r}; set it in one place"
-                )
-        return probe
-    return config if isinstance(config, DiffusionModelConfig) else DiffusionModelConfig(**base)
-
-
-class DiffusionModel(nn.Module):
+class DiffusionModel(EMAMixin, nn.Module):
     """A denoising diffusion model around any network.
 
     Args:
@@ -117,7 +82,7 @@ class DiffusionModel(nn.Module):
                 f"nn_module must be a torch.nn.Module called as nn_module(x_t, t), "
                 f"got {type(nn_module).__name__}"
             )
-        self.config = cfg = _merge_config(config, config_fields)
+        self.config = cfg = merge_config(config, config_fields)
         if cfg.input_shape is None:
             raise ValueError(
                 "input_shape is required: the shape of one sample, e.g. input_shape=(1, 32, 32), "
@@ -368,7 +333,9 @@ class DiffusionModel(nn.Module):
         if isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int):
             raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
         spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
-        return spacings.make_timesteps(spacing, self.num_timesteps, sampling_timesteps, self.process)
+        return spacings.make_timesteps(
+            spacing, self.num_timesteps, sampling_timesteps, self.process
+        )
 
     def compile_sampler(
         self,
@@ -513,71 +480,6 @@ class DiffusionModel(nn.Module):
             progress=progress,
             loop=loop,
         )
-
-    # -- EMA ---------------------------------------------------------------------------------
-    def enable_ema(
-        self, decay: float = 0.9999, *, warmup: bool = True, update_every: int = 1
-    ) -> EMA:
-        """Start keeping an EMA of the network's weights (from the current weights).
-
-        Call :meth:`update_ema` after each ``optimizer.step()``. The decay of the k-th
-        update is ``min(decay, (1 + k) / (10 + k))`` with warm-up, else ``decay``; see
-        :mod:`tinydiff.ema`.
-
-        Args:
-            decay: d in [0, 1].
-            warmup: use the warm-up schedule.
-            update_every: average on every n-th call of :meth:`update_ema`.
-
-        Returns:
-            the :class:`~tinydiff.ema.EMA` (also :attr:`ema`).
-        """
-        ema = EMA(self.nn_module, decay, warmup=warmup, update_every=update_every)
-        object.__setattr__(self, "_ema", ema)
-        ema.averaged.train(self.training)
-        return ema
-
-    @property
-    def ema(self) -> EMA | None:
-        """The EMA, or None if :meth:`enable_ema` was not called."""
-        return self._ema
-
-    def _require_ema(self) -> EMA:
-        if self._ema is None:
-            raise ValueError(
-                "EMA is not enabled on this model: call model.enable_ema(decay=...) before "
-                "training (then model.update_ema() after each optimizer step)"
-            )
-        return self._ema
-
-    def update_ema(self) -> bool:
-        """Average the current weights into the EMA (call after ``optimizer.step()``).
-
-        Returns:
-            whether an averaging update happened (see ``update_every``).
-        """
-        return self._require_ema().update(self.nn_module)
-
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        """The EMA's state (tensors only; see :meth:`tinydiff.ema.EMA.state_dict`)."""
-        return self._require_ema().state_dict()
-
-    def load_ema_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore :meth:`ema_state_dict`'s output (enable EMA first, with its options)."""
-        self._require_ema().load_state_dict(state)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DiffusionModel:
-        # .to()/.double()/.cuda() also move the EMA copy, which is not a submodule
-        super()._apply(fn, *args, **kwargs)
-        if self._ema is not None:
-            self._ema.averaged._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> DiffusionModel:
-        super().train(mode)
-        if self._ema is not None:
-            self._ema.averaged.train(mode)
-        return self
 
     # -- likelihood ----------------------------------------------------------------------------
     def nll(

@@ -145,7 +145,9 @@ class GaussianProcess:
             s = (t / self.num_timesteps).requires_grad_(True)
             alpha, sigma = self.alpha_sigma(s * self.num_timesteps)
             grads = [
-                torch.autograd.grad(v.sum(), s, retain_graph=True, allow_unused=True)[0] if v.requires_grad else None
+                torch.autograd.grad(v.sum(), s, retain_graph=True, allow_unused=True)[0]
+                if v.requires_grad
+                else None
                 for v in (alpha, sigma)
             ]
         d_alpha, d_sigma = (torch.zeros_like(t) if g is None else g.detach() for g in grads)
@@ -161,7 +163,9 @@ class GaussianProcess:
         alpha, sigma = self.alpha_sigma(t)
         # an infinite slope (sqrt of a table at alpha = 0 or sigma = 0) is stored as 0: a plan
         # must stay finite, and no target can use a derivative there
-        d_alpha, d_sigma = (torch.nan_to_num(d, posinf=0.0, neginf=0.0) for d in self.derivatives(t))
+        d_alpha, d_sigma = (
+            torch.nan_to_num(d, posinf=0.0, neginf=0.0) for d in self.derivatives(t)
+        )
         return torch.stack([t, alpha, sigma, d_alpha, d_sigma], dim=-1)
 
     def path_values(self, t: Tensor) -> PathValues:

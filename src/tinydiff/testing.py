@@ -190,7 +190,7 @@ class ExactDenoiser(nn.Module):
                 f"model_or_config must be a DiffusionModel, DiffusionModelConfig or dict, "
                 f"got {type(model_or_config).__name__}"
             )
-        if tuple(cfg.input_shape) != mixture.event_shape:
+        if cfg.input_shape is not None and tuple(cfg.input_shape) != mixture.event_shape:
             raise ValueError(
                 f"the mixture's event shape {mixture.event_shape} differs from the config's "
                 f"input_shape {tuple(cfg.input_shape)}"

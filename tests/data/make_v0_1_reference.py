@@ -35,7 +35,9 @@ def cases() -> list[tuple[str, dict, str, dict]]:
     for sampler in samplers.names():
         cfg = dict(input_shape=(2,), num_timesteps=100, sigma_type="learned_range")
         out.append((f"learned_range/{sampler}", cfg, sampler, dict(timestep_spacing="trailing")))
-        cfg = dict(input_shape=(2,), num_timesteps=100, target_type="pred_v", zero_terminal_snr=True)
+        cfg = dict(
+            input_shape=(2,), num_timesteps=100, target_type="pred_v", zero_terminal_snr=True
+        )
         out.append((f"zero_snr/{sampler}", cfg, sampler, dict(timestep_spacing="trailing")))
     cfg = dict(input_shape=(2,), num_timesteps=100, sampler_type="heun")
     out.append(("heun_churn", cfg, "heun", dict(sampler_kwargs={"s_churn": 2.0})))

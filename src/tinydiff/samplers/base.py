@@ -198,7 +198,7 @@ def build_plan(sampler: Sampler, path: PathValues) -> dict[str, Tensor]:
             stacklevel=3,
         )
         alpha_bar = path.alpha**2
-        plan = dict(sampler.plan(timesteps, alpha_bar))  # type: ignore[call-arg]
+        plan = dict(sampler.plan(timesteps, alpha_bar))  # type: ignore[call-arg, arg-type]
     else:
         plan = dict(sampler.plan(path))
     num_steps = timesteps.numel() - 1

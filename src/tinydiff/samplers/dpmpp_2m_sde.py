@@ -58,7 +58,9 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
                 coef_x, coef_d = first_order(path, i)
                 coef_noise = 0.0
             else:
-                h = float(path.lam[i + 1] - path.lam[i])  # +inf at an infinite-noise start or the end
+                h = float(
+                    path.lam[i + 1] - path.lam[i]
+                )  # +inf at an infinite-noise start or the end
                 s_t, s_s = float(path.sigma[i]), float(path.sigma[i + 1])
                 a_s = float(path.alpha[i + 1])
                 coef_x = s_s / s_t * math.exp(-eta * h)
