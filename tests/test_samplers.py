@@ -227,6 +227,8 @@ MATRIX = [
     for var in ("upper_bound", "learned_range")
     for zts in (False, True)
     if not (zts and not getattr(targets.get(tgt), "supports_zero_snr", True))
+    # zero terminal SNR rescales discrete tables; a continuous path sets alpha(1) = 0 itself
+    if not (zts and schedules.is_path(sched))
 ]
 
 
