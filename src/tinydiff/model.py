@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from tinydiff import conditioning, losses, samplers, schedules, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig
+from tinydiff.diffusers_compat import DiffusersMixin
 from tinydiff.ema import EMA
 from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
 from tinydiff.samplers.ddpm import clipped_log_beta_tilde
@@ -105,7 +106,7 @@ class _Denoiser:
         return Prediction(x0, eps, None if var_out is None else var_out[:bsz])
 
 
-class DiffusionModel(nn.Module):
+class DiffusionModel(DiffusersMixin, nn.Module):
     """A denoising diffusion model around any network.
 
     Args:
