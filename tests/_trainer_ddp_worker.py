@@ -25,9 +25,7 @@ STEPS, MID, BSZ, N = 6, 3, 8, 64
 
 def make_model(seed: int) -> DiffusionModel:
     torch.manual_seed(seed)
-    model = DiffusionModel(
-        CondNet(2, 16), DiffusionModelConfig(input_shape=(2,), num_timesteps=50)
-    )
+    model = DiffusionModel(CondNet(2, 16), DiffusionModelConfig(input_shape=(2,), num_timesteps=50))
     model.enable_ema(0.9, warmup=False)
     return model
 

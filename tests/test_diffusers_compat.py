@@ -109,7 +109,10 @@ def test_samplers_agree_with_diffusers_schedulers(
 
 
 def test_tables_match_diffusers_to_float32(unet_dir: Path) -> None:
-    for kind, options in [*BETAS.items(), ("squaredcos_cap_v2", {"beta_schedule": "squaredcos_cap_v2"})]:
+    for kind, options in [
+        *BETAS.items(),
+        ("squaredcos_cap_v2", {"beta_schedule": "squaredcos_cap_v2"}),
+    ]:
         for num in (1000, 250):
             sched = diffusers.DDPMScheduler(num_train_timesteps=num, **options)
             translated = translate_scheduler_config(dict(sched.config)).config
@@ -123,7 +126,9 @@ def test_tables_match_diffusers_to_float32(unet_dir: Path) -> None:
 def test_trained_betas_and_unequal_num_timesteps(unet_dir: Path, tmp_path: Path) -> None:
     betas = torch.linspace(1e-3, 0.1, 100, dtype=torch.float64)
     scheduler = diffusers.DDIMScheduler(
-        num_train_timesteps=100, trained_betas=betas.tolist(), clip_sample=False,
+        num_train_timesteps=100,
+        trained_betas=betas.tolist(),
+        clip_sample=False,
         timestep_spacing="trailing",
     )
     scheduler.save_config(tmp_path)
@@ -149,8 +154,11 @@ def test_network_wrapper_converts_time_and_unwraps(unet_dir: Path) -> None:
 def test_pipeline_folder_round_trip_is_bitwise(tmp_path: Path) -> None:
     unet = _unet(out_channels=4)
     scheduler = diffusers.DDPMScheduler(
-        num_train_timesteps=200, beta_schedule="scaled_linear", variance_type="learned_range",
-        prediction_type="v_prediction", clip_sample=False,
+        num_train_timesteps=200,
+        beta_schedule="scaled_linear",
+        variance_type="learned_range",
+        prediction_type="v_prediction",
+        clip_sample=False,
     )
     src = tmp_path / "pipe"
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(src)
@@ -165,7 +173,9 @@ def test_pipeline_folder_round_trip_is_bitwise(tmp_path: Path) -> None:
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
         assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
-    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, scheduler.alphas_cumprod, rtol=0, atol=0)
+    torch.testing.assert_close(
+        pipe.scheduler.alphas_cumprod, scheduler.alphas_cumprod, rtol=0, atol=0
+    )
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.variance_type == "learned_range"
     # and back again: the same tinydiff config
@@ -179,24 +189,35 @@ def test_pipeline_folder_round_trip_is_bitwise(tmp_path: Path) -> None:
 def test_to_diffusers_writes_any_schedule_as_betas(unet_dir: Path, tmp_path: Path) -> None:
     unet = diffusers.UNet2DModel.from_pretrained(unet_dir)
     model = DiffusionModel(
-        DiffusersUNet(unet), {"input_shape": (2, 8, 8), "num_timesteps": 64, "noise_schedule_type": "sigmoid"}
+        DiffusersUNet(unet),
+        {"input_shape": (2, 8, 8), "num_timesteps": 64, "noise_schedule_type": "sigmoid"},
     )
     pipe = diffusers.DDPMPipeline.from_pretrained(model.to_diffusers(tmp_path))
-    rel = (pipe.scheduler.alphas_cumprod.double() - model.alphas_cumprod[1:]).abs() / model.alphas_cumprod[1:]
+    rel = (
+        pipe.scheduler.alphas_cumprod.double() - model.alphas_cumprod[1:]
+    ).abs() / model.alphas_cumprod[1:]
     assert rel.max() < 1e-4  # diffusers' float32 cumprod, down to alpha_bar_T ~ 5e-5
     assert pipe.scheduler.config.variance_type == "fixed_large"  # tinydiff's upper_bound
 
 
 def test_unmodelled_options_are_named_in_a_warning(unet_dir: Path) -> None:
-    options = dict(diffusers.DDIMScheduler(clip_sample=True, thresholding=True, set_alpha_to_one=False).config)
-    with pytest.warns(UserWarning, match="clip_sample=True.*set_alpha_to_one=False.*thresholding=True"):
+    options = dict(
+        diffusers.DDIMScheduler(clip_sample=True, thresholding=True, set_alpha_to_one=False).config
+    )
+    with pytest.warns(
+        UserWarning, match="clip_sample=True.*set_alpha_to_one=False.*thresholding=True"
+    ):
         DiffusionModel.from_diffusers(unet_dir, scheduler_config=options)
     karras = dict(diffusers.EulerDiscreteScheduler(use_karras_sigmas=True).config)
     assert translate_scheduler_config(karras).config["timestep_spacing"] == "karras"
-    zero = dict(diffusers.DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction").config)
+    zero = dict(
+        diffusers.DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction").config
+    )
     assert translate_scheduler_config(zero).config["zero_terminal_snr"] is True
     lms = translate_scheduler_config({"_class_name": "LMSDiscreteScheduler"})
-    assert "sampler_type" not in lms.config and lms.ignored == {"_class_name": "LMSDiscreteScheduler"}
+    assert "sampler_type" not in lms.config and lms.ignored == {
+        "_class_name": "LMSDiscreteScheduler"
+    }
 
 
 def test_unsupported_inputs_say_what_to_do(unet_dir: Path, tmp_path: Path) -> None:
@@ -209,7 +230,8 @@ def test_unsupported_inputs_say_what_to_do(unet_dir: Path, tmp_path: Path) -> No
         translate_scheduler_config({"beta_schedule": "exp"})
     with pytest.raises(UnsupportedSchedulerError, match="zero"):  # pred_eps at zero SNR
         DiffusionModel.from_diffusers(
-            unet_dir, scheduler_config={"rescale_betas_zero_snr": True, "prediction_type": "epsilon"}
+            unet_dir,
+            scheduler_config={"rescale_betas_zero_snr": True, "prediction_type": "epsilon"},
         )
     with pytest.raises(FileNotFoundError, match="scheduler_config"):
         DiffusionModel.from_diffusers(unet_dir)  # a bare UNet folder without a scheduler

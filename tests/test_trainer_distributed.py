@@ -61,8 +61,13 @@ LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"],
     # on a machine without GPUs accelerate's multi-process launcher runs gloo
     "accelerate": [
-        "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD}",
-        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={WORLD}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
     ],
 }
 

@@ -169,7 +169,11 @@ def _dpm_solver(options: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
     algorithm = options.get("algorithm_type", "dpmsolver++")
     order = options.get("solver_order", 2)
     solver_type = options.get("solver_type", "midpoint")
-    names = {("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m", ("dpmsolver++", 1): "ddim"}
+    names = {
+        ("dpmsolver++", 2): "dpmpp_2m",
+        ("dpmsolver++", 3): "dpmpp_3m",
+        ("dpmsolver++", 1): "ddim",
+    }
     names[("sde-dpmsolver++", 2)] = "dpmpp_2m_sde"
     name = names.get((algorithm, order))
     if name is None:
@@ -258,7 +262,8 @@ def translate_scheduler_config(options: Mapping[str, Any]) -> SchedulerTranslati
     rule = SCHEDULERS.get(class_name)
     ignored: dict[str, Any] = {}
     if rule is None:  # the schedule is still translated; the sampler stays tinydiff's default
-        own, consumed = {}, set()
+        own: dict[str, Any] = {}
+        consumed: set[str] = set()
         ignored["_class_name"] = class_name
     else:
         own, consumed = rule(options)
@@ -406,7 +411,7 @@ def _resolve(
                 str(path_or_repo),
                 revision=revision,
                 token=token,
-                cache_dir=cache_dir,
+                cache_dir=None if cache_dir is None else str(cache_dir),
                 local_files_only=local_files_only,
                 allow_patterns=[
                     f"{prefix}*.json",

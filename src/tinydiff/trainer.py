@@ -451,7 +451,7 @@ def _shard_loader(loader: Iterable[Any], rank: int, world: int, seed: int) -> It
             "a DataLoader with batch_size=None (a custom batch_sampler) cannot be sharded "
             "automatically; give it a DistributedSampler yourself"
         )
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         loader.dataset,  # type: ignore[arg-type]
         num_replicas=world,
         rank=rank,
