@@ -1,42 +1,31 @@
-"""Data-parallel training with DistributedDataParallel (gloo on CPU, NCCL on GPUs).
+"""Data-parallel training with tinydiff.Trainer (gloo on CPU, NCCL on GPUs).
 
-Launch 2 processes on one machine::
+Launch 2 processes on one machine with torchrun::
 
     torchrun --nproc_per_node=2 examples/train_ddp.py --out examples_out/train_ddp
 
-Each process trains on its shard of the data (``DistributedSampler``); DDP averages the
-gradients, so the run equals single-process training with the global batch
-(``--batch-size`` per process times the number of processes). ``DiffusionModel.forward``
-is its loss, so the DDP wrapper is called like the model: ``ddp(x, cond=...).mean()``.
-Rank 0 keeps the EMA (updated from the synchronised weights), saves the checkpoint and
-writes a scatter plot of samples.
+or with Hugging Face accelerate (the same script, unchanged)::
 
-With Hugging Face ``accelerate`` instead (``accelerate launch --num_processes 2
-examples/train_ddp.py``), the few changes are:
+    accelerate launch --multi_gpu --num_processes=2 examples/train_ddp.py --out examples_out/train_ddp
 
-1. drop ``init_process_group`` / ``destroy_process_group``, the ``DistributedSampler`` and
-   the DDP wrapper; create ``accelerator = accelerate.Accelerator()``;
-2. ``ddp, optimizer, loader = accelerator.prepare(model, optimizer, loader)`` (it shards
-   the loader and wraps the model);
-3. replace ``loss.backward()`` by ``accelerator.backward(loss)``;
-4. use ``accelerator.is_main_process`` for rank-0 work and
-   ``accelerator.unwrap_model(ddp)`` to reach the ``DiffusionModel`` (for ``update_ema``,
-   ``sample`` and saving).
+The Trainer notices the launcher (``WORLD_SIZE`` > 1), joins the process group, wraps the model
+in DistributedDataParallel and shards the data: every process trains on its own
+``--batch-size`` slice of each global batch, so the run equals single-process training with
+the global batch (``--batch-size`` times the number of processes). Rank 0 alone updates the
+EMA and writes the checkpoint; this script then has rank 0 draw a scatter plot of samples.
+Run it again with ``--resume`` to continue from the checkpoint (same number of processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from tinydiff import DiffusionModel, DiffusionModelConfig, save_checkpoint
+from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer
 from tinydiff.nn import MLP
 
 
@@ -55,53 +44,43 @@ def two_moons(n: int, generator: torch.Generator) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples_out/train_ddp"))
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # one core per process on CPU
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if backend == "nccl" else "cpu")
-    if backend == "gloo":
-        torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+    # pred_v: with the cosine schedule alpha_bar_T is ~0, where an eps prediction says little
+    config = DiffusionModelConfig(input_shape=(2,), target_type="pred_v")
+    model = DiffusionModel(MLP(input_dim=2, hidden_dim=128), config)
+    model.enable_ema(decay=0.995)
+    checkpoint = args.out / "checkpoint.safetensors"
 
-    torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
-    model = DiffusionModel(
-        MLP(input_dim=2, hidden_dim=128), DiffusionModelConfig(input_shape=(2,))
-    ).to(device)
-    if rank == 0:
-        model.enable_ema(decay=0.995)
-    ddp = DDP(model, device_ids=[local_rank] if backend == "nccl" else None)
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=2e-3, weight_decay=0)
+    def log(trainer: Trainer, step: int) -> None:
+        if trainer.is_main_process:  # history holds the loss averaged over the processes
+            print(f"step {step}: loss {trainer.history[-1]:.4f}")
 
-    data = TensorDataset(two_moons(20_000, torch.Generator().manual_seed(0)))
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-    # per-rank noise: different t and eps on every rank
-    noise_gen = torch.Generator(device).manual_seed(1 + rank)
+    trainer = Trainer(
+        model,
+        two_moons(20_000, torch.Generator().manual_seed(0)),
+        batch_size=args.batch_size,
+        lr=2e-3,
+        checkpoint_path=checkpoint,
+        checkpoint_every=500,
+        callbacks=[(500, log)],
+        progress=False,
+    )
+    if args.resume and checkpoint.is_file():
+        trainer.resume(checkpoint)
+    if trainer.is_main_process:
+        print(f"{trainer.world_size} process(es), {args.batch_size} samples each per step")
+    history = trainer.fit(args.steps)
 
-    step = 0
-    for epoch in range(args.epochs):
-        sampler.set_epoch(epoch)  # reshuffle differently each epoch, consistently across ranks
-        total = torch.zeros((), device=device)
-        for (x,) in loader:
-            loss = ddp(x.to(device), generator=noise_gen).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # gradients are all-reduced (averaged) here
-            optimizer.step()
-            if rank == 0:
-                model.update_ema()
-            total += loss.detach()
-            step += 1
-        dist.all_reduce(total)
-        if rank == 0:
-            print(f"epoch {epoch + 1}: mean loss {total.item() / (world * len(loader)):.4f}")
-
-    if rank == 0:
+    if trainer.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(args.out / "checkpoint.safetensors", model, optimizer, step=step)
+        print(f"final loss (mean of the last 100 steps): {sum(history[-100:]) / 100:.4f}")
         samples = model.sample(2000, 50, sampler="ddim", use_ema=True).cpu()
         import matplotlib
 
@@ -111,10 +90,11 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.6)
         ax.set_aspect("equal")
-        ax.set_title(f"DDP, {world} processes, {step} steps")
+        ax.set_title(f"{trainer.world_size} processes, {trainer.step} steps")
         fig.savefig(args.out / "samples.png")
-        print(f"wrote {args.out / 'samples.png'} and checkpoint.safetensors")
-    dist.destroy_process_group()
+        print(f"wrote {args.out / 'samples.png'} and {checkpoint.name}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

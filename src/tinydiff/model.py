@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tinydiff import conditioning, losses, samplers, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig, merge_config
 from tinydiff.denoiser import Denoiser, network_time_dtype
+from tinydiff.diffusers_compat import DiffusersMixin
 from tinydiff.ema import EMA, EMAMixin
 from tinydiff.process import GaussianProcess, Point
 from tinydiff.samplers.base import Sampler, build_plan, run_sampler
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["DiffusionModel"]
 
 
-class DiffusionModel(EMAMixin, nn.Module):
+class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
     """A denoising diffusion model around any network.
 
     Args:

@@ -31,7 +31,7 @@ Register your own::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "build_alphas_cumprod",
     "build_process",
     "check_schedule_kwargs",
+    "explicit_betas",
     "get",
     "is_path",
     "log_snr",
@@ -179,10 +180,13 @@ def _from_betas(betas: torch.Tensor) -> torch.Tensor:
 
 
 @register("linear")
-def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def linear(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, rescale: bool = True
+) -> torch.Tensor:
     """DDPM's linear betas (Ho et al. 2020), 1e-4 to 0.02 at T = 1000, scaled by 1000 / T
-    (Nichol & Dhariwal 2021) so that any T gives about the same total noise."""
-    scale = 1000.0 / num_timesteps
+    (Nichol & Dhariwal 2021) so that any T gives about the same total noise; ``rescale=False``
+    uses beta_start and beta_end as given for every T (diffusers' convention)."""
+    scale = 1000.0 / num_timesteps if rescale else 1.0
     betas = torch.linspace(
         beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64
     ).clamp(max=0.999)
@@ -191,11 +195,14 @@ def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02)
 
 @register("scaled_linear")
 def scaled_linear(
-    num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+    num_timesteps: int,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """Betas linear in their square root (Stable Diffusion, Rombach et al. 2022), scaled by
-    1000 / T like ``linear``."""
-    scale = 1000.0 / num_timesteps
+    1000 / T like ``linear`` (``rescale=False``: as given for every T)."""
+    scale = 1000.0 / num_timesteps if rescale else 1.0
     betas = (
         torch.linspace(
             math.sqrt(beta_start * scale),
@@ -418,3 +425,32 @@ def time_at_log_snr(alphas_cumprod: torch.Tensor, lam: torch.Tensor) -> torch.Te
     frac = torch.where(flat == l1, torch.ones_like(frac), frac)
     t = (k.to(torch.float64) + frac.clamp(0.0, 1.0)).clamp(0.0, float(num_timesteps))
     return t.reshape(lam.shape)
+
+
+# -- explicit tables (diffusers' ``trained_betas``) ----------------------------------------------
+
+
+@register("betas", aliases=("trained_betas",))
+def explicit_betas(num_timesteps: int, betas: Sequence[float] | None = None) -> torch.Tensor:
+    r"""A schedule given by its T betas for t = 1..T: :math:`\bar\alpha_t = \prod_{s \le t}
+    (1 - \beta_s)` in float64 (diffusers' ``trained_betas``).
+
+    Args:
+        num_timesteps: T; must equal ``len(betas)``.
+        betas: T values in (0, 1). None (the default, so that every registered schedule
+            works with its defaults) gives DDPM's linear betas, 1e-4 to 0.02 for any T.
+    """
+    if betas is None:
+        return linear(num_timesteps, rescale=False)  # type: ignore[return-value, arg-type]
+    table = torch.as_tensor(list(betas), dtype=torch.float64).flatten()
+    if table.numel() != num_timesteps:
+        raise ValueError(
+            f"the 'betas' schedule got {table.numel()} betas for num_timesteps={num_timesteps}; "
+            "pass schedule_kwargs={'betas': [...]} with exactly num_timesteps values (t = 1..T)"
+        )
+    if not torch.isfinite(table).all() or (table <= 0).any() or (table >= 1).any():
+        raise ValueError(
+            "every beta of the 'betas' schedule must be a finite number in (0, 1); got "
+            f"min {table.min().item():.6g}, max {table.max().item():.6g}"
+        )
+    return _from_betas(table)

@@ -11,6 +11,19 @@ network), the optimizer, scheduler, EMA, the position in the current epoch and t
 history are all checkpointed, so a run resumed from a checkpoint reproduces the loss curve of
 an uninterrupted run bitwise (same device and build). With a ``DataLoader`` the loader's own
 order is not checkpointed: a resumed run restarts its iterator.
+
+Distributed training. Under ``torchrun`` or ``accelerate launch`` (or any launcher that sets
+``WORLD_SIZE``, ``RANK`` and ``MASTER_ADDR``/``MASTER_PORT``) the trainer runs unchanged: it
+joins the process group (initialising it, NCCL on GPUs and gloo on CPUs, if the script has
+not), puts the model on ``cuda:LOCAL_RANK`` under NCCL, wraps it in
+``DistributedDataParallel`` and shards the data. ``batch_size`` is per process (the DDP
+convention): with tensor data every rank draws the same permutation per epoch and takes its
+own ``batch_size`` slice of each global batch of ``world_size * batch_size``, so a run equals
+single-process training on the combined batch; a ``DataLoader`` without a
+``DistributedSampler`` is rebuilt with one. Each rank draws its own t and eps (the ``noise``
+generator is seeded per rank), the EMA is updated on rank 0 only, and rank 0 alone writes
+checkpoints, which hold every rank's RNG states, so :meth:`Trainer.resume` with the same
+world size continues exactly. ``history`` holds the loss averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -22,8 +35,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from tinydiff.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -72,7 +88,7 @@ class Trainer:
         cond: with tensor data, optional conditioning aligned with it: a dict of tensors
             with leading dim N, or a tensor (N, ...) used as ``{cond_key: tensor}``.
         cond_key: the network keyword for a bare conditioning tensor.
-        batch_size: minibatch size for tensor data.
+        batch_size: minibatch size for tensor data, per process when distributed.
         lr: learning rate of the default optimizer.
         optimizer: an optimizer over ``model.parameters()``; default
             ``AdamW(lr=lr, weight_decay=0)``.
@@ -84,12 +100,17 @@ class Trainer:
         checkpoint_path: file for periodic checkpoints (``*.safetensors``).
         checkpoint_every: save every n steps (and at the end of :meth:`fit`).
         seed: seeds the trainer's ``data`` and ``noise`` generators.
-        device: where batches go (default: the model's parameters' device).
-        progress: tqdm bar with the running loss.
+        device: where batches go (default: ``cuda:LOCAL_RANK`` under NCCL, else the
+            model's parameters' device).
+        progress: tqdm bar with the running loss (rank 0 only).
 
     Attributes:
         step: optimizer steps done.
-        history: the loss of every step (floats).
+        history: the loss of every step (floats; the mean over ranks when distributed).
+        rank, world_size: this process's rank and the number of processes (0 and 1 when
+            not distributed).
+        is_main_process: ``rank == 0``: the process that updates the EMA and writes
+            checkpoints.
     """
 
     def __init__(
@@ -114,7 +135,16 @@ class Trainer:
         if not isinstance(model, DiffusionModel):
             raise TypeError(f"model must be a tinydiff.DiffusionModel, got {type(model).__name__}")
         self.model = model
-        self.device = torch.device(device) if device is not None else model._param_dtype_device()[1]
+        self.rank, self.world_size = _join_process_group()
+        self.is_main_process = self.rank == 0
+        if device is not None:
+            self.device = torch.device(device)
+        elif self.world_size > 1 and dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            self.device = _module_device(model)
+        if self.world_size > 1:
+            model.to(self.device)
         self.cond_key = cond_key
         if isinstance(data, Tensor):
             if batch_size < 1:
@@ -133,7 +163,15 @@ class Trainer:
             if cond is not None:
                 raise ValueError("with a data loader, yield (x, cond) batches instead of cond=")
             self.data, self.loader, self.cond = None, data, None
+            if self.world_size > 1:
+                self.loader = _shard_loader(data, self.rank, self.world_size, seed)
         self.batch_size = batch_size
+        # the network DDP wraps: DiffusionModel.forward is its loss
+        self._forward: torch.nn.Module = model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._forward = DistributedDataParallel(model, device_ids=ids)
+        self._loader_epoch = 0
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
         self.scheduler = (
             lr_scheduler(self.optimizer)
@@ -149,9 +187,12 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         if checkpoint_every is not None and checkpoint_path is None:
             raise ValueError("checkpoint_every needs checkpoint_path")
-        self.progress = progress
+        self.progress = progress and self.is_main_process
+        # the data order is shared by all ranks; t and eps are drawn per rank
         self.data_generator = torch.Generator().manual_seed(seed)
-        self.noise_generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.noise_generator = torch.Generator(self.device).manual_seed(
+            seed + 1 + (self.rank << 32)
+        )
         self.step = 0
         self.history: list[float] = []
         self._perm: Tensor | None = None
@@ -162,27 +203,41 @@ class Trainer:
     def _next_batch(self) -> tuple[Tensor, dict[str, Any] | None]:
         if self.data is not None:
             n = self.data.shape[0]
-            if self._perm is None or self._pos + self.batch_size > n:
+            global_batch = self.batch_size * self.world_size
+            if global_batch > n:
+                raise ValueError(
+                    f"batch_size * world_size = {self.batch_size} * {self.world_size} = "
+                    f"{global_batch} exceeds the {n} training samples; lower batch_size"
+                )
+            if self._perm is None or self._pos + global_batch > n:
                 self._perm = torch.randperm(n, generator=self.data_generator)
                 self._pos = 0
-            idx = self._perm[self._pos : self._pos + self.batch_size]
-            self._pos += self.batch_size
+            start = self._pos + self.rank * self.batch_size
+            idx = self._perm[start : start + self.batch_size]
+            self._pos += global_batch
             x = self.data[idx]
             cond = None if self.cond is None else {k: v[idx] for k, v in self.cond.items()}
         else:
             assert self.loader is not None
             if self._loader_iter is None:
-                self._loader_iter = iter(self.loader)
+                self._loader_iter = self._new_epoch(self.loader)
             try:
                 batch = next(self._loader_iter)
             except StopIteration:
-                self._loader_iter = iter(self.loader)
+                self._loader_iter = self._new_epoch(self.loader)
                 batch = next(self._loader_iter)
             x, cond = self._split_batch(batch)
         x = x.to(self.device)
         if cond is not None:
             cond = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in cond.items()}
         return x, cond
+
+    def _new_epoch(self, loader: Iterable[Any]) -> Iterator[Any]:
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self._loader_epoch)  # a new order each epoch, the same on all ranks
+        self._loader_epoch += 1
+        return iter(loader)
 
     def _split_batch(self, batch: Any) -> tuple[Tensor, dict[str, Any] | None]:
         if isinstance(batch, Tensor):
@@ -203,18 +258,22 @@ class Trainer:
         """One optimizer step; returns the batch loss."""
         self.model.train()
         x, cond = self._next_batch()
-        loss = self.model.loss(x, cond=cond, generator=self.noise_generator).mean()
+        loss = self._forward(x, cond=cond, generator=self.noise_generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients are averaged over the ranks here
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        if self.model.ema is not None:
+        if self.model.ema is not None and self.is_main_process:
             self.model.update_ema()
         self.step += 1
-        value = float(loss.detach())
+        loss = loss.detach()
+        if self.world_size > 1:
+            dist.all_reduce(loss)
+            loss = loss / self.world_size
+        value = float(loss)
         self.history.append(value)
         return value
 
@@ -244,17 +303,41 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
     def _extra(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {
             "history": torch.tensor(self.history, dtype=torch.float64),
             "perm": self._perm,
             "pos": self._pos,
+            "loader_epoch": self._loader_epoch,
         }
+        if self.world_size > 1:  # every rank's own RNG states, rows indexed by rank
+            states = [torch.get_rng_state(), self.noise_generator.get_state()]
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, states)
+            extra["world_size"] = self.world_size
+            extra["rank_rng"] = torch.stack([g[0] for g in gathered])
+            extra["rank_noise"] = torch.stack([g[1] for g in gathered])
+        return extra
+
+    def _check_world_size(self, extra: dict[str, Any]) -> None:
+        saved_world = int(extra.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"this checkpoint was written by {saved_world} process(es) and this run has "
+                f"world_size={self.world_size}; exact resume needs the same number of processes "
+                f"(relaunch with --nproc_per_node={saved_world}), or load only the weights "
+                "with tinydiff.load_checkpoint"
+            )
 
     def _load_extra(self, extra: dict[str, Any]) -> None:
+        self._check_world_size(extra)
         self.history = [float(v) for v in extra["history"].tolist()]
         self._perm = extra["perm"]
         self._pos = int(extra["pos"])
+        self._loader_epoch = int(extra.get("loader_epoch", 0))
         self._loader_iter = None
+        if self.world_size > 1:
+            torch.set_rng_state(extra["rank_rng"][self.rank].clone())
+            self.noise_generator.set_state(extra["rank_noise"][self.rank].clone())
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy) of everything needed to resume: model, EMA, optimizer,
@@ -293,21 +376,97 @@ class Trainer:
         return {"data": self.data_generator, "noise": self.noise_generator}
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a checkpoint (atomic; see :mod:`tinydiff.checkpoint`)."""
-        save_checkpoint(
-            path,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            step=self.step,
-            extra=self._extra(),
-            generators=self._generators(),
-        )
+        """Write a checkpoint (atomic; see :mod:`tinydiff.checkpoint`).
+
+        When distributed, call it on every rank (it gathers their RNG states); rank 0 writes
+        the file and the others wait until it is complete.
+        """
+        extra = self._extra()
+        if self.is_main_process:
+            save_checkpoint(
+                path,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                step=self.step,
+                extra=extra,
+                generators=self._generators(),
+            )
+        if self.world_size > 1:
+            dist.barrier()
 
     def resume(self, path: str | os.PathLike[str]) -> int:
-        """Restore a checkpoint written by :meth:`save`; returns the step."""
+        """Restore a checkpoint written by :meth:`save`; returns the step.
+
+        When distributed, every rank reads the file (it must be on a shared file system) and
+        restores its own RNG states; the world size must be the one that wrote it.
+        """
+        extra = read_checkpoint(path)["extra"]
+        self._check_world_size(extra)  # before anything is overwritten
         self.step = load_checkpoint(
             path, self.model, self.optimizer, self.scheduler, generators=self._generators()
         )
-        self._load_extra(read_checkpoint(path)["extra"])
+        self._load_extra(extra)
         return self.step
+
+
+# -- distributed helpers ----------------------------------------------------------------------
+
+
+def _module_device(model: DiffusionModel) -> torch.device:
+    """The device of the network's first floating-point parameter or buffer (CPU if none)."""
+    for p in [*model.nn_module.parameters(), *model.nn_module.buffers()]:
+        if p.is_floating_point():
+            return p.device
+    return torch.device("cpu")
+
+
+def _join_process_group() -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, or by initialising one when a
+    launcher (torchrun, accelerate launch) set ``WORLD_SIZE`` > 1; (0, 1) otherwise."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun or accelerate "
+                "launch, or call torch.distributed.init_process_group() before the Trainer"
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _shard_loader(loader: Iterable[Any], rank: int, world: int, seed: int) -> Iterable[Any]:
+    """A DataLoader rebuilt with a DistributedSampler (unless it has one); other iterables
+    are assumed to be sharded by the caller."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if loader.batch_size is None:
+        raise ValueError(
+            "a DataLoader with batch_size=None (a custom batch_sampler) cannot be sharded "
+            "automatically; give it a DistributedSampler yourself"
+        )
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        loader.dataset,  # type: ignore[arg-type]
+        num_replicas=world,
+        rank=rank,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        seed=seed,
+        drop_last=loader.drop_last,
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+    )
