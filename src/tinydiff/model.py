@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+import tinydiff._validation as _validation
 from tinydiff import conditioning, losses, samplers, schedules, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig
 from tinydiff.ema import EMA
@@ -244,6 +245,7 @@ class DiffusionModel(nn.Module):
         cond: dict[str, Any] | None = None,
         cond_drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        check_finite: bool | None = None,
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
@@ -263,15 +265,22 @@ class DiffusionModel(nn.Module):
                 (overrides the random draw with ``cond_drop_prob``).
             generator: source of t, eps and the dropout draw (default: torch's global RNG);
                 on x's device.
+            check_finite: refuse NaN / inf in x and noise: True always, False never, None
+                (default) only for CPU tensors, where the check costs no host sync.
 
         Returns:
             (bsz, *input_shape) per-element losses.
 
         Raises:
             ValueError: a cond key the network does not accept; cond_drop_prob > 0 but the
-                network has no null condition.
+                network has no null condition; t outside 1..T; non-finite x or noise.
+            TypeError: t not integer (bool and uint8 are refused), x's dtype not the
+                network's, generator not a torch.Generator.
         """
         x = self._check_x(x)
+        _validation.check_dtype_matches(x, self._param_dtype_device()[0])
+        _validation.check_finite("x", x, check_finite)
+        generator = _validation.check_generator(generator)
         bsz, ndim = x.shape[0], x.dim()
         if cond is not None:
             cond = conditioning.check_cond(self.nn_module, cond, bsz)
@@ -279,16 +288,15 @@ class DiffusionModel(nn.Module):
             t = torch.randint(
                 1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
             )
-        elif t.shape != (bsz,) or t.is_floating_point() or t.is_complex():
-            raise ValueError(
-                f"t must be an integer tensor of shape ({bsz},), got {t.dtype} {tuple(t.shape)}"
-            )
+        else:
+            t = _validation.check_loss_times(t, self.num_timesteps, bsz, x.device)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         elif noise.shape != x.shape:
             raise ValueError(
                 f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
             )
+        _validation.check_finite("noise", noise, check_finite)
         tables = self._tables(x.device)
         view = (bsz,) + (1,) * (ndim - 1)
 
@@ -466,6 +474,7 @@ class DiffusionModel(nn.Module):
         guidance_rescale: float = 0.0,
         use_ema: bool = False,
         compile: bool = False,
+        check_finite: bool | None = None,
     ) -> Tensor:
         """Draw samples by running a sampler from pure noise to t = 0.
 
@@ -493,14 +502,24 @@ class DiffusionModel(nn.Module):
                 are untouched.
             compile: run the compiled step (see :meth:`compile_sampler`): the first call per
                 sampler and batch shape compiles, later calls (any number of steps) reuse it.
+            check_finite: refuse non-finite results: the samples are checked once after the
+                loop (one host sync) and init_noise on the CPU, unless False; True also
+                checks init_noise on an accelerator.
 
         Returns:
             samples (bsz, *input_shape), in the network's parameter dtype.
 
         Raises:
             ValueError: bad bsz or init_noise; a cond key the network does not accept;
-                guidance_scale without cond; use_ema without EMA.
+                guidance_scale without cond; use_ema without EMA; a device that does not
+                exist here; NaN or inf in init_noise or in the samples.
+            TypeError: generator, sampler_kwargs or an explicit timestep_spacing of the
+                wrong type.
         """
+        generator = _validation.check_generator(generator)
+        sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
+        _validation.check_spacing(timestep_spacing)
+        device = _validation.check_device(device)
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")
         network = self._select_network(use_ema)
@@ -520,6 +539,7 @@ class DiffusionModel(nn.Module):
         dtype, param_device = self._param_dtype_device()
         device = torch.device(device) if device is not None else param_device
         shape = (bsz, *self.input_shape)
+        _validation.check_bsz(bsz, self.input_shape, dtype, device)
         if init_noise is None:
             x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -533,6 +553,7 @@ class DiffusionModel(nn.Module):
                     f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}"
                 )
             x = init_noise.to(device=device, dtype=dtype)
+            _validation.check_finite("init_noise", x, check_finite)
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
@@ -550,7 +571,7 @@ class DiffusionModel(nn.Module):
                 )
             self._opaque_call = (network, cond, denoiser.cond_2x, guidance_scale)
         plan = build_plan(solver, timesteps, schedules.alpha_bar_at(self.alphas_cumprod, timesteps))
-        return run_sampler(
+        out = run_sampler(
             solver,
             x,
             plan,
@@ -560,6 +581,8 @@ class DiffusionModel(nn.Module):
             progress=progress,
             loop=self._compiled_loop(solver, plan, x) if compile else None,
         )
+        _validation.check_finite_samples(out, return_trajectory, check_finite)
+        return out
 
     # -- EMA ---------------------------------------------------------------------------------
     def enable_ema(
