@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from tinydiff._validation import check_number
 from tinydiff.samplers._vp import finite_history, vp
 from tinydiff.samplers.base import Denoiser, State, register
 from tinydiff.samplers.dpmpp_2m import DPMSolverPP2M
@@ -41,9 +42,7 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
     stochastic = True
 
     def __init__(self, eta: float = 1.0) -> None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise ValueError(f"dpmpp_2m_sde eta must be a number >= 0, got {eta!r}")
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta, min=0.0, owner="dpmpp_2m_sde")
 
     @property
     def is_stochastic(self) -> bool:
