@@ -24,6 +24,7 @@ __all__ = [
     "check_finite",
     "check_finite_samples",
     "check_generator",
+    "check_int",
     "check_kwargs_dict",
     "check_loss_times",
     "check_number",
@@ -69,6 +70,17 @@ def check_number(
     if max is not None and not v <= max:
         raise ValueError(f"{who}{name} must be <= {max}, got {value!r}")
     return v
+
+
+def check_int(name: str, value: Any, *, min: int, max: int | None = None, owner: str = "") -> int:
+    """``value`` as an int in ``[min, max]``; bools, floats and strings are a TypeError."""
+    who = f"{owner} needs " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}{name} as an int, got {value!r} ({type(value).__name__})")
+    if value < min or (max is not None and value > max):
+        bounds = f">= {min}" if max is None else f"in {min}..{max}"
+        raise ValueError(f"{who}{name} {bounds}, got {name}={value}")
+    return int(value)
 
 
 def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:
