@@ -279,3 +279,15 @@ def check_entries(
             + "; ".join(problems)
             + (f". {hint}" if hint else "")
         )
+
+
+def check_count(file: SafetensorsFile, key: str, low: int) -> None:
+    """A counter tensor (an EMA's ``n_averaged``, ``num_calls``): an integer scalar >= low."""
+    dtype, shape = file.entries[key]
+    value = file.get(key) if dtype in ("I64", "I32") and len(shape) <= 1 else None
+    if value is None or value.numel() != 1 or int(value.reshape(())) < low:
+        shown = "?" if value is None or value.numel() != 1 else int(value.reshape(()))
+        raise SerializationError(
+            f"{file.what} {file.path}: {key} must be an integer >= {low}, got {shown} "
+            f"({dtype} {list(shape)}); the file is corrupt"
+        )

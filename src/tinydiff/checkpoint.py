@@ -27,7 +27,13 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from tinydiff._safetensors import SafetensorsFile, SerializationError, check_entries, load_json
+from tinydiff._safetensors import (
+    SafetensorsFile,
+    SerializationError,
+    check_count,
+    check_entries,
+    load_json,
+)
 
 __all__ = ["SerializationError", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
 
@@ -298,18 +304,6 @@ def _read_all(ckpt: _Checkpoint) -> dict[str, Any]:
     }
 
 
-def _check_scalar_count(ckpt: _Checkpoint, key: str, low: int) -> None:
-    """An EMA counter (``n_averaged``, ``num_calls``): an integer scalar >= low."""
-    dtype, shape = ckpt.file.entries[key]
-    value = ckpt.get(key) if dtype in ("I64", "I32") and len(shape) <= 1 else None
-    if value is None or value.numel() != 1 or int(value.reshape(())) < low:
-        shown = "?" if value is None or value.numel() != 1 else int(value.reshape(()))
-        raise SerializationError(
-            f"checkpoint {ckpt.path}: {key} must be an integer >= {low}, got {shown} "
-            f"({dtype} {list(shape)}); the file is corrupt"
-        )
-
-
 def _check_rng_state(ckpt: _Checkpoint, key: str, like: Tensor, what: str) -> None:
     dtype, shape = ckpt.file.entries[key]
     if dtype != "U8" or shape != tuple(like.shape):
@@ -447,8 +441,8 @@ def _restore(
             exact_dtype=False,
             hint="Enable the EMA on a model of the architecture it was saved from.",
         )
-        _check_scalar_count(ckpt, "ema/n_averaged", 1)
-        _check_scalar_count(ckpt, "ema/num_calls", 0)
+        check_count(ckpt.file, "ema/n_averaged", 1)
+        check_count(ckpt.file, "ema/num_calls", 0)
     decoded: dict[str, Any] = {}
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:

@@ -16,9 +16,7 @@ plain attribute: they are not parameters of the model (an optimizer over
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -28,13 +26,12 @@ import tinydiff._validation as _validation
 from tinydiff import conditioning, losses, samplers, schedules, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig
 from tinydiff.ema import EMA
+from tinydiff.hub import HubMixin
 from tinydiff.samplers.base import Prediction, Sampler, build_plan, run_sampler
 from tinydiff.samplers.ddpm import clipped_log_beta_tilde
 from tinydiff.variances import VlbTerms, posterior_coefficients
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo
-
     from tinydiff._compile import CompileOptions, StepCache
 
 __all__ = ["DiffusionModel"]
@@ -106,7 +103,7 @@ class _Denoiser:
         return Prediction(x0, eps, None if var_out is None else var_out[:bsz])
 
 
-class DiffusionModel(nn.Module):
+class DiffusionModel(HubMixin, nn.Module):
     """A denoising diffusion model around any network.
 
     Args:
@@ -684,129 +681,4 @@ class DiffusionModel(nn.Module):
         return (
             f"input_shape={c.input_shape}, T={c.num_timesteps}, schedule={c.noise_schedule_type}, "
             f"target={c.target_type}, sigma={c.sigma_type}, loss={c.loss_type}, sampler={c.sampler_type}"
-        )
-
-    # -- serialization and the Hub (tinydiff.hub) ----------------------------------------------
-    def save_pretrained(
-        self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
-    ) -> Path:
-        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md.
-
-        The layout is described in :mod:`tinydiff.hub`. Built-in :mod:`tinydiff.nn` networks
-        are stored with their class name and init arguments, so :meth:`from_pretrained` needs
-        nothing else; a custom network's weights are stored but not its architecture. The EMA
-        weights and options are saved too when :meth:`enable_ema` was called.
-
-        Args:
-            save_directory: the folder (created if needed); files are written atomically.
-            repo_id: optional Hub repository id shown in the model card's usage snippet.
-
-        Returns:
-            the folder.
-        """
-        from tinydiff import hub
-
-        return hub.save_pretrained(self, save_directory, repo_id=repo_id)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike[str],
-        *,
-        nn_module: nn.Module | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        load_ema: bool = False,
-        use_ema_weights: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> DiffusionModel:
-        """Load a model written by :meth:`save_pretrained`, from a folder or a Hub repository.
-
-        Hub downloads go through :func:`huggingface_hub.hf_hub_download` (its cache, tokens
-        and offline mode, ``HF_HUB_OFFLINE=1``). Weights are only ever read from validated
-        safetensors files (never unpickled) and loaded strictly.
-
-        Args:
-            name_or_path: a local folder, or a Hub repository id ``"user/name"``.
-            nn_module: the network to load the weights into; required when the model was
-                saved from a custom network (only :mod:`tinydiff.nn` networks are rebuilt
-                from the config); optional (overrides the stored one) otherwise.
-            revision: Hub branch, tag or commit sha (default: main).
-            token: Hub token (default: the logged-in one); ``False`` for none.
-            cache_dir: Hub cache folder (default: huggingface_hub's).
-            local_files_only: use the cache only, never the network.
-            force_download: download again even if cached.
-            load_ema: also load the saved EMA: the model gets an EMA (the saved options and
-                state) beside the live weights, for ``sample(..., use_ema=True)`` or more
-                training.
-            use_ema_weights: load the saved EMA weights *as the live weights* (no EMA on the
-                returned model); the usual choice for inference. Exclusive with load_ema.
-            device: where to put the model.
-
-        Returns:
-            the model (in train mode, like a freshly built one).
-
-        Raises:
-            tinydiff.hub.ModelNotFoundError: no such folder / repository / revision / file,
-                a private repository without a valid token, or files not cached offline.
-            tinydiff.hub.SerializationError: malformed or mismatched files (a config from a
-                newer tinydiff, unknown plugin components, a custom network without
-                ``nn_module=``, pickled weights only, corrupt safetensors, wrong keys,
-                shapes or dtypes; missing EMA weights when asked for).
-        """
-        from tinydiff import hub
-
-        return hub.from_pretrained(
-            name_or_path,
-            nn_module=nn_module,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            load_ema=load_ema,
-            use_ema_weights=use_ema_weights,
-            device=device,
-            model_cls=cls,
-        )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload tinydiff model",
-        create_pr: bool = False,
-    ) -> CommitInfo:
-        """Create the Hub repository if needed and upload :meth:`save_pretrained`'s folder.
-
-        One commit holds config.json, model.safetensors, README.md (and ema.safetensors).
-
-        Args:
-            repo_id: ``"user/name"`` (or ``"name"`` for the token's user).
-            private: visibility when the repository is created (an existing one keeps its own).
-            token: Hub token with write access (default: the logged-in one).
-            revision: branch to commit to (created from main if missing); default main.
-            commit_message: the commit message.
-            create_pr: open a pull request instead of committing directly.
-
-        Returns:
-            huggingface_hub's ``CommitInfo``: a ``str`` (the commit URL) with ``.oid``, the
-            commit sha to pin with ``from_pretrained(..., revision=...)``.
-        """
-        from tinydiff import hub
-
-        return hub.push_to_hub(
-            self,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
         )
