@@ -100,6 +100,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: a branch, tag, ``refs/pr/N`` or commit sha; never a path that could leave the cache
 _REVISION = re.compile(r"(?!.*\.\.)(?!.*//)(?!.*\.lock$)[A-Za-z0-9_][A-Za-z0-9._/+-]{0,254}(?<!/)")
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
 #: the only networks rebuilt from a config: name in config.json -> class
 BUILTIN_NETWORKS: dict[str, type[nn.Module]] = {"tinydiff.nn.MLP": MLP, "tinydiff.nn.UNet": UNet}
 _DTYPE_NAMES = {
@@ -263,6 +265,9 @@ class _Source:
         try:
             validate_repo_id(self.name)
             self.folder = Path(snapshot_download(self.name, allow_patterns=files, **hub))
+            if not _COMMIT.fullmatch(self.folder.name) or self.folder.parent.name != "snapshots":
+                # a cache ref file whose content is not a commit sha (e.g. "../../elsewhere")
+                raise ValueError(f"the cache resolved it to {self.folder}, not a commit snapshot")
         except HFValidationError:
             raise ModelNotFoundError(
                 f"{self.name!r} is neither a local folder nor a valid Hub repository id"
