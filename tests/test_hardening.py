@@ -584,3 +584,18 @@ def test_pickled_checkpoint_is_never_unpickled(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(SerializationError, match="not a tinydiff checkpoint"):
         load_checkpoint(tmp_path / "plain.safetensors", mlp_model())
+
+
+def test_failed_from_pretrained_leaves_a_given_network_unchanged(tmp_path):
+    from _nets import TinyNet
+
+    custom = DiffusionModel(TinyNet(2), DiffusionModelConfig(input_shape=(2,), num_timesteps=20))
+    custom.save_pretrained(tmp_path)
+    tensors = st_load((tmp_path / "model.safetensors").read_bytes())
+    tensors["nn_module.net.0.bias"] = torch.zeros(7)
+    (tmp_path / "model.safetensors").write_bytes(st_save(tensors))
+    net = TinyNet(2)
+    before = _state(net)
+    with pytest.raises(SerializationError, match=r"net\.0\.bias: shape \(7,\) in the file"):
+        DiffusionModel.from_pretrained(tmp_path, nn_module=net)
+    assert _same(before, _state(net))
