@@ -10,10 +10,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -60,16 +62,18 @@ def run_demo(
     from tinydiff.nn import MLP
     from tinydiff.plotting import save_gif, save_scatter_png, scatter_frame
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_count("steps", steps, MAX_STEPS)
+    _check_count("sampling_steps", sampling_steps, NUM_TIMESTEPS)
+    _check_count("snapshots", snapshots, MAX_STEPS)
+    _check_count("num_samples", num_samples, 10**7)
+    out_dir = prepare_out_dir(out)
     start = time.perf_counter()
     torch.manual_seed(seed)
     train = make_toy(dataset, 20_000, torch.Generator().manual_seed(seed))
     held_out = make_toy(dataset, num_samples, torch.Generator().manual_seed(seed + 10_000))
     config = DiffusionModelConfig(
         input_shape=(2,),
+        num_timesteps=NUM_TIMESTEPS,
         target_type="pred_v",
         noise_schedule_type="cosine",
         sampler_type=sampler,
@@ -129,18 +133,69 @@ def run_demo(
     }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+#: the demo's diffusion steps T (sampling_steps can be at most this)
+NUM_TIMESTEPS = 1000
+MAX_STEPS = 10_000_000
+OUTPUT_NAMES = ("samples.png", "training.gif")
+
+
+def _check_count(name: str, value: object, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an integer in 1..{high}, got {value!r}")
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    """Create the output folder and check that the demo's pictures can be written there.
+
+    Raises:
+        ValueError: ``out`` is a file, cannot be created or written, or a picture's path is
+            taken by a folder; the message says which.
+    """
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder; pass a folder to write into")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        raise ValueError(
+            f"--out {out_dir} cannot be created or written ({err.strerror or err}); pass a "
+            "folder you can write to"
+        ) from None
+    for name in OUTPUT_NAMES:
+        if (out_dir / name).is_dir():
+            raise ValueError(
+                f"{out_dir / name} is a folder, so the demo could not write its picture there; "
+                "remove it or pass another --out"
+            )
+    return out_dir
+
+
+def _int_in(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinydiff", description="tinydiff command line")
+    parser = _Parser(prog="tinydiff", description="tinydiff command line")
     parser.add_argument("--version", action="version", version=f"tinydiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
+    demo: argparse.ArgumentParser = sub.add_parser(
         "demo",
         help="train on a 2D toy data set and write pictures of the samples",
         description="Train a small diffusion model on a 2D toy data set (about a minute on 2 "
@@ -148,13 +203,25 @@ def _parser() -> argparse.ArgumentParser:
         "distance of its samples to held-out data beside that of an untrained model.",
     )
     demo.add_argument("--dataset", choices=sorted(TOY_DATASETS), default="swiss_roll")
-    demo.add_argument("--steps", type=_positive_int, default=3000, help="training steps (3000)")
+    demo.add_argument(
+        "--steps", type=_int_in(1, MAX_STEPS), default=3000, help="training steps (3000)"
+    )
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     demo.add_argument("--sampler", default="dpmpp_2m", help="sampler for the pictures")
-    demo.add_argument("--sampling-steps", type=_positive_int, default=50)
+    demo.add_argument(
+        "--sampling-steps",
+        type=_int_in(1, NUM_TIMESTEPS),
+        default=50,
+        help=f"sampling steps for the pictures, at most T = {NUM_TIMESTEPS} (50)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _fail(message: str) -> int:
+    print(f"tinydiff demo: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,20 +232,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             samplers.REGISTRY.canonical(args.sampler)
+            prepare_out_dir(args.out)
         except ValueError as err:
-            raise SystemExit(f"tinydiff demo: {err}") from None
+            return _fail(str(err))
         # a 128-wide MLP gains nothing from intra-op threads, and on a busy machine OpenMP
         # threads that wait on each other make it many times slower
         torch.set_num_threads(1)
-        result = run_demo(
-            args.dataset,
-            args.steps,
-            args.out,
-            args.seed,
-            sampler=args.sampler,
-            sampling_steps=args.sampling_steps,
-            progress=not args.quiet,
-        )
+        try:
+            result = run_demo(
+                args.dataset,
+                args.steps,
+                args.out,
+                args.seed,
+                sampler=args.sampler,
+                sampling_steps=args.sampling_steps,
+                progress=not args.quiet,
+            )
+        except OSError as err:  # e.g. the disk filled up while writing the pictures
+            return _fail(f"cannot write the pictures: {err}")
         print(f"dataset {args.dataset}: {args.steps} steps in {result['seconds']:.0f} s")
         print(
             f"sliced Wasserstein distance to held-out data: trained {result['sw_trained']:.4f}, "

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from tinydiff import losses, samplers, schedules, spacings, targets, variances
 from tinydiff._registry import Registry, check_kwargs
@@ -53,8 +61,8 @@ class DiffusionModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    input_shape: tuple[int, ...] | None = None
-    num_timesteps: int = Field(default=1000, ge=1, le=100_000)
+    input_shape: tuple[StrictInt, ...] | None = None  # strict: True is not 1
+    num_timesteps: StrictInt = Field(default=1000, ge=1, le=100_000)
     noise_schedule_type: str = "cosine"
     schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
     target_type: str = "pred_eps"

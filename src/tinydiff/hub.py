@@ -1,4 +1,5 @@
-"""Pretrained models: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``, without pickle.
+"""Pretrained models: :class:`HubMixin` gives ``DiffusionModel`` ``save_pretrained``,
+``from_pretrained`` and ``push_to_hub``, without pickle.
 
 A saved model is a folder (locally or as a Hugging Face Hub repository) holding:
 
@@ -11,45 +12,60 @@ A saved model is a folder (locally or as a Hugging Face Hub repository) holding:
 * ``model.safetensors``: ``DiffusionModel.state_dict()`` (keys ``nn_module.*``);
 * ``ema.safetensors`` (only with EMA): :meth:`tinydiff.ema.EMA.state_dict` (the averaged
   network under ``module.*``, plus ``n_averaged`` and ``num_calls``);
-* ``README.md``: a model card (YAML front matter, the config table, a usage snippet).
+* ``README.md``: a :class:`huggingface_hub.ModelCard` (YAML metadata, the config table, a
+  usage snippet).
 
-Nothing is ever unpickled: weights are read only from safetensors files whose header is
-validated here first (header length, JSON, dtypes, shapes and byte offsets inside the file),
-and ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` weights are refused. Loading is strict: missing,
-unexpected, wrongly shaped or wrongly typed tensors are an error naming the keys. Only
-classes from :mod:`tinydiff.nn` are ever rebuilt from a config; no class path is imported.
+What tinydiff adds to :mod:`huggingface_hub` and :mod:`safetensors` (which do the downloads,
+cache, tokens, offline mode, uploads, model cards, and validate safetensors headers):
 
-Everything that talks to the Hub (downloads, cache, revisions, tokens, offline mode,
-uploads) goes through :mod:`huggingface_hub`. tinydiff does not inherit
-:class:`huggingface_hub.ModelHubMixin`: the mixin captures constructor arguments as the
-config (``DiffusionModel`` takes a network object plus a pydantic config), and its PyTorch
-loader falls back to ``torch.load`` for ``.bin`` files; the folder layout is the same.
+* nothing is ever unpickled: ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` weights are refused;
+* a Hub load resolves the revision once (:func:`huggingface_hub.snapshot_download`), so
+  its files all come from one commit; ``revision`` and repository ids are checked before
+  they reach the cache;
+* bounded loading: the network in config.json is built on the meta device and its tensor
+  names, shapes and dtypes are compared with the safetensors headers (whose offsets
+  safetensors checks against the file size) before anything is allocated; only regular
+  files are opened, and the header length, JSON size and nesting are capped;
+* strict loading: missing, unexpected, wrongly shaped or typed tensors are one error naming
+  the keys; only classes from :mod:`tinydiff.nn` are rebuilt from a config, no class path is
+  imported; ``schema_version`` is checked; a missing plugin is named.
+
+tinydiff does not inherit :class:`huggingface_hub.ModelHubMixin`: that mixin captures
+constructor arguments as the config (``DiffusionModel`` takes a network object plus a
+pydantic config), and its PyTorch loader falls back to ``torch.load`` for ``.bin`` files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, snapshot_download
 from huggingface_hub.errors import (
-    EntryNotFoundError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from tinydiff._safetensors import (
+    SafetensorsFile,
+    SerializationError,
+    check_count,
+    check_entries,
+    check_regular_file,
+    load_json,
+)
+from tinydiff._validation import check_device
 from tinydiff._version import __version__
 from tinydiff.checkpoint import _atomic_write
 from tinydiff.config import DiffusionModelConfig
@@ -65,48 +81,35 @@ __all__ = [
     "EMA_WEIGHTS_NAME",
     "SCHEMA_VERSION",
     "WEIGHTS_NAME",
+    "HubMixin",
     "ModelNotFoundError",
     "SerializationError",
-    "from_pretrained",
-    "push_to_hub",
     "read_safetensors",
-    "save_pretrained",
 ]
 
-SCHEMA_VERSION = 1
+#: the config.json layout written here; 1 (tinydiff 0.1) and 2 are read
+SCHEMA_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 README_NAME = "README.md"
+#: read_safetensors' header cap (safetensors' own); from_pretrained derives a tighter one
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-MAX_CONFIG_BYTES = 10 * 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: a branch, tag, ``refs/pr/N`` or commit sha; never a path that could leave the cache
+_REVISION = re.compile(r"(?!.*\.\.)(?!.*//)(?!.*\.lock$)[A-Za-z0-9_][A-Za-z0-9._/+-]{0,254}(?<!/)")
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 #: the only networks rebuilt from a config: name in config.json -> class
 BUILTIN_NETWORKS: dict[str, type[nn.Module]] = {"tinydiff.nn.MLP": MLP, "tinydiff.nn.UNet": UNet}
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_DTYPE_NAMES: dict[str, torch.dtype] = {
+_DTYPE_NAMES = {
     "float64": torch.float64,
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-
-class SerializationError(ValueError):
-    """A saved model's files are malformed, inconsistent with the model, or refused (pickle)."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -127,7 +130,7 @@ class _NetworkSpec(BaseModel):
 
 
 class _ConfigFile(BaseModel):
-    """The layout of config.json (schema version 1); ``model`` is validated separately."""
+    """The layout of config.json (schema versions 1 and 2); ``model`` is validated separately."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     schema_version: int
@@ -139,134 +142,16 @@ class _ConfigFile(BaseModel):
     ema: _EmaOptions | None
 
 
-# -- safetensors, validated ----------------------------------------------------------------------
-def _check_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Validate a safetensors file's header without trusting it; return its tensor entries."""
-    size = path.stat().st_size
-    if size < 8:
-        raise SerializationError(
-            f"{path} is not a safetensors file: {size} bytes, shorter than the 8-byte header length"
-        )
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise SerializationError(
-                f"{path} is truncated or corrupt: its header claims {n} bytes but the file has "
-                f"only {size - 8} after the length field"
-            )
-        if n > MAX_HEADER_BYTES:
-            raise SerializationError(
-                f"{path}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte cap"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SerializationError(
-            f"{path}: the safetensors header is not valid JSON ({err})"
-        ) from None
-    if not isinstance(header, dict):
-        raise SerializationError(f"{path}: the safetensors header must be a JSON object")
-    data_size = size - 8 - n
-    entries: dict[str, dict[str, Any]] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise SerializationError(
-                f"{path}: tensor {key!r} needs exactly dtype, shape and data_offsets in the header"
-            )
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ST_DTYPES:
-            raise SerializationError(
-                f"{path}: tensor {key!r} has unsupported dtype {dtype!r} "
-                f"(supported: {', '.join(_ST_DTYPES)})"
-            )
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise SerializationError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size
-        ):
-            raise SerializationError(
-                f"{path} is truncated or corrupt: tensor {key!r} has data_offsets {offsets!r} "
-                f"outside the {data_size} data bytes of the file"
-            )
-        nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-        if nbytes != offsets[1] - offsets[0]:
-            raise SerializationError(
-                f"{path}: tensor {key!r} of dtype {dtype} and shape {shape} needs {nbytes} bytes "
-                f"but its data_offsets span {offsets[1] - offsets[0]}"
-            )
-        entries[key] = info
-    return entries
-
-
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read every tensor of a safetensors file onto the CPU, after validating its header.
-
-    Args:
-        path: the ``.safetensors`` file.
-
-    Returns:
-        name -> tensor.
+    """Read every tensor of a safetensors file onto the CPU (a regular file; header checked
+    by safetensors, and capped at :data:`MAX_HEADER_BYTES`).
 
     Raises:
-        SerializationError: a truncated or corrupt file, a header beyond the file or over
-            :data:`MAX_HEADER_BYTES`, an unknown dtype, offsets or sizes that do not match.
+        SerializationError: not a regular file, a truncated or corrupt file, a header over
+            the cap, anything else safetensors refuses.
     """
-    path = Path(path)
-    _check_header(path)
-    tensors: dict[str, Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    except SafetensorError as err:
-        raise SerializationError(f"{path}: invalid safetensors file ({err})") from None
-    return tensors
-
-
-def _key_list(keys: list[str], limit: int = 12) -> str:
-    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _check_state(
-    what: str, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str
-) -> None:
-    """Strict comparison of key sets, shapes and dtypes; one error listing every problem."""
-    problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        problems.append(f"missing keys: {_key_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_key_list(unexpected)}")
-    for key in sorted(set(expected) & set(found)):
-        want, got = expected[key], found[key]
-        if tuple(want.shape) != tuple(got.shape):
-            problems.append(
-                f"{key}: shape {tuple(got.shape)} in the file, {tuple(want.shape)} expected"
-            )
-        elif want.dtype != got.dtype:
-            problems.append(f"{key}: dtype {got.dtype} in the file, {want.dtype} expected")
-    if problems:
-        raise SerializationError(
-            f"{source} does not match the {what}: "
-            + "; ".join(problems)
-            + ". Check that the network (nn_module=) has the architecture the weights were "
-            "saved from."
-        )
-
-
-def _to_cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    # clones: safetensors refuses tensors that share storage
-    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with SafetensorsFile(path, max_header_bytes=MAX_HEADER_BYTES) as f:
+        return {key: f.get(key) for key in f.entries}
 
 
 # -- saving ----------------------------------------------------------------------------------------
@@ -277,17 +162,12 @@ def _network_spec(net: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
 def build_config(model: DiffusionModel) -> dict[str, Any]:
     """The config.json document of ``model`` (module docstring)."""
     ema = model.ema
-    dtype = _float_dtype(model.nn_module)
+    dtype = next(
+        (t.dtype for t in model.nn_module.state_dict().values() if t.is_floating_point()), None
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "library_name": "tinydiff",
@@ -301,9 +181,9 @@ def build_config(model: DiffusionModel) -> dict[str, Any]:
     }
 
 
-def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
-    """A README.md: YAML front matter, a description, the config table and a usage snippet."""
-    net = config["network"]
+def model_card(config: dict[str, Any], repo_id: str | None = None) -> ModelCard:
+    """The README.md: card metadata, a description, the config table and a usage snippet."""
+    net, ema = config["network"], config["ema"]
     rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in config["model"].items())
     where = repo_id or "path/to/this/folder"
     if net is None:
@@ -312,175 +192,82 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     else:
         arch = f"`{net['class_name']}` with `{json.dumps(net['config'])}`"
         load = f'model = DiffusionModel.from_pretrained("{where}")'
-    ema = config["ema"]
     ema_line = (
         "EMA weights are included (`from_pretrained(..., load_ema=True)` or "
         f"`use_ema_weights=True`; decay {ema['decay']})."
         if ema
         else "No EMA weights are included."
     )
-    return f"""---
-library_name: tinydiff
-tags:
-- diffusion
-- tinydiff
----
-
-# tinydiff diffusion model
-
-A denoising diffusion model saved with tinydiff {config["tinydiff_version"]}
-(config schema {config["schema_version"]}). Network: {arch}. {ema_line}
-
-## Configuration
-
-| field | value |
-| --- | --- |
-{rows}
-
-## Usage
-
-```python
-from tinydiff import DiffusionModel
-
-{load}
-samples = model.sample(bsz=16)
-```
-"""
+    data = ModelCardData(library_name="tinydiff", tags=["diffusion", "tinydiff"])
+    body = (
+        f"# tinydiff diffusion model\n\nA denoising diffusion model saved with tinydiff "
+        f"{config['tinydiff_version']}\n(config schema {config['schema_version']}). Network: "
+        f"{arch}. {ema_line}\n\n## Configuration\n\n| field | value |\n| --- | --- |\n{rows}\n\n"
+        f"## Usage\n\n```python\nfrom tinydiff import DiffusionModel\n\n{load}\n"
+        "samples = model.sample(bsz=16)\n```\n"
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def save_pretrained(
-    model: DiffusionModel, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
-) -> Path:
-    """Write config.json, model.safetensors, ema.safetensors (with EMA) and README.md.
-
-    Each file is written atomically; a stale ema.safetensors from an earlier save of a model
-    with EMA is removed.
-
-    Args:
-        model: the model to save.
-        save_directory: the folder (created if needed).
-        repo_id: optional Hub repository id, used in the model card's usage snippet.
-
-    Returns:
-        the folder.
-    """
-    folder = Path(save_directory)
+def _save(model: DiffusionModel, folder: Path, repo_id: str | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = build_config(model)
-    _atomic_write(folder / WEIGHTS_NAME, st_save(_to_cpu(model.state_dict())))
+
+    def tensors(state: dict[str, Tensor]) -> bytes:
+        # clones: safetensors refuses tensors that share storage
+        return st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
+
+    _atomic_write(folder / WEIGHTS_NAME, tensors(model.state_dict()))
     ema_path = folder / EMA_WEIGHTS_NAME
     if model.ema is not None:
-        _atomic_write(ema_path, st_save(_to_cpu(model.ema_state_dict())))
+        _atomic_write(ema_path, tensors(model.ema_state_dict()))
     elif ema_path.exists():
         ema_path.unlink()
     _atomic_write(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-    _atomic_write(folder / README_NAME, model_card(config, repo_id).encode())
+    _atomic_write(folder / README_NAME, str(model_card(config, repo_id)).encode())
     return folder
 
 
-def push_to_hub(
-    model: DiffusionModel,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload tinydiff model",
-    create_pr: bool = False,
-) -> CommitInfo:
-    """Save ``model`` to a temporary folder and upload it to the Hub in one commit.
-
-    Args:
-        model: the model.
-        repo_id: ``"user/name"`` (or ``"name"``: the token's user).
-        private: visibility when the repository is created (an existing one is unchanged).
-        token: a Hub token (default: the logged-in / ``HF_TOKEN`` one).
-        revision: branch to commit to (created from main if missing); default main.
-        commit_message: the commit message.
-        create_pr: open a pull request instead of committing to the branch.
-
-    Returns:
-        huggingface_hub's ``CommitInfo`` (a ``str``: the commit URL; ``.oid`` is the sha).
-    """
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tinydiff-push-") as tmp:
-        save_pretrained(model, tmp, repo_id=repo_id)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
+# -- where the files are -----------------------------------------------------------------------
+def check_revision(revision: Any) -> str | None:
+    """None or a branch / tag / ``refs/pr/N`` / commit sha that cannot name a path outside
+    the Hub cache (no ``..``, no leading or trailing ``/``, no ``\\``)."""
+    if revision is None:
+        return None
+    if not isinstance(revision, str):
+        raise TypeError(f"revision must be a str (branch, tag or commit sha), got {revision!r}")
+    if not _REVISION.fullmatch(revision):
+        raise ValueError(
+            f"revision {revision!r:.80} is not a valid branch, tag or commit name: expected "
+            "letters, digits and . _ - + /, without '..', '//' or a leading or trailing '/' "
+            "(e.g. 'main', 'v1.0', 'refs/pr/3' or a 40-character commit sha)"
         )
+    return revision
 
 
-# -- loading ---------------------------------------------------------------------------------------
 class _Source:
-    """A local folder or a Hub repository; ``get(name)`` gives a local file path or None."""
+    """A local folder, or one commit of a Hub repository downloaded with snapshot_download."""
 
-    def __init__(
-        self,
-        name_or_path: str | os.PathLike[str],
-        *,
-        revision: str | None,
-        token: str | bool | None,
-        cache_dir: str | os.PathLike[str] | None,
-        local_files_only: bool,
-        force_download: bool,
-    ) -> None:
-        self.name = str(name_or_path)
+    def __init__(self, name_or_path: str | os.PathLike[str], files: list[str], **hub: Any) -> None:
+        self.name = os.fspath(name_or_path)
+        self.hub = hub
         path = Path(name_or_path)
-        self.folder = path if path.is_dir() else None
-        if self.folder is None and path.exists():
+        self.remote = not path.is_dir()
+        if not self.remote:
+            self.folder = path
+            return
+        if path.exists():
             raise ModelNotFoundError(
                 f"{self.name} is a file; from_pretrained needs the folder that save_pretrained "
                 "wrote (config.json, model.safetensors) or a Hub repository id"
             )
-        self.revision = revision
-        self.token = token
-        self.kwargs: dict[str, Any] = dict(
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-        )
-
-    def _listing(self) -> list[str]:
-        if self.folder is not None:
-            return sorted(p.name for p in self.folder.iterdir())
+        rev = hub["revision"]
         try:
-            return HfApi(token=self.token).list_repo_files(self.name, revision=self.revision)
-        except Exception:  # best effort, only to improve an error message
-            return []
-
-    def missing(self, filename: str) -> Exception:
-        pickled = [f for f in self._listing() if f.lower().endswith(PICKLE_SUFFIXES)]
-        if pickled:
-            return SerializationError(
-                f"{self.name} has no {filename} but pickled weights ({', '.join(pickled)}): "
-                "tinydiff never unpickles files (they can run arbitrary code). Convert them to "
-                "safetensors with the model's own code, or re-save with save_pretrained."
-            )
-        return ModelNotFoundError(
-            f"{self.name} has no {filename}: not a tinydiff model saved with save_pretrained"
-        )
-
-    def get(self, filename: str, *, required: bool = True) -> Path | None:
-        if self.folder is not None:
-            path = self.folder / filename
-            if path.is_file():
-                return path
-            if required:
-                raise self.missing(filename)
-            return None
-        rev = self.kwargs["revision"]
-        at = f" at revision {rev!r}" if rev else ""
-        try:
-            return Path(hf_hub_download(self.name, filename, **self.kwargs))  # type: ignore[arg-type]
+            validate_repo_id(self.name)
+            self.folder = Path(snapshot_download(self.name, allow_patterns=files, **hub))
+            if not _COMMIT.fullmatch(self.folder.name) or self.folder.parent.name != "snapshots":
+                # a cache ref file whose content is not a commit sha (e.g. "../../elsewhere")
+                raise ValueError(f"the cache resolved it to {self.folder}, not a commit snapshot")
         except HFValidationError:
             raise ModelNotFoundError(
                 f"{self.name!r} is neither a local folder nor a valid Hub repository id"
@@ -496,23 +283,65 @@ class _Source:
             ) from None
         except LocalEntryNotFoundError:
             raise ModelNotFoundError(
-                f"{filename} of {self.name!r}{at} is not in the local cache, and the Hub cannot "
-                "be reached (offline mode, local_files_only=True, or no connection); download "
-                "it once while online"
+                f"{', '.join(files)} of {self.name!r}{self._at()}: one or more is not in the "
+                "local cache, and the Hub cannot be "
+                "reached (offline mode, local_files_only=True, or no connection); download it "
+                "once while online"
             ) from None
-        except EntryNotFoundError:
-            if required:
-                raise self.missing(filename) from None
-            return None
+        except ValueError as err:  # e.g. a cache ref whose content points outside the cache
+            raise ModelNotFoundError(
+                f"the Hub cache entry of {self.name!r}{self._at()} is corrupt ({err}); delete "
+                "it (huggingface-cli delete-cache) and download again"
+            ) from None
+
+    def _at(self) -> str:
+        rev = self.hub.get("revision")
+        return f" at revision {rev!r}" if rev else ""
+
+    def _pickled(self) -> list[str]:
+        if not self.remote:
+            names = [p.name for p in self.folder.iterdir()]
+        else:
+            try:  # best effort, only to improve an error message; the commit just resolved
+                api = HfApi(token=self.hub["token"])
+                names = api.list_repo_files(self.name, revision=self.folder.name)
+            except Exception:
+                names = []
+        return sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+
+    def get(self, filename: str) -> Path:
+        """The local path of ``filename`` (a regular file), or a clear error."""
+        path = self.folder / filename
+        if os.path.lexists(path):
+            return check_regular_file(path, filename)
+        offline = self.hub.get("local_files_only") or constants.HF_HUB_OFFLINE
+        if self.remote and offline:
+            raise ModelNotFoundError(
+                f"{filename} of {self.name!r}{self._at()} is not in the local cache, and the Hub "
+                "cannot be reached (offline mode or local_files_only=True); download it once "
+                "while online"
+            )
+        pickled = self._pickled()
+        if pickled:
+            raise SerializationError(
+                f"{self.name} has no {filename} but pickled weights ({', '.join(pickled)}): "
+                "tinydiff never unpickles files (they can run arbitrary code). Convert them to "
+                "safetensors with the model's own code, or re-save with save_pretrained."
+            )
+        raise ModelNotFoundError(
+            f"{self.name} has no {filename}: not a tinydiff model saved with save_pretrained"
+        )
 
 
+# -- reading config.json -------------------------------------------------------------------------
 def _read_config(path: Path) -> _ConfigFile:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise SerializationError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SerializationError(f"{path} is not valid JSON: {err}") from None
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise SerializationError(
+            f"{path} has {size} bytes, more than the {MAX_CONFIG_BYTES} a tinydiff config.json "
+            "can need; it is not one"
+        )
+    doc = load_json(path.read_bytes(), str(path))
     if not isinstance(doc, dict):
         raise SerializationError(f"{path} must hold a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")
@@ -522,9 +351,14 @@ def _read_config(path: Path) -> _ConfigFile:
         )
     if version > SCHEMA_VERSION:
         raise SerializationError(
-            f"{path} was written by a newer tinydiff ({doc.get('tinydiff_version', '?')}, config "
-            f"schema {version}; this is tinydiff {__version__}, schema {SCHEMA_VERSION}): "
+            f"{path} was written by a newer tinydiff ({doc.get('tinydiff_version', '?')!s:.40}, "
+            f"config schema {version}; this is tinydiff {__version__}, schema {SCHEMA_VERSION}): "
             "upgrade tinydiff (pip install -U tinydiff) to load it"
+        )
+    if version < 1:
+        raise SerializationError(
+            f"{path} has schema_version {version}; tinydiff config files start at 1 (this "
+            f"tinydiff reads 1..{SCHEMA_VERSION}): the file is corrupt or not from tinydiff"
         )
     try:
         return _ConfigFile.model_validate(doc)
@@ -547,7 +381,8 @@ def _model_config(cfg: _ConfigFile, path: Path) -> DiffusionModelConfig:
         raise SerializationError(f"{path}: invalid DiffusionModelConfig: {err}") from None
 
 
-def _build_network(cfg: _ConfigFile, path: Path) -> nn.Module:
+def _build_network(cfg: _ConfigFile, path: Path, device: str) -> nn.Module:
+    """The built-in network of config.json, on ``device`` ("meta": nothing allocated)."""
     spec = cfg.network
     if spec is None:
         raise SerializationError(
@@ -561,98 +396,215 @@ def _build_network(cfg: _ConfigFile, path: Path) -> nn.Module:
             f"{path} names network class {spec.class_name!r}, which is not a built-in tinydiff "
             f"network ({', '.join(BUILTIN_NETWORKS)}); pass the network as nn_module=..."
         )
+    dtype = None if cfg.dtype is None else _DTYPE_NAMES.get(cfg.dtype)
+    if cfg.dtype is not None and dtype is None:
+        raise SerializationError(
+            f"{path}: unknown dtype {cfg.dtype!r} (expected one of {', '.join(_DTYPE_NAMES)})"
+        )
     try:
-        net = cls.from_config(spec.config)  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as err:
+        with torch.device(device):
+            net = cls.from_config(spec.config)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise SerializationError(
-            f"{path}: cannot build {spec.class_name} from {spec.config}: {err}"
+            f"{path}: cannot build {spec.class_name} from {spec.config!s:.300}: {err}"
         ) from None
-    if cfg.dtype is not None:
-        dtype = _DTYPE_NAMES.get(cfg.dtype)
-        if dtype is None:
-            raise SerializationError(
-                f"{path}: unknown dtype {cfg.dtype!r} (expected one of {', '.join(_DTYPE_NAMES)})"
+    return net if dtype is None else net.to(dtype)
+
+
+_HINT = "Check that the network (nn_module=) has the architecture the weights were saved from."
+M = TypeVar("M", bound="HubMixin")
+
+
+# -- the methods ---------------------------------------------------------------------------------
+class HubMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for :class:`DiffusionModel`."""
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
+    ) -> Path:
+        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md.
+
+        The layout is described in :mod:`tinydiff.hub`. Built-in :mod:`tinydiff.nn` networks
+        are stored with their class name and init arguments, so :meth:`from_pretrained` needs
+        nothing else; a custom network's weights are stored but not its architecture. The EMA
+        weights and options are saved too when ``enable_ema`` was called; a stale
+        ema.safetensors from an earlier save with EMA is removed.
+
+        Args:
+            save_directory: the folder (created if needed); files are written atomically.
+            repo_id: optional Hub repository id shown in the model card's usage snippet.
+
+        Returns:
+            the folder.
+        """
+        return _save(self, Path(save_directory), repo_id)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        name_or_path: str | os.PathLike[str],
+        *,
+        nn_module: nn.Module | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        load_ema: bool = False,
+        use_ema_weights: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> M:
+        """Load a model written by :meth:`save_pretrained`, from a folder or a Hub repository.
+
+        A Hub repository is resolved to one commit and downloaded with
+        :func:`huggingface_hub.snapshot_download` (its cache, tokens and offline mode,
+        ``HF_HUB_OFFLINE=1``), so all files come from the same commit. Weights are only
+        ever read from safetensors files (never unpickled), after the network has been
+        built on the meta device and its tensor names, shapes and dtypes compared with the
+        files' headers; then they are loaded strictly.
+
+        Args:
+            name_or_path: a local folder, or a Hub repository id ``"user/name"``.
+            nn_module: the network to load the weights into; required when the model was
+                saved from a custom network (only :mod:`tinydiff.nn` networks are rebuilt
+                from the config); optional (overrides the stored one) otherwise.
+            revision: Hub branch, tag or commit sha (default: main).
+            token: Hub token (default: the logged-in one); ``False`` for none.
+            cache_dir: Hub cache folder (default: huggingface_hub's).
+            local_files_only: use the cache only, never the network.
+            force_download: download again even if cached.
+            load_ema: also load the saved EMA: the model gets an EMA (the saved options and
+                state) beside the live weights, for ``sample(..., use_ema=True)`` or more
+                training.
+            use_ema_weights: load the saved EMA weights *as the live weights* (no EMA on the
+                returned model); the usual choice for inference. Exclusive with load_ema.
+            device: where to put the model.
+
+        Returns:
+            the model (in train mode, like a freshly built one), of the calling class.
+
+        Raises:
+            tinydiff.hub.ModelNotFoundError: no such folder / repository / revision / file,
+                a private repository without a valid token, or files not cached offline.
+            tinydiff.hub.SerializationError: malformed or mismatched files (a config from a
+                newer tinydiff, unknown plugin components, a custom network without
+                ``nn_module=``, pickled weights only, corrupt safetensors, wrong keys,
+                shapes or dtypes; missing EMA weights when asked for; a FIFO or device in
+                place of a file).
+            ValueError: a malformed ``revision``; load_ema with use_ema_weights; a device
+                that does not exist here.
+            TypeError: nn_module not a torch.nn.Module.
+        """
+        if load_ema and use_ema_weights:
+            raise ValueError(
+                "load_ema=True and use_ema_weights=True are exclusive: load_ema keeps the live "
+                "weights and enables the EMA beside them; use_ema_weights loads the EMA weights "
+                "as the live weights (without an EMA)"
             )
-        net = net.to(dtype)
-    return net
-
-
-def from_pretrained(
-    name_or_path: str | os.PathLike[str],
-    *,
-    nn_module: nn.Module | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-    load_ema: bool = False,
-    use_ema_weights: bool = False,
-    device: torch.device | str = "cpu",
-    model_cls: type[DiffusionModel] | None = None,
-) -> DiffusionModel:
-    """Load a model saved by :func:`save_pretrained` from a folder or a Hub repository.
-
-    See :meth:`tinydiff.DiffusionModel.from_pretrained` for the arguments; ``model_cls`` is
-    the class to build (default :class:`~tinydiff.DiffusionModel`; a subclass whose
-    constructor takes ``(nn_module, config)``).
-    """
-    from tinydiff.model import DiffusionModel
-
-    if model_cls is None:
-        model_cls = DiffusionModel
-
-    if load_ema and use_ema_weights:
-        raise ValueError(
-            "load_ema=True and use_ema_weights=True are exclusive: load_ema keeps the live "
-            "weights and enables the EMA beside them; use_ema_weights loads the EMA weights "
-            "as the live weights (without an EMA)"
+        if nn_module is not None and not isinstance(nn_module, nn.Module):
+            raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}")
+        target = check_device(device)
+        wants_ema = load_ema or use_ema_weights
+        files = [CONFIG_NAME, WEIGHTS_NAME] + ([EMA_WEIGHTS_NAME] if wants_ema else [])
+        source = _Source(
+            name_or_path,
+            files,
+            revision=check_revision(revision),
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
         )
-    if nn_module is not None and not isinstance(nn_module, nn.Module):
-        raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}")
-    source = _Source(
-        name_or_path,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
-    )
-    config_path = source.get(CONFIG_NAME)
-    assert config_path is not None
-    cfg = _read_config(config_path)
-    model_config = _model_config(cfg, config_path)
-    net = _build_network(cfg, config_path) if nn_module is None else nn_module
-    wants_ema = load_ema or use_ema_weights
-    if wants_ema and cfg.ema is None:
-        raise SerializationError(
-            f"{source.name} holds no EMA weights (it was saved from a model without EMA); "
-            "drop load_ema / use_ema_weights"
+        config_path = source.get(CONFIG_NAME)
+        cfg = _read_config(config_path)
+        model_config = _model_config(cfg, config_path)
+        if wants_ema and cfg.ema is None:
+            raise SerializationError(
+                f"{source.name} holds no EMA weights (it was saved from a model without EMA); "
+                "drop load_ema / use_ema_weights"
+            )
+        # 1. the expected state on the meta device (a custom network is already built)
+        net = _build_network(cfg, config_path, "meta") if nn_module is None else nn_module
+        model: Any = cls(net, model_config)  # type: ignore[call-arg]
+        ema_opts = cfg.ema.model_dump() if cfg.ema is not None else {}
+        if load_ema:
+            model.enable_ema(**ema_opts)
+        # 2. the headers against it; a header cap from the number of tensors expected
+        cap = (64 << 10) + 1024 * 2 * len(model.state_dict())
+        weights = SafetensorsFile(
+            source.get(EMA_WEIGHTS_NAME if use_ema_weights else WEIGHTS_NAME),
+            max_header_bytes=cap,
+            what="EMA weights" if use_ema_weights else "weights",
         )
-    weights_path = source.get(WEIGHTS_NAME)
-    assert weights_path is not None
-    model = model_cls(net, model_config)
-    if use_ema_weights:
-        ema_path = source.get(EMA_WEIGHTS_NAME)
-        assert ema_path is not None
-        ema_state = read_safetensors(ema_path)
-        prefix = "module."
-        state = {
-            f"nn_module.{k[len(prefix) :]}": v for k, v in ema_state.items() if k.startswith(prefix)
-        }
-        where = f"{ema_path} (EMA weights)"
-    else:
-        state = read_safetensors(weights_path)
-        where = str(weights_path)
-    expected = model.state_dict()
-    _check_state("model", expected, state, where)
-    model.load_state_dict(state, strict=True)
-    if load_ema:
-        assert cfg.ema is not None
-        ema_path = source.get(EMA_WEIGHTS_NAME)
-        assert ema_path is not None
-        ema_state = read_safetensors(ema_path)
-        model.enable_ema(cfg.ema.decay, warmup=cfg.ema.warmup, update_every=cfg.ema.update_every)
-        _check_state("EMA", model.ema_state_dict(), ema_state, str(ema_path))
-        model.load_ema_state_dict(ema_state)
-    return model.to(device)
+        ema_file = None
+        try:
+            if use_ema_weights:  # the EMA file's module.* are the live nn_module.*
+                keys = {
+                    "nn_module." + k[len("module.") :] if k.startswith("module.") else k: k
+                    for k in weights.entries
+                    if k not in ("n_averaged", "num_calls")
+                }
+            else:
+                keys = {k: k for k in weights.entries}
+            check_entries(model.state_dict(), weights, keys, what="model", hint=_HINT)
+            if load_ema:
+                ema_file = SafetensorsFile(
+                    source.get(EMA_WEIGHTS_NAME), max_header_bytes=cap, what="EMA weights"
+                )
+                expected = model.ema_state_dict()
+                check_entries(expected, ema_file, {k: k for k in ema_file.entries}, what="EMA")
+                check_count(ema_file, "n_averaged", 1)
+                check_count(ema_file, "num_calls", 0)
+            # 3. allocate: sizes now match files that safetensors checked against their size
+            if nn_module is None:
+                model = cls(_build_network(cfg, config_path, "cpu"), model_config)  # type: ignore[call-arg]
+            model.load_state_dict({k: weights.get(key) for k, key in keys.items()}, strict=True)
+            if ema_file is not None:
+                model.enable_ema(**ema_opts)
+                model.load_ema_state_dict({k: ema_file.get(k) for k in ema_file.entries})
+        finally:
+            weights.close()
+            if ema_file is not None:
+                ema_file.close()
+        return model.to(target)  # type: ignore[no-any-return]
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload tinydiff model",
+        create_pr: bool = False,
+    ) -> CommitInfo:
+        """Create the Hub repository if needed and upload :meth:`save_pretrained`'s folder.
+
+        One commit holds config.json, model.safetensors, README.md (and ema.safetensors).
+
+        Args:
+            repo_id: ``"user/name"`` (or ``"name"`` for the token's user).
+            private: visibility when the repository is created (an existing one keeps its own).
+            token: Hub token with write access (default: the logged-in one).
+            revision: branch to commit to (created from main if missing); default main.
+            commit_message: the commit message.
+            create_pr: open a pull request instead of committing directly.
+
+        Returns:
+            huggingface_hub's ``CommitInfo``: a ``str`` (the commit URL) with ``.oid``, the
+            commit sha to pin with ``from_pretrained(..., revision=...)``.
+        """
+        revision = check_revision(revision)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="tinydiff-push-") as tmp:
+            _save(self, Path(tmp), repo_id)  # type: ignore[arg-type]
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )

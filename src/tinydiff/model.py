@@ -21,32 +21,30 @@ plain attribute: they are not parameters of the model (an optimizer over
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+import tinydiff._validation as _validation
 from tinydiff import conditioning, losses, samplers, spacings, targets, variances
 from tinydiff.config import DiffusionModelConfig, merge_config
 from tinydiff.denoiser import Denoiser, network_time_dtype
 from tinydiff.diffusers_compat import DiffusersMixin
 from tinydiff.ema import EMA, EMAMixin
+from tinydiff.hub import HubMixin
 from tinydiff.process import GaussianProcess, Point
 from tinydiff.samplers.base import Sampler, build_plan, run_sampler
 from tinydiff.variances import VlbTerms
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo
-
     from tinydiff._compile import CompileOptions, StepCache
 
 __all__ = ["DiffusionModel"]
 
 
-class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
+class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     """A denoising diffusion model around any network.
 
     Args:
@@ -199,6 +197,7 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
         cond: dict[str, Any] | None = None,
         cond_drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        check_finite: bool | None = None,
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
@@ -218,15 +217,22 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
                 (overrides the random draw with ``cond_drop_prob``).
             generator: source of t, eps and the dropout draw (default: torch's global RNG);
                 on x's device.
+            check_finite: refuse NaN / inf in x and noise: True always, False never, None
+                (default) only for CPU tensors, where the check costs no host sync.
 
         Returns:
             (bsz, *input_shape) per-element losses.
 
         Raises:
             ValueError: a cond key the network does not accept; cond_drop_prob > 0 but the
-                network has no null condition.
+                network has no null condition; t outside 1..T; non-finite x or noise.
+            TypeError: t not integer (bool and uint8 are refused), x's dtype not the
+                network's, generator not a torch.Generator.
         """
         x = self.check_data(x)
+        _validation.check_dtype_matches(x, self._param_dtype_device()[0])
+        _validation.check_finite("x", x, check_finite)
+        generator = _validation.check_generator(generator)
         bsz, ndim = x.shape[0], x.dim()
         if cond is not None:
             cond = conditioning.check_cond(self.nn_module, cond, bsz)
@@ -234,16 +240,15 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
             t = torch.randint(
                 1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
             )
-        elif t.shape != (bsz,) or t.is_floating_point() or t.is_complex():
-            raise ValueError(
-                f"t must be an integer tensor of shape ({bsz},), got {t.dtype} {tuple(t.shape)}"
-            )
+        else:
+            t = _validation.check_loss_times(t, self.num_timesteps, bsz, x.device)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         elif noise.shape != x.shape:
             raise ValueError(
                 f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
             )
+        _validation.check_finite("noise", noise, check_finite)
         tables = self._tables(x.device)
         view = (bsz,) + (1,) * (ndim - 1)
 
@@ -390,6 +395,7 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
         guidance_rescale: float = 0.0,
         use_ema: bool = False,
         compile: bool = False,
+        check_finite: bool | None = None,
     ) -> Tensor:
         """Draw samples by running a sampler from pure noise to t = 0.
 
@@ -418,14 +424,24 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
                 are untouched.
             compile: run the compiled step (see :meth:`compile_sampler`): the first call per
                 sampler and batch shape compiles, later calls (any number of steps) reuse it.
+            check_finite: refuse non-finite results: the samples are checked once after the
+                loop (one host sync) and init_noise on the CPU, unless False; True also
+                checks init_noise on an accelerator.
 
         Returns:
             samples (bsz, *input_shape), in the network's parameter dtype.
 
         Raises:
             ValueError: bad bsz or init_noise; a cond key the network does not accept;
-                guidance_scale without cond; use_ema without EMA.
+                guidance_scale without cond; use_ema without EMA; a device that does not
+                exist here; NaN or inf in init_noise or in the samples.
+            TypeError: generator, sampler_kwargs or an explicit timestep_spacing of the
+                wrong type.
         """
+        generator = _validation.check_generator(generator)
+        sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
+        _validation.check_spacing(timestep_spacing)
+        device = _validation.check_device(device)
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")
         network = self.network(use_ema)
@@ -438,6 +454,7 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
         dtype, param_device = self._param_dtype_device()
         device = torch.device(device) if device is not None else param_device
         shape = (bsz, *self.input_shape)
+        _validation.check_bsz(bsz, self.input_shape, dtype, device)
         if init_noise is None:
             x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
             scale = self.process.prior_std()
@@ -454,6 +471,7 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
                     f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}"
                 )
             x = init_noise.to(device=device, dtype=dtype)
+            _validation.check_finite("init_noise", x, check_finite)
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
@@ -471,7 +489,7 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
             if self._step_cache is None:
                 self._step_cache = StepCache(self._compile_options or CompileOptions())
             loop = self._step_cache.loop(solver, plan, x, denoiser, live_network=self.nn_module)
-        return run_sampler(
+        out = run_sampler(
             solver,
             x,
             plan,
@@ -481,6 +499,8 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
             progress=progress,
             loop=loop,
         )
+        _validation.check_finite_samples(out, return_trajectory, check_finite)
+        return out
 
     # -- likelihood ----------------------------------------------------------------------------
     def nll(
@@ -515,129 +535,4 @@ class DiffusionModel(EMAMixin, DiffusersMixin, nn.Module):
             f"input_shape={c.input_shape}, T={c.num_timesteps}, schedule={c.noise_schedule_type}, "
             f"target={c.target_type}, variance={c.variance_type}, loss={c.loss_type}, "
             f"sampler={c.sampler_type}"
-        )
-
-    # -- serialization and the Hub (tinydiff.hub) ----------------------------------------------
-    def save_pretrained(
-        self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
-    ) -> Path:
-        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md.
-
-        The layout is described in :mod:`tinydiff.hub`. Built-in :mod:`tinydiff.nn` networks
-        are stored with their class name and init arguments, so :meth:`from_pretrained` needs
-        nothing else; a custom network's weights are stored but not its architecture. The EMA
-        weights and options are saved too when :meth:`enable_ema` was called.
-
-        Args:
-            save_directory: the folder (created if needed); files are written atomically.
-            repo_id: optional Hub repository id shown in the model card's usage snippet.
-
-        Returns:
-            the folder.
-        """
-        from tinydiff import hub
-
-        return hub.save_pretrained(self, save_directory, repo_id=repo_id)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike[str],
-        *,
-        nn_module: nn.Module | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        load_ema: bool = False,
-        use_ema_weights: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> DiffusionModel:
-        """Load a model written by :meth:`save_pretrained`, from a folder or a Hub repository.
-
-        Hub downloads go through :func:`huggingface_hub.hf_hub_download` (its cache, tokens
-        and offline mode, ``HF_HUB_OFFLINE=1``). Weights are only ever read from validated
-        safetensors files (never unpickled) and loaded strictly.
-
-        Args:
-            name_or_path: a local folder, or a Hub repository id ``"user/name"``.
-            nn_module: the network to load the weights into; required when the model was
-                saved from a custom network (only :mod:`tinydiff.nn` networks are rebuilt
-                from the config); optional (overrides the stored one) otherwise.
-            revision: Hub branch, tag or commit sha (default: main).
-            token: Hub token (default: the logged-in one); ``False`` for none.
-            cache_dir: Hub cache folder (default: huggingface_hub's).
-            local_files_only: use the cache only, never the network.
-            force_download: download again even if cached.
-            load_ema: also load the saved EMA: the model gets an EMA (the saved options and
-                state) beside the live weights, for ``sample(..., use_ema=True)`` or more
-                training.
-            use_ema_weights: load the saved EMA weights *as the live weights* (no EMA on the
-                returned model); the usual choice for inference. Exclusive with load_ema.
-            device: where to put the model.
-
-        Returns:
-            the model (in train mode, like a freshly built one).
-
-        Raises:
-            tinydiff.hub.ModelNotFoundError: no such folder / repository / revision / file,
-                a private repository without a valid token, or files not cached offline.
-            tinydiff.hub.SerializationError: malformed or mismatched files (a config from a
-                newer tinydiff, unknown plugin components, a custom network without
-                ``nn_module=``, pickled weights only, corrupt safetensors, wrong keys,
-                shapes or dtypes; missing EMA weights when asked for).
-        """
-        from tinydiff import hub
-
-        return hub.from_pretrained(
-            name_or_path,
-            nn_module=nn_module,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            load_ema=load_ema,
-            use_ema_weights=use_ema_weights,
-            device=device,
-            model_cls=cls,
-        )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload tinydiff model",
-        create_pr: bool = False,
-    ) -> CommitInfo:
-        """Create the Hub repository if needed and upload :meth:`save_pretrained`'s folder.
-
-        One commit holds config.json, model.safetensors, README.md (and ema.safetensors).
-
-        Args:
-            repo_id: ``"user/name"`` (or ``"name"`` for the token's user).
-            private: visibility when the repository is created (an existing one keeps its own).
-            token: Hub token with write access (default: the logged-in one).
-            revision: branch to commit to (created from main if missing); default main.
-            commit_message: the commit message.
-            create_pr: open a pull request instead of committing directly.
-
-        Returns:
-            huggingface_hub's ``CommitInfo``: a ``str`` (the commit URL) with ``.oid``, the
-            commit sha to pin with ``from_pretrained(..., revision=...)``.
-        """
-        from tinydiff import hub
-
-        return hub.push_to_hub(
-            self,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
         )

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinydiff._validation import check_int
+
 __all__ = ["ConditionEmbedding", "SinusoidalTimeEmbedding"]
 
 
@@ -42,6 +44,7 @@ class SinusoidalTimeEmbedding(nn.Module):
     """
 
     def __init__(self, dim: int, max_period: float = 10000.0) -> None:
+        check_int("dim", dim, min=2, owner="SinusoidalTimeEmbedding")
         super().__init__()
         if dim < 2:
             raise ValueError(f"SinusoidalTimeEmbedding needs dim >= 2, got dim={dim}.")

@@ -7,6 +7,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinydiff._validation import check_int, check_number
+from tinydiff.nn._limits import MAX_DEPTH, MAX_WIDTH
 from tinydiff.nn.embeddings import ConditionEmbedding
 
 __all__ = ["MLP"]
@@ -73,17 +75,17 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("input_dim", input_dim, 1),
-            ("hidden_dim", hidden_dim, 1),
-            ("num_layers", num_layers, 1),
-            ("time_embed_dim", time_embed_dim, 2),
-            ("out_mult", out_mult, 1),
+        for name, value, low, high in (
+            ("input_dim", input_dim, 1, MAX_WIDTH),
+            ("hidden_dim", hidden_dim, 1, MAX_WIDTH),
+            ("num_layers", num_layers, 1, MAX_DEPTH),
+            ("time_embed_dim", time_embed_dim, 2, MAX_WIDTH),
+            ("out_mult", out_mult, 1, 16),
         ):
-            if value < low:
-                raise ValueError(f"MLP needs {name} >= {low}, got {name}={value}.")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"MLP needs num_classes >= 1 or None, got {num_classes}.")
+            check_int(name, value, min=low, max=high, owner="MLP")
+        if num_classes is not None:
+            check_int("num_classes", num_classes, min=1, max=MAX_WIDTH, owner="MLP")
+        check_number("dropout", dropout, min=0.0, owner="MLP")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MLP needs 0 <= dropout < 1, got dropout={dropout}.")
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinydiff._validation import check_int, check_number
+from tinydiff.nn._limits import MAX_DEPTH, MAX_WIDTH
 from tinydiff.nn.embeddings import ConditionEmbedding
 
 __all__ = ["UNet"]
@@ -155,22 +157,31 @@ class UNet(nn.Module):
         num_groups: int = 8,
     ) -> None:
         super().__init__()
+        for name, seq in (
+            ("channel_mults", channel_mults),
+            ("attention_resolutions", attention_resolutions),
+        ):
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, (tuple, list)):
+                raise TypeError(f"UNet needs {name} as a tuple of ints, got {seq!r}")
         channel_mults = tuple(channel_mults)
         attention_resolutions = tuple(attention_resolutions)
         num_levels = len(channel_mults)
-        for name, value, low in (
-            ("in_channels", in_channels, 1),
-            ("base_channels", base_channels, 2),
-            ("num_res_blocks", num_res_blocks, 1),
-            ("out_mult", out_mult, 1),
-            ("num_groups", num_groups, 1),
+        for name, value, low, high in (
+            ("in_channels", in_channels, 1, MAX_WIDTH),
+            ("base_channels", base_channels, 2, MAX_WIDTH),
+            ("num_res_blocks", num_res_blocks, 1, MAX_DEPTH),
+            ("out_mult", out_mult, 1, 16),
+            ("num_groups", num_groups, 1, MAX_WIDTH),
         ):
-            if value < low:
-                raise ValueError(f"UNet needs {name} >= {low}, got {name}={value}.")
-        if num_levels == 0 or min(channel_mults) < 1:
+            check_int(name, value, min=low, max=high, owner="UNet")
+        if num_levels == 0 or num_levels > 32:
             raise ValueError(
-                f"UNet needs a non-empty channel_mults of positive integers, got {channel_mults}."
+                f"UNet needs 1..32 channel_mults (one per level), got {len(channel_mults)}."
             )
+        for m in channel_mults:
+            check_int("each of channel_mults", m, min=1, max=MAX_WIDTH, owner="UNet")
+        for a in attention_resolutions:
+            check_int("each of attention_resolutions", a, min=-num_levels, owner="UNet")
         bad_levels = [a for a in attention_resolutions if not -num_levels <= a < num_levels]
         if bad_levels:
             raise ValueError(
@@ -184,10 +195,11 @@ class UNet(nn.Module):
                 f"base_channels * mult divisible by it; {bad_widths} are not. "
                 f"Change base_channels or num_groups."
             )
-        if time_embed_dim is not None and time_embed_dim < 1:
-            raise ValueError(f"UNet needs time_embed_dim >= 1 or None, got {time_embed_dim}.")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"UNet needs num_classes >= 1 or None, got {num_classes}.")
+        if time_embed_dim is not None:
+            check_int("time_embed_dim", time_embed_dim, min=1, max=MAX_WIDTH, owner="UNet")
+        if num_classes is not None:
+            check_int("num_classes", num_classes, min=1, max=MAX_WIDTH, owner="UNet")
+        check_number("dropout", dropout, min=0.0, owner="UNet")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"UNet needs 0 <= dropout < 1, got dropout={dropout}.")
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from tinydiff._validation import check_number
 from tinydiff.process import PathValues
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
 from tinydiff.variances import gaussian_posterior
@@ -32,9 +33,7 @@ class DDIM(Sampler):
     """
 
     def __init__(self, eta: float = 0.0) -> None:
-        if not eta >= 0:
-            raise ValueError(f"ddim eta must be >= 0, got {eta}")
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta, min=0.0, owner="ddim")
 
     @property
     def is_stochastic(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from tinydiff._validation import check_number
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import first_order, step_orders
 from tinydiff.samplers.base import Denoiser, State, register
@@ -42,9 +43,7 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
     stochastic = True
 
     def __init__(self, eta: float = 1.0) -> None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise ValueError(f"dpmpp_2m_sde eta must be a number >= 0, got {eta!r}")
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta, min=0.0, owner="dpmpp_2m_sde")
 
     @property
     def is_stochastic(self) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from tinydiff._validation import check_number
 from tinydiff.process import PathValues
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
 
@@ -71,13 +72,11 @@ class Heun(Sampler):
         s_tmax: float = math.inf,
         s_noise: float = 1.0,
     ) -> None:
-        for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"heun {name} must be a number >= 0, got {value!r}")
-        if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
-            raise ValueError(f"heun s_tmax must be a number >= s_tmin = {s_tmin}, got {s_tmax!r}")
-        self.s_churn, self.s_tmin = float(s_churn), float(s_tmin)
-        self.s_tmax, self.s_noise = float(s_tmax), float(s_noise)
+        self.s_churn = check_number("s_churn", s_churn, min=0.0, owner="heun")
+        self.s_tmin = check_number("s_tmin", s_tmin, min=0.0, owner="heun")
+        self.s_noise = check_number("s_noise", s_noise, min=0.0, owner="heun")
+        # s_tmax = inf (the default) means "no upper limit"
+        self.s_tmax = check_number("s_tmax", s_tmax, min=self.s_tmin, finite=False, owner="heun")
 
     @property
     def is_stochastic(self) -> bool:

@@ -1,0 +1,298 @@
+"""Checks of user input for :meth:`DiffusionModel.loss`, :meth:`DiffusionModel.sample` and
+the samplers' options: plain functions that raise ``TypeError`` / ``ValueError`` saying
+what was wrong, what was expected and what to do.
+
+The checks read only Python values and tensor metadata (dtype, shape, device), except
+:func:`check_finite` and the range check of :func:`check_loss_times`, which read tensor
+values (one host sync on an accelerator each).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_bsz",
+    "check_device",
+    "check_dtype_matches",
+    "check_finite",
+    "check_finite_samples",
+    "check_generator",
+    "check_int",
+    "check_kwargs_dict",
+    "check_loss_times",
+    "check_number",
+    "check_spacing",
+]
+
+#: a single sampling batch may use at most this fraction of the machine's memory per tensor
+_MEMORY_FRACTION = 0.5
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    finite: bool = True,
+    owner: str = "",
+) -> float:
+    """``value`` as a float, refusing bools, non-numbers, NaN, inf (with ``finite``) and
+    values outside ``[min, max]``.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value to check.
+        min, max: inclusive bounds (None: unbounded).
+        finite: refuse +-inf as well as NaN.
+        owner: who takes the argument (e.g. ``"ddim"``), for the message.
+
+    Returns:
+        ``float(value)``.
+    """
+    who = f"{owner} " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{who}{name} must be a real number, got {value!r} ({type(value).__name__})"
+        )
+    v = float(value)
+    if math.isnan(v) or (finite and math.isinf(v)):
+        raise ValueError(f"{who}{name} must be a finite number, got {value!r}")
+    if min is not None and not v >= min:
+        raise ValueError(f"{who}{name} must be >= {min}, got {value!r}")
+    if max is not None and not v <= max:
+        raise ValueError(f"{who}{name} must be <= {max}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: Any, *, min: int, max: int | None = None, owner: str = "") -> int:
+    """``value`` as an int in ``[min, max]``; bools, floats and strings are a TypeError."""
+    who = f"{owner} needs " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}{name} as an int, got {value!r} ({type(value).__name__})")
+    if value < min or (max is not None and value > max):
+        bounds = f">= {min}" if max is None else f"in {min}..{max}"
+        raise ValueError(f"{who}{name} {bounds}, got {name}={value}")
+    return int(value)
+
+
+def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:
+    """None or a :class:`torch.Generator`; anything else (e.g. a seed) is a TypeError."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    hint = (
+        f"; for a seed use {name}=torch.Generator().manual_seed({generator!r})"
+        if isinstance(generator, int) and not isinstance(generator, bool)
+        else ""
+    )
+    raise TypeError(
+        f"{name} must be a torch.Generator or None, got {type(generator).__name__}{hint}"
+    )
+
+
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """None, or a device that exists here (``"cpu"``, ``"cuda:0"`` ... a torch.device)."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"{name} must be a str or torch.device (e.g. 'cpu', 'cuda:0'), got "
+            f"{type(device).__name__}"
+        )
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}={device!r} is not a device name; expected e.g. 'cpu', 'cuda', 'cuda:1', 'mps'"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name}={device!r} but CUDA is not available here (no GPU, or torch was built "
+                "without CUDA); use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name}={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r} but MPS is not available here; use device='cpu'")
+    return dev
+
+
+def check_kwargs_dict(name: str, value: Any) -> dict[str, Any] | None:
+    """None or a mapping with str keys (a copy); anything else is a TypeError."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be a dict of keyword arguments (e.g. {{'eta': 0.5}}) or None, got "
+            f"{type(value).__name__} {value!r:.60}"
+        )
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{name} keys must be str option names, got {bad[:5]!r}")
+    return dict(value)
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def check_bsz(
+    bsz: Any,
+    sample_shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    name: str = "bsz",
+) -> int:
+    """A positive int batch size whose (bsz, *sample_shape) tensor fits in half the memory.
+
+    Raises:
+        TypeError: not an int (bools refused).
+        ValueError: < 1, or one batch tensor would need more than half the device's memory.
+    """
+    if isinstance(bsz, bool) or not isinstance(bsz, int):
+        raise TypeError(f"{name} must be a positive int, got {bsz!r} ({type(bsz).__name__})")
+    if bsz < 1:
+        raise ValueError(f"{name} must be a positive int, got {bsz!r}")
+    nbytes = bsz * math.prod(sample_shape) * torch.empty((), dtype=dtype).element_size()
+    total = _memory_bytes(device)
+    limit = int(total * _MEMORY_FRACTION) if total is not None else 2**62
+    if nbytes > limit:
+        where = (
+            f"{total / 2**30:.1f} GiB of {device.type} memory" if total else "addressable memory"
+        )
+        raise ValueError(
+            f"{name}={bsz} is too large: one ({name}, *{tuple(sample_shape)}) {dtype} tensor needs "
+            f"{nbytes / 2**30:.3g} GiB, more than half of the {where}; draw the samples in "
+            "smaller batches"
+        )
+    return bsz
+
+
+def check_loss_times(t: Any, num_timesteps: int, bsz: int, device: torch.device) -> Tensor:
+    """Training times for :meth:`DiffusionModel.loss`: an int64 tensor (bsz,) in 1..T.
+
+    Accepts an integer tensor (not bool or uint8, which torch would use as a mask), a
+    Python int (broadcast to the batch) or a list/tuple of ints.
+    """
+    expected = f"integer times in 1..{num_timesteps} (T = num_timesteps), shape ({bsz},)"
+    if isinstance(t, bool) or (
+        isinstance(t, (list, tuple)) and any(isinstance(v, bool) for v in t)
+    ):
+        raise TypeError(f"t must be {expected}, got a bool")
+    if isinstance(t, int):
+        t = torch.full((bsz,), t, dtype=torch.int64, device=device)
+    elif isinstance(t, (list, tuple)):
+        if not all(isinstance(v, int) for v in t):
+            raise TypeError(f"t must be {expected}, got a list holding {t!r:.80}")
+        t = torch.tensor(t, dtype=torch.int64, device=device)
+    elif not isinstance(t, Tensor):
+        raise TypeError(f"t must be {expected}, got {type(t).__name__}")
+    if t.dtype in (torch.bool, torch.uint8) or t.is_floating_point() or t.is_complex():
+        hint = " (bool and uint8 tensors index as masks)" if not t.is_floating_point() else ""
+        raise TypeError(f"t must be {expected}, got dtype {t.dtype}{hint}; use t.long()")
+    if tuple(t.shape) != (bsz,):
+        raise ValueError(f"t must be {expected}, got shape {tuple(t.shape)}")
+    if t.device != device:
+        t = t.to(device)
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 1 or hi > num_timesteps:
+        raise ValueError(
+            f"t must be {expected}, got values in [{lo}, {hi}]; t = 0 is the clean data and has "
+            "no loss, and negative or larger times are outside the schedule"
+        )
+    return t.long()
+
+
+def check_dtype_matches(x: Tensor, param_dtype: torch.dtype, name: str = "x") -> None:
+    """x's floating dtype must be the network's parameter dtype (unless autocast is on)."""
+    if x.dtype == param_dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(
+        f"{name} has dtype {x.dtype} but the network's parameters are {param_dtype}: cast the "
+        f"input ({name}.to({param_dtype})) or the model (model.to({x.dtype})), or run under "
+        "torch.autocast"
+    )
+
+
+def check_finite(name: str, tensor: Tensor | None, enabled: bool | None = None) -> None:
+    """Raise ValueError if ``tensor`` holds NaN or inf; None passes.
+
+    Args:
+        name: the input's name, for the message.
+        tensor: the tensor.
+        enabled: True: always check (one host sync on an accelerator); False: never;
+            None (the default of ``loss`` / ``sample``): only where it costs no host sync,
+            i.e. for CPU tensors.
+    """
+    if tensor is None or not tensor.is_floating_point() or enabled is False:
+        return
+    if enabled is None and tensor.device.type != "cpu":
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        n = int(bad.sum())
+        nan = int(torch.isnan(tensor).sum())
+        raise ValueError(
+            f"{name} holds non-finite values ({nan} NaN, {n - nan} inf of {tensor.numel()}); "
+            "check the data and the arguments that produced it (pass check_finite=False to "
+            "skip this check)"
+        )
+
+
+def check_finite_samples(samples: Tensor, trajectory: bool, enabled: bool | None = None) -> None:
+    """The end-of-sampling check (one host sync, unless ``enabled`` is False): names the
+    first non-finite step when the trajectory is there."""
+    if enabled is False:
+        return
+    bad = ~torch.isfinite(samples)
+    if not bool(bad.any()):
+        return
+    if trajectory:
+        per_step = bad.flatten(1).any(dim=1)
+        first = int(per_step.int().argmax())
+        where = "in the initial noise" if first == 0 else f"first after sampling step {first}"
+    else:
+        where = (
+            "in the final samples (pass return_trajectory=True to see the first step where "
+            "they appear)"
+        )
+    raise ValueError(
+        f"sampling produced non-finite values (NaN or inf), {where}. Usual causes: a sampler "
+        "option out of range, a network that diverged in training (NaN weights), or a "
+        "half-precision overflow; pass check_finite=False to return them anyway"
+    )
+
+
+def check_spacing(spacing: Any) -> None:
+    """An explicit timestep list must hold real numbers (names and tensors pass through)."""
+    if spacing is None or isinstance(spacing, (str, Tensor)):
+        return
+    if not isinstance(spacing, Sequence):
+        raise TypeError(
+            "timestep_spacing must be a spacing name, a sequence of times or a tensor, got "
+            f"{type(spacing).__name__}"
+        )
+    bad = [v for v in spacing if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise TypeError(
+            f"an explicit timestep_spacing must hold numbers (decreasing times ending at 0), "
+            f"got {bad[0]!r} ({type(bad[0]).__name__}); e.g. [999, 500, 0]"
+        )
