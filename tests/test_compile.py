@@ -83,6 +83,20 @@ def test_step_compiles_fullgraph_once_for_any_number_of_steps(name: str) -> None
     assert len(model._step_cache) == 1
 
 
+def test_inference_mode_with_noise_made_outside_compiles_once() -> None:
+    """Under inference_mode the steps after the first get inference tensors; a normal x (here
+    init_noise made outside inference_mode) must not compile the step again for step 0."""
+    counter = CompileCounterWithBackend("aot_eager")
+    model = make_model(backend=counter)
+    x = torch.randn(BSZ, 2)
+    with torch.inference_mode():
+        for steps in (4, 3):
+            compiled = model.sample(BSZ, steps, sampler="dpmpp_2m", init_noise=x, compile=True)
+            eager = model.sample(BSZ, steps, sampler="dpmpp_2m", init_noise=x)
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
 def test_learned_range_network_through_the_opaque_operator() -> None:
     counter = CompileCounterWithBackend("aot_eager")
     model = make_model("learned_range", backend=counter)

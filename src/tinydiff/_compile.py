@@ -108,9 +108,19 @@ def _opaque_network_op(
     if network is None:
         raise RuntimeError("the model of this compiled sampling step has been deleted")
     # compiled graphs run with autocast off (it was applied while tracing): restore the
-    # caller's autocast state for the network, which is not traced
-    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
-        out = network(x, t).to(x.dtype)
+    # caller's autocast state for the network, which is not traced. Entering an autocast
+    # context costs several microseconds a step, so it is skipped when the state already holds
+    # (the common case: no autocast anywhere)
+    device = x.device.type
+    if torch.is_autocast_enabled(device) == autocast and (
+        not autocast or torch.get_autocast_dtype(device) == autocast_dtype
+    ):
+        out = network(x, t)
+    else:
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+            out = network(x, t)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
     # a custom operator's output may not alias its inputs (an identity network would)
     if out.untyped_storage().data_ptr() in (
         x.untyped_storage().data_ptr(),
@@ -294,6 +304,11 @@ class CompiledLoop:
         self, i: int, x: Tensor, state: State, noise: Tensor | None
     ) -> tuple[Tensor, State]:
         """Step ``i`` (the host-side int is only for the caller; the device counter is used)."""
+        if i == 0 and torch.is_inference_mode_enabled() and not x.is_inference():
+            # under inference_mode every later step gets an inference tensor (the step's own
+            # output); Dynamo guards on that difference, so a normal x (e.g. init_noise made
+            # outside inference_mode) would compile the step a second time for step 0 alone
+            x = x.clone()
         if self.transient_outputs:
             torch.compiler.cudagraph_mark_step_begin()
         x, state, self.index = self.step(x, state, self.index, self.table, noise)
