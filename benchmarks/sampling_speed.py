@@ -292,6 +292,144 @@ def bench_sampler(
     return rows
 
 
+# -- named cases: one configuration, many interleaved rounds, medians and ranges ----------------
+
+
+@dataclass
+class Case:
+    """One workload timed in ``rounds`` interleaved rounds (floor, eager, compiled, diffusers)."""
+
+    name: str
+    description: str
+    make_net: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    bsz: int
+    sampler: str
+    steps: int
+    threads: int
+    rounds: int
+
+
+def _mlp(dim: int, hidden: int) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from tinydiff.nn import MLP
+
+        return MLP(dim, hidden_dim=hidden, num_layers=3)
+
+    return make
+
+
+CASES: dict[str, Case] = {
+    # the configuration of the "process core" issue: compiled sampling must not be slower
+    # than eager there
+    "mlp64-dpmpp2m-cpu": Case(
+        "mlp64-dpmpp2m-cpu",
+        "dpmpp_2m, tinydiff.nn.MLP 64-d (hidden 256, 3 blocks), batch 4096, 20 steps",
+        _mlp(64, 256),
+        (64,),
+        4096,
+        "dpmpp_2m",
+        20,
+        threads=1,
+        rounds=9,
+    ),
+    # the same solver where the step's update math is not negligible next to the network
+    "mlp64-small-dpmpp2m-cpu": Case(
+        "mlp64-small-dpmpp2m-cpu",
+        "dpmpp_2m, tinydiff.nn.MLP 64-d (hidden 32, 3 blocks), batch 4096, 20 steps",
+        _mlp(64, 32),
+        (64,),
+        4096,
+        "dpmpp_2m",
+        20,
+        threads=1,
+        rounds=9,
+    ),
+}
+
+METHODS = ("floor", "eager", "compiled", "diffusers")
+
+
+def run_case(case: Case, device: torch.device, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Times of every method in each round: {"wall"|"cpu": {method: [seconds per round]}}.
+
+    ``cpu`` is this process's CPU time (``time.process_time``): on a shared machine it leaves
+    out the time other processes hold the cores, which wall time cannot (with one thread it is
+    the sampling thread's time). Only wall time is meaningful on CUDA.
+    """
+    torch.manual_seed(0)
+    net = case.make_net().to(device).eval()
+    config = {"input_shape": case.input_shape, "num_timesteps": 1000, "target_type": "pred_v"}
+    model = DiffusionModel(net, config)
+    x = torch.randn(case.bsz, *case.input_shape, device=device)
+    nfe = model.make_sampler(case.sampler).nfe(case.steps)
+    ts = [torch.full((case.bsz,), 999.0 - 10 * k, device=device) for k in range(nfe)]
+    sched = diffusers_scheduler(case.sampler, model)
+
+    def floor() -> None:
+        for t in ts:
+            net(x, t)
+
+    def tinydiff(compile: bool) -> Tensor:
+        return model.sample(
+            case.bsz, case.steps, sampler=case.sampler, init_noise=x, compile=compile
+        )
+
+    def diffusers_loop() -> Tensor:
+        sched.set_timesteps(case.steps, device=device)
+        xt = x
+        for t in sched.timesteps:
+            xt = sched.step(net(xt, t.float().expand(case.bsz)), t, xt).prev_sample
+        return xt
+
+    methods: dict[str, Callable[[], Any]] = {
+        "floor": floor,
+        "eager": lambda: tinydiff(False),
+        "compiled": lambda: tinydiff(True),
+        "diffusers": diffusers_loop,
+    }
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+    for clock in times.values():
+        clock.update({k: [] for k in methods})
+    with torch.inference_mode():
+        for fn in methods.values():  # warm-up: compiles, fills allocator caches
+            fn()
+            fn()
+        for _ in range(rounds):
+            for key, fn in methods.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times["wall"][key].append(time.perf_counter() - wall0)
+                times["cpu"][key].append(time.process_time() - cpu0)
+    return times
+
+
+def case_table(case: Case, times: dict[str, dict[str, list[float]]]) -> str:
+    """Each method's per-round ratio to that round's floor: median [min, max]."""
+    lines = [
+        "| clock | floor (ms, median) | eager / floor | compiled / floor | diffusers / floor "
+        "| compiled / eager |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(ratios: list[float]) -> str:
+        return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+
+    for clock, per in times.items():
+        floor = per["floor"]
+        ratio = {k: [a / b for a, b in zip(per[k], floor, strict=True)] for k in METHODS}
+        vs_eager = [a / b for a, b in zip(per["compiled"], per["eager"], strict=True)]
+        lines.append(
+            f"| {clock} | {1e3 * statistics.median(floor):.1f} | {cell(ratio['eager'])} "
+            f"| {cell(ratio['compiled'])} | {cell(ratio['diffusers'])} | {cell(vs_eager)} |"
+        )
+    return "\n".join(lines)
+
+
 def format_row(r: dict[str, Any]) -> str:
     f = r["floor"]
     cells = [
@@ -344,7 +482,18 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument(
+        "--case",
+        choices=sorted(CASES),
+        action="append",
+        default=None,
+        help="run a named case (interleaved rounds, medians and ranges) instead of the grid",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="rounds of a --case run")
     args = parser.parse_args()
+    if args.case:
+        run_cases(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench(args)
@@ -360,6 +509,31 @@ def main() -> None:
     if args.out is not None:
         notes = "".join(f"- {n}\n" for n in NOTES)
         args.out.write_text(f"{env}\n\n{md}\n\n{notes}")
+
+
+def run_cases(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    out = []
+    for name in args.case:
+        case = CASES[name]
+        torch.set_num_threads(args.threads or case.threads)
+        rounds = args.rounds or case.rounds
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        times = run_case(case, device, rounds)
+        env = (
+            f"torch {torch.__version__}, device {args.device}"
+            + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+            + f", {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+            + f", {rounds} interleaved rounds (floor, eager, compiled, diffusers in each), {started}"
+        )
+        text = f"### {case.name}: {case.description}\n\n{env}\n\n{case_table(case, times)}\n"
+        print(text, flush=True)
+        out.append(text)
+    if args.out is not None:
+        cmd = "python benchmarks/sampling_speed.py " + " ".join(
+            f"--case {name}" for name in args.case
+        )
+        args.out.write_text(f"Command: `{cmd} --device {args.device}`\n\n" + "\n".join(out))
 
 
 if __name__ == "__main__":
