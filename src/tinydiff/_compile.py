@@ -43,6 +43,7 @@ from tinydiff.denoiser import Denoiser
 from tinydiff.samplers.base import Sampler, State
 
 __all__ = [
+    "CPU_EAGER_BELOW_NUMEL",
     "MODES",
     "CompileOptions",
     "CompiledStep",
@@ -54,6 +55,14 @@ __all__ = [
 
 #: accepted values of ``mode``, as in :func:`torch.compile`
 MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
+
+#: on CPU, with the inductor backend and an opaque network, samples with fewer elements than
+#: this run the eager loop under ``compile=True``: a compiled step costs a fixed ~60 us of
+#: Dynamo/AOT/custom-operator dispatch, which eager ATen beats while the update math is tiny.
+#: Measured with ``benchmarks/sampling_speed.py --case step-overhead`` (dpmpp_2m, 1 thread):
+#: eager 33 / 57 / 90 us against compiled 64 / 75 / 91 us at 1024 / 16384 / 32768 elements,
+#: compiled 350 us against eager 1250-2500 us at 262144 (see docs/performance.md)
+CPU_EAGER_BELOW_NUMEL = 32768
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,18 @@ class CompileOptions:
             )
         if not (isinstance(self.backend, str) or callable(self.backend)):
             raise TypeError(f"backend must be a backend name or callable, got {self.backend!r}")
+
+    def eager_is_faster(self, x: Tensor) -> bool:
+        """Whether ``compile=True`` runs the eager loop for ``x``: a CPU sample smaller than
+        :data:`CPU_EAGER_BELOW_NUMEL`, with the inductor backend named by its string and the
+        network not compiled (a custom backend, e.g. a test's counter, always compiles)."""
+        return (
+            x.device.type == "cpu"
+            and isinstance(self.backend, str)
+            and self.backend == "inductor"
+            and not self.compile_network
+            and x.numel() < CPU_EAGER_BELOW_NUMEL
+        )
 
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         """Whether inductor captures the step as a CUDA graph on ``device``."""
@@ -422,9 +443,12 @@ class StepCache:
         x: Tensor,
         denoiser: Denoiser,
         live_network: Any = None,
-    ) -> CompiledLoop:
+    ) -> CompiledLoop | None:
         """The compiled driver of one run: fills the slot with ``denoiser``'s network and
-        cond, then returns the (cached) step's per-run loop."""
+        cond, then returns the (cached) step's per-run loop; None where the eager loop is
+        faster (:meth:`CompileOptions.eager_is_faster`), which the caller then runs."""
+        if self.options.eager_is_faster(x):
+            return None
         entry = self.get(sampler, plan, x, denoiser, live_network)
         self.slot.network = denoiser.network
         self.slot.cond = denoiser.cond
