@@ -15,6 +15,16 @@ is reused for any S), then timed ``--repeats`` times; the median is reported, wi
 
     python benchmarks/sampling_speed.py --device cpu --quick
     python benchmarks/sampling_speed.py --device cuda --out benchmarks/RESULTS.md
+
+``--case NAME`` (repeatable) runs one named configuration instead of the grid, in
+``rounds`` interleaved rounds, and prints each method's per-round ratio to that round's
+floor (median [min, max]) in wall time and in this process's CPU time (``process_time``,
+which leaves out time other processes hold the cores on a shared machine).
+``--case step-overhead`` times one eager and one compiled dpmpp_2m step with a free network::
+
+    python benchmarks/sampling_speed.py --device cpu --case mlp64-dpmpp2m-cpu \
+        --out benchmarks/results/sampling_speed_cpu.md
+    python benchmarks/sampling_speed.py --device cpu --case step-overhead
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tinydiff import DiffusionModel, samplers
+from tinydiff._compile import CompileOptions, StepCache
+from tinydiff.samplers.base import build_plan
 
 NOTES: list[str] = []
 
@@ -484,7 +496,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument(
         "--case",
-        choices=sorted(CASES),
+        choices=[*sorted(CASES), "step-overhead"],
         action="append",
         default=None,
         help="run a named case (interleaved rounds, medians and ranges) instead of the grid",
@@ -511,10 +523,84 @@ def main() -> None:
         args.out.write_text(f"{env}\n\n{md}\n\n{notes}")
 
 
+class _FreeNet(nn.Module):
+    """A network that costs (almost) nothing: a fresh zero tensor like x."""
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def _per_call_us(fn: Callable[[], Any], n: int = 300) -> float:
+    fn()
+    best = math.inf
+    for _ in range(7):
+        start = time.process_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - start) / n)
+    return 1e6 * best
+
+
+def _step_costs(bsz: int, device: torch.device) -> list[float]:
+    """CPU microseconds of (the free network, one eager step, one compiled step)."""
+    net = _FreeNet()
+    config = {"input_shape": (64,), "num_timesteps": 1000, "target_type": "pred_v"}
+    model = DiffusionModel(net, config)
+    with torch.inference_mode():
+        x = torch.randn(bsz, 64, device=device)
+        t = torch.zeros(bsz, device=device)
+        solver = model.make_sampler("dpmpp_2m")
+        plan = build_plan(solver, model.process.path_values(model.sampling_timesteps(20)))
+        denoise = model.denoiser()
+        # the compiled step itself, also where compile=True would run the eager loop
+        cache = StepCache(CompileOptions())
+        cache.slot.network = denoise.network
+        loop = cache.get(solver, plan, x, denoise).stepper(plan, x)
+        state = solver.init_state(x)
+        row = {k: v[1].to(device=device, dtype=x.dtype) for k, v in plan.items()}
+
+        def compiled() -> None:
+            loop.index.fill_(1)
+            loop(1, x, state, None)
+
+        return [
+            _per_call_us(lambda: net(x, t)),
+            _per_call_us(lambda: solver.step(x, state, row, denoise, None)),
+            _per_call_us(compiled),
+        ]
+
+
+def step_overhead(
+    device: torch.device, batches: tuple[int, ...] = (4, 64, 256, 512, 1024, 4096)
+) -> str:
+    """CPU time of one dpmpp_2m step, eager and compiled, with a network that costs nothing:
+    what the sampling machinery adds per step (best of 7 x 300 calls)."""
+    lines = [
+        "| batch (x 64) | free network (us) | eager step (us) | compiled step (us) "
+        "| compile=True runs |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for bsz in batches:
+        cells = _step_costs(bsz, device)
+        runs = "eager" if CompileOptions().eager_is_faster(torch.empty(bsz, 64)) else "compiled"
+        lines.append(f"| {bsz} | " + " | ".join(f"{c:.0f}" for c in cells) + f" | {runs} |")
+    return "\n".join(lines)
+
+
 def run_cases(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     out = []
     for name in args.case:
+        if name == "step-overhead":
+            torch.set_num_threads(args.threads or 1)
+            text = (
+                "### step-overhead: one dpmpp_2m step with a free network, best of 7 x 300 "
+                f"calls, CPU time, {torch.get_num_threads()} threads\n\n"
+                f"{step_overhead(device)}\n"
+            )
+            print(text, flush=True)
+            out.append(text)
+            continue
         case = CASES[name]
         torch.set_num_threads(args.threads or case.threads)
         rounds = args.rounds or case.rounds

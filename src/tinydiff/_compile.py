@@ -19,6 +19,11 @@ every step. The compiled path instead
    call is opaque. Which network (live or EMA) and which ``cond`` a run uses is read from the
    cache's :class:`NetworkSlot`, so one compiled step serves every run.
 
+On CPU, a compiled step costs a fixed ~60 us of dispatch (guards, the AOT wrapper, the custom
+operator), more than eager ATen spends on the update of a small sample; there ``compile=True``
+runs the eager loop instead (:data:`CPU_EAGER_BELOW_NUMEL`, :meth:`CompileOptions.eager_is_faster`),
+so that compiled sampling is never slower than eager.
+
 Nothing on the host depends on device values: no ``.item()``, no ``nonzero``, no CPU tensor
 in the loop, so CUDA graphs can capture a step and ``torch.cuda.set_sync_debug_mode("error")``
 passes. Compiled steps are cached per (sampler class, sampler options, plan columns, x's shape,
@@ -59,9 +64,10 @@ MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 #: on CPU, with the inductor backend and an opaque network, samples with fewer elements than
 #: this run the eager loop under ``compile=True``: a compiled step costs a fixed ~60 us of
 #: Dynamo/AOT/custom-operator dispatch, which eager ATen beats while the update math is tiny.
-#: Measured with ``benchmarks/sampling_speed.py --case step-overhead`` (dpmpp_2m, 1 thread):
-#: eager 33 / 57 / 90 us against compiled 64 / 75 / 91 us at 1024 / 16384 / 32768 elements,
-#: compiled 350 us against eager 1250-2500 us at 262144 (see docs/performance.md)
+#: Measured with ``benchmarks/sampling_speed.py --case step-overhead`` (dpmpp_2m, 1 thread,
+#: benchmarks/results/sampling_speed_step_overhead.md): eager 41 / 57 / 94 us against compiled
+#: 65 / 85 / 82 us at 4096 / 16384 / 32768 elements, eager 1745 us against compiled 402 us at
+#: 262144 (see docs/performance.md)
 CPU_EAGER_BELOW_NUMEL = 32768
 
 
