@@ -15,6 +15,16 @@ is reused for any S), then timed ``--repeats`` times; the median is reported, wi
 
     python benchmarks/sampling_speed.py --device cpu --quick
     python benchmarks/sampling_speed.py --device cuda --out benchmarks/RESULTS.md
+
+``--case NAME`` (repeatable) runs one named configuration instead of the grid, in
+``rounds`` interleaved rounds, and prints each method's per-round ratio to that round's
+floor (median [min, max]) in wall time and in this process's CPU time (``process_time``,
+which leaves out time other processes hold the cores on a shared machine).
+``--case step-overhead`` times one eager and one compiled dpmpp_2m step with a free network::
+
+    python benchmarks/sampling_speed.py --device cpu --case mlp64-dpmpp2m-cpu \
+        --out benchmarks/results/sampling_speed_cpu.md
+    python benchmarks/sampling_speed.py --device cpu --case step-overhead
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tinydiff import DiffusionModel, samplers
+from tinydiff._compile import CompileOptions, StepCache
+from tinydiff.samplers.base import build_plan
 
 NOTES: list[str] = []
 
@@ -292,6 +304,144 @@ def bench_sampler(
     return rows
 
 
+# -- named cases: one configuration, many interleaved rounds, medians and ranges ----------------
+
+
+@dataclass
+class Case:
+    """One workload timed in ``rounds`` interleaved rounds (floor, eager, compiled, diffusers)."""
+
+    name: str
+    description: str
+    make_net: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    bsz: int
+    sampler: str
+    steps: int
+    threads: int
+    rounds: int
+
+
+def _mlp(dim: int, hidden: int) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from tinydiff.nn import MLP
+
+        return MLP(dim, hidden_dim=hidden, num_layers=3)
+
+    return make
+
+
+CASES: dict[str, Case] = {
+    # the configuration of the "process core" issue: compiled sampling must not be slower
+    # than eager there
+    "mlp64-dpmpp2m-cpu": Case(
+        "mlp64-dpmpp2m-cpu",
+        "dpmpp_2m, tinydiff.nn.MLP 64-d (hidden 256, 3 blocks), batch 4096, 20 steps",
+        _mlp(64, 256),
+        (64,),
+        4096,
+        "dpmpp_2m",
+        20,
+        threads=1,
+        rounds=9,
+    ),
+    # the same solver where the step's update math is not negligible next to the network
+    "mlp64-small-dpmpp2m-cpu": Case(
+        "mlp64-small-dpmpp2m-cpu",
+        "dpmpp_2m, tinydiff.nn.MLP 64-d (hidden 32, 3 blocks), batch 4096, 20 steps",
+        _mlp(64, 32),
+        (64,),
+        4096,
+        "dpmpp_2m",
+        20,
+        threads=1,
+        rounds=9,
+    ),
+}
+
+METHODS = ("floor", "eager", "compiled", "diffusers")
+
+
+def run_case(case: Case, device: torch.device, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Times of every method in each round: {"wall"|"cpu": {method: [seconds per round]}}.
+
+    ``cpu`` is this process's CPU time (``time.process_time``): on a shared machine it leaves
+    out the time other processes hold the cores, which wall time cannot (with one thread it is
+    the sampling thread's time). Only wall time is meaningful on CUDA.
+    """
+    torch.manual_seed(0)
+    net = case.make_net().to(device).eval()
+    config = {"input_shape": case.input_shape, "num_timesteps": 1000, "target_type": "pred_v"}
+    model = DiffusionModel(net, config)
+    x = torch.randn(case.bsz, *case.input_shape, device=device)
+    nfe = model.make_sampler(case.sampler).nfe(case.steps)
+    ts = [torch.full((case.bsz,), 999.0 - 10 * k, device=device) for k in range(nfe)]
+    sched = diffusers_scheduler(case.sampler, model)
+
+    def floor() -> None:
+        for t in ts:
+            net(x, t)
+
+    def tinydiff(compile: bool) -> Tensor:
+        return model.sample(
+            case.bsz, case.steps, sampler=case.sampler, init_noise=x, compile=compile
+        )
+
+    def diffusers_loop() -> Tensor:
+        sched.set_timesteps(case.steps, device=device)
+        xt = x
+        for t in sched.timesteps:
+            xt = sched.step(net(xt, t.float().expand(case.bsz)), t, xt).prev_sample
+        return xt
+
+    methods: dict[str, Callable[[], Any]] = {
+        "floor": floor,
+        "eager": lambda: tinydiff(False),
+        "compiled": lambda: tinydiff(True),
+        "diffusers": diffusers_loop,
+    }
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+    for clock in times.values():
+        clock.update({k: [] for k in methods})
+    with torch.inference_mode():
+        for fn in methods.values():  # warm-up: compiles, fills allocator caches
+            fn()
+            fn()
+        for _ in range(rounds):
+            for key, fn in methods.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times["wall"][key].append(time.perf_counter() - wall0)
+                times["cpu"][key].append(time.process_time() - cpu0)
+    return times
+
+
+def case_table(case: Case, times: dict[str, dict[str, list[float]]]) -> str:
+    """Each method's per-round ratio to that round's floor: median [min, max]."""
+    lines = [
+        "| clock | floor (ms, median) | eager / floor | compiled / floor | diffusers / floor "
+        "| compiled / eager |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(ratios: list[float]) -> str:
+        return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+
+    for clock, per in times.items():
+        floor = per["floor"]
+        ratio = {k: [a / b for a, b in zip(per[k], floor, strict=True)] for k in METHODS}
+        vs_eager = [a / b for a, b in zip(per["compiled"], per["eager"], strict=True)]
+        lines.append(
+            f"| {clock} | {1e3 * statistics.median(floor):.1f} | {cell(ratio['eager'])} "
+            f"| {cell(ratio['compiled'])} | {cell(ratio['diffusers'])} | {cell(vs_eager)} |"
+        )
+    return "\n".join(lines)
+
+
 def format_row(r: dict[str, Any]) -> str:
     f = r["floor"]
     cells = [
@@ -344,7 +494,18 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument(
+        "--case",
+        choices=[*sorted(CASES), "step-overhead"],
+        action="append",
+        default=None,
+        help="run a named case (interleaved rounds, medians and ranges) instead of the grid",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="rounds of a --case run")
     args = parser.parse_args()
+    if args.case:
+        run_cases(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench(args)
@@ -360,6 +521,105 @@ def main() -> None:
     if args.out is not None:
         notes = "".join(f"- {n}\n" for n in NOTES)
         args.out.write_text(f"{env}\n\n{md}\n\n{notes}")
+
+
+class _FreeNet(nn.Module):
+    """A network that costs (almost) nothing: a fresh zero tensor like x."""
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def _per_call_us(fn: Callable[[], Any], n: int = 300) -> float:
+    fn()
+    best = math.inf
+    for _ in range(7):
+        start = time.process_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - start) / n)
+    return 1e6 * best
+
+
+def _step_costs(bsz: int, device: torch.device) -> list[float]:
+    """CPU microseconds of (the free network, one eager step, one compiled step)."""
+    net = _FreeNet()
+    config = {"input_shape": (64,), "num_timesteps": 1000, "target_type": "pred_v"}
+    model = DiffusionModel(net, config)
+    with torch.inference_mode():
+        x = torch.randn(bsz, 64, device=device)
+        t = torch.zeros(bsz, device=device)
+        solver = model.make_sampler("dpmpp_2m")
+        plan = build_plan(solver, model.process.path_values(model.sampling_timesteps(20)))
+        denoise = model.denoiser()
+        # the compiled step itself, also where compile=True would run the eager loop
+        cache = StepCache(CompileOptions())
+        cache.slot.network = denoise.network
+        loop = cache.get(solver, plan, x, denoise).stepper(plan, x)
+        state = solver.init_state(x)
+        row = {k: v[1].to(device=device, dtype=x.dtype) for k, v in plan.items()}
+
+        def compiled() -> None:
+            loop.index.fill_(1)
+            loop(1, x, state, None)
+
+        return [
+            _per_call_us(lambda: net(x, t)),
+            _per_call_us(lambda: solver.step(x, state, row, denoise, None)),
+            _per_call_us(compiled),
+        ]
+
+
+def step_overhead(
+    device: torch.device, batches: tuple[int, ...] = (4, 64, 256, 512, 1024, 4096)
+) -> str:
+    """CPU time of one dpmpp_2m step, eager and compiled, with a network that costs nothing:
+    what the sampling machinery adds per step (best of 7 x 300 calls)."""
+    lines = [
+        "| batch (x 64) | free network (us) | eager step (us) | compiled step (us) "
+        "| compile=True runs |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for bsz in batches:
+        cells = _step_costs(bsz, device)
+        runs = "eager" if CompileOptions().eager_is_faster(torch.empty(bsz, 64)) else "compiled"
+        lines.append(f"| {bsz} | " + " | ".join(f"{c:.0f}" for c in cells) + f" | {runs} |")
+    return "\n".join(lines)
+
+
+def run_cases(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    out = []
+    for name in args.case:
+        if name == "step-overhead":
+            torch.set_num_threads(args.threads or 1)
+            text = (
+                "### step-overhead: one dpmpp_2m step with a free network, best of 7 x 300 "
+                f"calls, CPU time, {torch.get_num_threads()} threads\n\n"
+                f"{step_overhead(device)}\n"
+            )
+            print(text, flush=True)
+            out.append(text)
+            continue
+        case = CASES[name]
+        torch.set_num_threads(args.threads or case.threads)
+        rounds = args.rounds or case.rounds
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        times = run_case(case, device, rounds)
+        env = (
+            f"torch {torch.__version__}, device {args.device}"
+            + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+            + f", {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+            + f", {rounds} interleaved rounds (floor, eager, compiled, diffusers in each), {started}"
+        )
+        text = f"### {case.name}: {case.description}\n\n{env}\n\n{case_table(case, times)}\n"
+        print(text, flush=True)
+        out.append(text)
+    if args.out is not None:
+        cmd = "python benchmarks/sampling_speed.py " + " ".join(
+            f"--case {name}" for name in args.case
+        )
+        args.out.write_text(f"Command: `{cmd} --device {args.device}`\n\n" + "\n".join(out))
 
 
 if __name__ == "__main__":

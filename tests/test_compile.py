@@ -83,6 +83,20 @@ def test_step_compiles_fullgraph_once_for_any_number_of_steps(name: str) -> None
     assert len(model._step_cache) == 1
 
 
+def test_inference_mode_with_noise_made_outside_compiles_once() -> None:
+    """Under inference_mode the steps after the first get inference tensors; a normal x (here
+    init_noise made outside inference_mode) must not compile the step again for step 0."""
+    counter = CompileCounterWithBackend("aot_eager")
+    model = make_model(backend=counter)
+    x = torch.randn(BSZ, 2)
+    with torch.inference_mode():
+        for steps in (4, 3):
+            compiled = model.sample(BSZ, steps, sampler="dpmpp_2m", init_noise=x, compile=True)
+            eager = model.sample(BSZ, steps, sampler="dpmpp_2m", init_noise=x)
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
 def test_learned_range_network_through_the_opaque_operator() -> None:
     counter = CompileCounterWithBackend("aot_eager")
     model = make_model("learned_range", backend=counter)
@@ -140,6 +154,8 @@ def test_compiled_conditioning_guidance_and_ema_match_eager(target_type: str) ->
     torch.manual_seed(0)
     cfg = DiffusionModelConfig(input_shape=(2,), num_timesteps=100, target_type=target_type)
     model = DiffusionModel(CondNet(2, num_classes=3), cfg)
+    counter = CompileCounterWithBackend("inductor")  # a custom backend always compiles
+    model.compile_sampler(backend=counter)
     model.enable_ema(decay=0.5)
     with torch.no_grad():
         for p in model.nn_module.parameters():
@@ -206,6 +222,28 @@ def test_compiled_conditioning_guidance_and_ema_match_eager(target_type: str) ->
         compile=True,
     )
     assert (plain - rescaled[1]).abs().max() > 1e-4  # the rescale really is applied
+    assert counter.frame_count >= 1  # and the compiled step did run
+
+
+def test_small_cpu_samples_run_the_faster_eager_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU with inductor, compile=True keeps the eager loop below CPU_EAGER_BELOW_NUMEL
+    (dispatch would cost more than it saves) and compiles above it; same samples either way."""
+    from tinydiff import _compile
+
+    model = make_model()  # backend "inductor", the default
+    eager = sample(model, "ddim", 4)
+    small = sample(model, "ddim", 4, compile=True)
+    assert model._step_cache is not None and len(model._step_cache) == 0
+    torch.testing.assert_close(small, eager)
+    monkeypatch.setattr(_compile, "CPU_EAGER_BELOW_NUMEL", 2 * BSZ)  # BSZ x 2 elements: compile
+    compiled = sample(model, "ddim", 4, compile=True)
+    assert len(model._step_cache) == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    options = CompileOptions()
+    big = torch.empty(_compile.CPU_EAGER_BELOW_NUMEL)
+    assert not options.eager_is_faster(big)
+    assert not CompileOptions(compile_network=True).eager_is_faster(big[:4])
+    assert not CompileOptions(backend="aot_eager").eager_is_faster(big[:4])
 
 
 def test_compile_network_matches_eager() -> None:

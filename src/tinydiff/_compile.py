@@ -19,6 +19,11 @@ every step. The compiled path instead
    call is opaque. Which network (live or EMA) and which ``cond`` a run uses is read from the
    cache's :class:`NetworkSlot`, so one compiled step serves every run.
 
+On CPU, a compiled step costs a fixed ~60 us of dispatch (guards, the AOT wrapper, the custom
+operator), more than eager ATen spends on the update of a small sample; there ``compile=True``
+runs the eager loop instead (:data:`CPU_EAGER_BELOW_NUMEL`, :meth:`CompileOptions.eager_is_faster`),
+so that compiled sampling is never slower than eager.
+
 Nothing on the host depends on device values: no ``.item()``, no ``nonzero``, no CPU tensor
 in the loop, so CUDA graphs can capture a step and ``torch.cuda.set_sync_debug_mode("error")``
 passes. Compiled steps are cached per (sampler class, sampler options, plan columns, x's shape,
@@ -43,6 +48,7 @@ from tinydiff.denoiser import Denoiser
 from tinydiff.samplers.base import Sampler, State
 
 __all__ = [
+    "CPU_EAGER_BELOW_NUMEL",
     "MODES",
     "CompileOptions",
     "CompiledStep",
@@ -54,6 +60,15 @@ __all__ = [
 
 #: accepted values of ``mode``, as in :func:`torch.compile`
 MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
+
+#: on CPU, with the inductor backend and an opaque network, samples with fewer elements than
+#: this run the eager loop under ``compile=True``: a compiled step costs a fixed ~60 us of
+#: Dynamo/AOT/custom-operator dispatch, which eager ATen beats while the update math is tiny.
+#: Measured with ``benchmarks/sampling_speed.py --case step-overhead`` (dpmpp_2m, 1 thread,
+#: benchmarks/results/sampling_speed_step_overhead.md): eager 41 / 57 / 94 us against compiled
+#: 65 / 85 / 82 us at 4096 / 16384 / 32768 elements, eager 1745 us against compiled 402 us at
+#: 262144 (see docs/performance.md)
+CPU_EAGER_BELOW_NUMEL = 32768
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,18 @@ class CompileOptions:
         if not (isinstance(self.backend, str) or callable(self.backend)):
             raise TypeError(f"backend must be a backend name or callable, got {self.backend!r}")
 
+    def eager_is_faster(self, x: Tensor) -> bool:
+        """Whether ``compile=True`` runs the eager loop for ``x``: a CPU sample smaller than
+        :data:`CPU_EAGER_BELOW_NUMEL`, with the inductor backend named by its string and the
+        network not compiled (a custom backend, e.g. a test's counter, always compiles)."""
+        return (
+            x.device.type == "cpu"
+            and isinstance(self.backend, str)
+            and self.backend == "inductor"
+            and not self.compile_network
+            and x.numel() < CPU_EAGER_BELOW_NUMEL
+        )
+
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         """Whether inductor captures the step as a CUDA graph on ``device``."""
         return device.type == "cuda" and self.backend == "inductor" and self.mode != "default"
@@ -108,9 +135,19 @@ def _opaque_network_op(
     if network is None:
         raise RuntimeError("the model of this compiled sampling step has been deleted")
     # compiled graphs run with autocast off (it was applied while tracing): restore the
-    # caller's autocast state for the network, which is not traced
-    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
-        out = network(x, t).to(x.dtype)
+    # caller's autocast state for the network, which is not traced. Entering an autocast
+    # context costs several microseconds a step, so it is skipped when the state already holds
+    # (the common case: no autocast anywhere)
+    device = x.device.type
+    if torch.is_autocast_enabled(device) == autocast and (
+        not autocast or torch.get_autocast_dtype(device) == autocast_dtype
+    ):
+        out = network(x, t)
+    else:
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+            out = network(x, t)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
     # a custom operator's output may not alias its inputs (an identity network would)
     if out.untyped_storage().data_ptr() in (
         x.untyped_storage().data_ptr(),
@@ -294,6 +331,11 @@ class CompiledLoop:
         self, i: int, x: Tensor, state: State, noise: Tensor | None
     ) -> tuple[Tensor, State]:
         """Step ``i`` (the host-side int is only for the caller; the device counter is used)."""
+        if i == 0 and torch.is_inference_mode_enabled() and not x.is_inference():
+            # under inference_mode every later step gets an inference tensor (the step's own
+            # output); Dynamo guards on that difference, so a normal x (e.g. init_noise made
+            # outside inference_mode) would compile the step a second time for step 0 alone
+            x = x.clone()
         if self.transient_outputs:
             torch.compiler.cudagraph_mark_step_begin()
         x, state, self.index = self.step(x, state, self.index, self.table, noise)
@@ -407,9 +449,12 @@ class StepCache:
         x: Tensor,
         denoiser: Denoiser,
         live_network: Any = None,
-    ) -> CompiledLoop:
+    ) -> CompiledLoop | None:
         """The compiled driver of one run: fills the slot with ``denoiser``'s network and
-        cond, then returns the (cached) step's per-run loop."""
+        cond, then returns the (cached) step's per-run loop; None where the eager loop is
+        faster (:meth:`CompileOptions.eager_is_faster`), which the caller then runs."""
+        if self.options.eager_is_faster(x):
+            return None
         entry = self.get(sampler, plan, x, denoiser, live_network)
         self.slot.network = denoiser.network
         self.slot.cond = denoiser.cond
