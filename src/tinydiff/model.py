@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from tinydiff import conditioning, losses, samplers, spacings, targets, variances
+from tinydiff import conditioning, losses, samplers, spacings, targets, time_sampling, variances
 from tinydiff.config import DiffusionModelConfig
 from tinydiff.denoiser import Denoiser, network_time_dtype
 from tinydiff.ema import EMA
@@ -236,7 +236,9 @@ class DiffusionModel(nn.Module):
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
-        Draws t uniformly from 1..T and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps,
+        Draws t from the configured training-time distribution (:mod:`tinydiff.time_sampling`;
+        integers uniform in 1..T for discrete VP schedules, logit-normal for rectified flow,
+        log-normal in sigma for EDM) and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps,
         and compares the network output with the configured target, with optional
         min-SNR-gamma weighting and the variance type's extra term (learned_range's VLB). With
         ``cond`` and ``config.cond_drop_prob`` p > 0, each sample's condition is replaced by the
@@ -245,7 +247,8 @@ class DiffusionModel(nn.Module):
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
-            t: optional integer times in 1..T, shape (bsz,).
+            t: optional times, shape (bsz,): integers in 1..T (alpha, sigma from the
+                process's integer tables) or real times in (0, T] (from the process).
             noise: optional eps, x's shape.
             cond: optional keyword arguments of the network; tensors have leading dim bsz.
             cond_drop_mask: optional bool (bsz,), True where the condition is dropped
@@ -265,12 +268,20 @@ class DiffusionModel(nn.Module):
         if cond is not None:
             cond = conditioning.check_cond(self.nn_module, cond, bsz)
         if t is None:
-            t = torch.randint(
-                1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
-            )
-        elif t.shape != (bsz,) or t.is_floating_point() or t.is_complex():
+            ts_name, ts_kwargs = self.config.training_times()
+            if ts_name == "uniform_discrete" and not ts_kwargs:
+                # exactly tinydiff 0.1's draw (bitwise-identical training runs)
+                t = torch.randint(
+                    1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
+                )
+            else:
+                t = time_sampling.sample_times(
+                    ts_name, bsz, self.process, ts_kwargs, generator=generator, device=x.device
+                )
+        elif t.shape != (bsz,) or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(
-                f"t must be an integer tensor of shape ({bsz},), got {t.dtype} {tuple(t.shape)}"
+                f"t must be a tensor of shape ({bsz},) (integers in 1..T or real times in "
+                f"(0, T]), got {t.dtype} {tuple(t.shape)}"
             )
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -278,14 +289,22 @@ class DiffusionModel(nn.Module):
             raise ValueError(
                 f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
             )
-        tables = self._tables(x.device)
         view = (bsz,) + (1,) * (ndim - 1)
+        integer_t = not t.is_floating_point()
+        if integer_t:
+            tables = self._tables(x.device)
 
-        def at(name: str) -> Tensor:
-            return tables[name][t].to(x.dtype).view(view)
+            def at(name: str) -> Tensor:
+                return tables[name][t].to(x.dtype).view(view)
 
+            alpha, sigma = at("alpha"), at("sigma")
+        else:
+            t64 = t.to(torch.float64)
+            self.process.check_times(t64)
+            a64, s64 = self.process.alpha_sigma(t64)
+            alpha, sigma = a64.to(x.dtype).view(view), s64.to(x.dtype).view(view)
         zero = torch.zeros(view, dtype=x.dtype, device=x.device)
-        p = Point(t.to(network_time_dtype(x)), at("alpha"), at("sigma"), zero, zero)
+        p = Point(t.to(network_time_dtype(x)), alpha, sigma, zero, zero)
         if self.target.uses_derivatives:
             d_alpha, d_sigma = self.process.derivatives(t.to(torch.float64))
             p = p._replace(
@@ -308,12 +327,20 @@ class DiffusionModel(nn.Module):
         model_out, var_out = self.denoiser(cond=cond).forward_network(x_t, p)
         loss = self._loss_fn(model_out, self.target.target(x, noise, p), **self.config.loss_kwargs)
         if self.config.min_snr_gamma is not None:
-            snr = tables["snr"][t].view(view)
+            snr = (
+                tables["snr"][t].view(view)
+                if integer_t
+                else self.process.snr(t.to(torch.float64)).view(view)
+            )
             weight = losses.min_snr_weight(
                 snr, self.config.min_snr_gamma, self.target.x0_error_scale(snr)
             )
             loss = loss * weight.to(x.dtype)
         if type(self.variance).extra_loss is not variances.Variance.extra_loss:
+            if not integer_t:
+                raise ValueError(
+                    "this variance type's VLB term needs integer training times t in 1..T"
+                )
             x0_hat, _ = self.target.to_x0_eps(model_out.detach(), x_t, p)
             terms = VlbTerms(
                 x0=x,
@@ -368,7 +395,9 @@ class DiffusionModel(nn.Module):
         if isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int):
             raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
         spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
-        return spacings.make_timesteps(spacing, self.num_timesteps, sampling_timesteps, self.process)
+        return spacings.make_timesteps(
+            spacing, self.num_timesteps, sampling_timesteps, self.process
+        )
 
     def compile_sampler(
         self,
