@@ -613,19 +613,49 @@ class DiffusionModel(nn.Module):
         self,
         x: Tensor,
         *,
+        method: str | None = None,
         timesteps: int | Sequence[int] | Tensor | None = None,
         decoder: str = "discrete",
         cond: dict[str, Any] | None = None,
         use_ema: bool = False,
         generator: torch.Generator | None = None,
+        **ode_options: Any,
     ) -> Tensor:
-        """Variational bound on -log p(x) in bits per dimension, (bsz,).
+        """Negative log-likelihood of x in bits per dimension, (bsz,).
 
-        See :func:`tinydiff.likelihood.nll_bound` for the arguments.
+        Args:
+            x: data, (bsz, *input_shape).
+            method: ``"vlb"``, the variational bound (:func:`tinydiff.likelihood.nll_bound`;
+                ``timesteps`` and ``decoder`` apply), or ``"ode"``, the probability-flow ODE
+                likelihood (:func:`tinydiff.likelihood.ode_nll`; ``ode_options`` such as
+                ``num_steps`` and ``divergence`` apply). Default: ``"vlb"`` for a discrete
+                VP schedule, ``"ode"`` for a continuous path.
+            cond, use_ema, generator: as in :func:`~tinydiff.likelihood.nll_bound`.
+
+        Raises:
+            ValueError: unknown method; ``"vlb"`` on a process where the bound does not
+                apply (sigma(0) > 0 or a prior other than N(0, I), e.g. ``edm``).
         """
-        from tinydiff.likelihood import nll_bound
+        from tinydiff import likelihood
+        from tinydiff.process import DiscreteVP
 
-        return nll_bound(
+        if method is None:
+            method = "vlb" if isinstance(self.process, DiscreteVP) else "ode"
+        if method == "ode":
+            return likelihood.ode_nll(
+                self, x, cond=cond, use_ema=use_ema, generator=generator, **ode_options
+            )
+        if method != "vlb":
+            raise ValueError(f"nll method must be 'vlb' or 'ode', got {method!r}")
+        if ode_options:
+            raise TypeError(f"options {sorted(ode_options)} apply to method='ode' only")
+        reason = likelihood.vlb_applies(self)
+        if reason is not None:
+            raise ValueError(
+                f"method='vlb' does not apply to this model: {reason}. Use method='ode' (the "
+                "probability-flow ODE likelihood, valid on every process)."
+            )
+        return likelihood.nll_bound(
             self,
             x,
             timesteps=timesteps,
