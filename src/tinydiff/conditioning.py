@@ -184,7 +184,8 @@ def apply_guidance(
 
     Args:
         x_t: (bsz, *input_shape).
-        alpha, sigma: the process at x_t's time, broadcastable against x_t.
+        alpha: the process's alpha at x_t's time, broadcastable against x_t.
+        sigma: its sigma there, likewise.
         cond_pred: conditional (x0_hat, eps_hat), each x_t's shape.
         uncond_pred: unconditional (x0_hat, eps_hat), each x_t's shape.
         guidance_scale: w.

@@ -630,7 +630,12 @@ class DiffusionModel(nn.Module):
                 likelihood (:func:`tinydiff.likelihood.ode_nll`; ``ode_options`` such as
                 ``num_steps`` and ``divergence`` apply). Default: ``"vlb"`` for a discrete
                 VP schedule, ``"ode"`` for a continuous path.
-            cond, use_ema, generator: as in :func:`~tinydiff.likelihood.nll_bound`.
+            timesteps: ``method="vlb"`` only, see :func:`~tinydiff.likelihood.nll_bound`.
+            decoder: ``method="vlb"`` only, ``"discrete"`` or ``"continuous"``.
+            cond: keyword arguments of the network.
+            use_ema: use the EMA weights.
+            generator: source of the random draws (VLB noise, Hutchinson probes).
+            **ode_options: options of :func:`~tinydiff.likelihood.ode_nll`.
 
         Raises:
             ValueError: unknown method; ``"vlb"`` on a process where the bound does not

@@ -146,7 +146,8 @@ class GaussianMixture:
 
         Args:
             x_t: (n, *event_shape).
-            alpha, sigma: scalars or (n,), alpha >= 0, sigma > 0.
+            alpha: scalar or (n,), >= 0.
+            sigma: scalar or (n,), > 0.
 
         Returns:
             (n, *event_shape) in x_t's dtype.

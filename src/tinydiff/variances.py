@@ -73,8 +73,10 @@ def gaussian_posterior(
     (module docstring).
 
     Args:
-        alpha_t, sigma_t: the process at the later time t, any shape (sigma_t > 0).
-        alpha_s, sigma_s: the process at the earlier time s, same shape (alpha_s > 0).
+        alpha_t: alpha at the later time t, any shape.
+        sigma_t: sigma at t, same shape, > 0.
+        alpha_s: alpha at the earlier time s, same shape, > 0.
+        sigma_s: sigma at s, same shape.
 
     Returns:
         (coef_x0, coef_xt, beta, beta_tilde), each of the inputs' shape. Finite for
