@@ -433,3 +433,26 @@ def test_save_pretrained_round_trips_the_process_bitwise(process, tmp_path):
     assert torch.equal(loaded.process.points(t), model.process.points(t))
     g1, g2 = (torch.Generator().manual_seed(0) for _ in range(2))
     assert torch.equal(loaded.sample(4, 5, generator=g1), model.sample(4, 5, generator=g2))
+
+
+@pytest.mark.parametrize("schedule", ["rectified_flow", "edm"])
+def test_demo_trains_and_writes_pictures_on_flow_and_edm(schedule, tmp_path):
+    """A short smoke run of ``tinydiff demo --schedule ...`` (the 400-step run of
+    tests/test_demo.py halves the sliced Wasserstein distance on both: measured 0.16 vs
+    0.35 untrained for rectified flow, 0.16 vs 0.58 for EDM)."""
+    pytest.importorskip("matplotlib")
+    from tinydiff.cli import run_demo
+
+    result = run_demo(
+        "eight_gaussians",
+        steps=40,
+        out=tmp_path,
+        snapshots=2,
+        num_samples=200,
+        sampling_steps=5,
+        schedule=schedule,
+        progress=False,
+    )
+    assert math.isfinite(result["sw_trained"])
+    assert result["paths"]["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["paths"]["gif"].stat().st_size > 0

@@ -191,6 +191,14 @@ class DiffusionModelConfig(BaseModel):
             )
         if self.zero_terminal_snr and self.num_timesteps < 2:
             raise ValueError("zero_terminal_snr=True needs num_timesteps >= 2")
+        if self.zero_terminal_snr and getattr(target_cls, "uses_derivatives", False):
+            raise ValueError(
+                f"target_type={self.target_type!r} cannot be used with zero_terminal_snr=True: "
+                "it needs d alpha / ds, and alpha = sqrt(alpha_bar) of a table rescaled to "
+                "alpha_bar_T = 0 has an infinite slope at t = T. Use target_type='pred_v' on "
+                "the table, or noise_schedule_type='rectified_flow' (alpha(1) = 0 with finite "
+                "slopes)."
+            )
         if self.zero_terminal_snr and not getattr(target_cls, "supports_zero_snr", True):
             raise ValueError(
                 f"target_type={self.target_type!r} cannot be used with zero_terminal_snr=True: "
