@@ -97,6 +97,8 @@ def _drive(
 ) -> torch.Tensor:
     x = x.float()
     for i, ts in enumerate(sched.timesteps):
+        if hasattr(sched, "scale_model_input"):
+            sched.scale_model_input(x, ts)  # the network input (unused by the exact D)
         x = sched.step(model_out(x, ts, i).float(), ts, x).prev_sample
     return x
 

@@ -333,6 +333,7 @@ def test_diffusers_edm_euler_agrees_with_euler():
         d = _mixture_d(x, 1.0, s)
         c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2)
         f = (d - c_skip * x.double()) / c_out  # the network output whose D is exact
+        sched.scale_model_input(x, ts)  # the network input (unused by the exact D)
         x = sched.step(f.float(), ts, x).prev_sample
         traj.append(x.double())
     model = exact_model(**PROCESSES["edm"])
