@@ -48,7 +48,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument(
+        "--schedule",
+        choices=["cosine", "rectified_flow", "edm"],
+        default="cosine",
+        help="diffusion process (with its target: pred_v, pred_velocity, edm)",
+    )
     args = parser.parse_args()
+    process = {
+        "cosine": {"noise_schedule_type": "cosine", "target_type": "pred_v"},
+        "rectified_flow": {"noise_schedule_type": "rectified_flow", "target_type": "pred_velocity"},
+        "edm": {"noise_schedule_type": "edm", "target_type": "edm"},
+    }[args.schedule]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
@@ -59,7 +70,7 @@ def main() -> None:
 
     net = UNet(in_channels=1, base_channels=32, channel_mults=(1, 2), num_classes=10)
     config = DiffusionModelConfig(
-        input_shape=(1, 8, 8), num_timesteps=1000, target_type="pred_v", cond_drop_prob=0.1
+        input_shape=(1, 8, 8), num_timesteps=1000, cond_drop_prob=0.1, **process
     )
     model = DiffusionModel(net, config)
     model.enable_ema(decay=0.999)

@@ -186,13 +186,29 @@ def check_bsz(
     return bsz
 
 
-def check_loss_times(t: Any, num_timesteps: int, bsz: int, device: torch.device) -> Tensor:
-    """Training times for :meth:`DiffusionModel.loss`: an int64 tensor (bsz,) in 1..T.
+def check_loss_times(
+    t: Any, num_timesteps: int, bsz: int, device: torch.device, *, allow_real: bool = False
+) -> Tensor:
+    """Training times for :meth:`DiffusionModel.loss`: an int64 tensor (bsz,) in 1..T, or
+    with ``allow_real`` also a floating-point tensor of real times in (0, T].
 
     Accepts an integer tensor (not bool or uint8, which torch would use as a mask), a
     Python int (broadcast to the batch) or a list/tuple of ints.
     """
     expected = f"integer times in 1..{num_timesteps} (T = num_timesteps), shape ({bsz},)"
+    if allow_real:
+        expected += f", or a float tensor of real times in (0, {num_timesteps}]"
+    if allow_real and isinstance(t, Tensor) and t.is_floating_point():
+        if tuple(t.shape) != (bsz,):
+            raise ValueError(f"t must be {expected}, got shape {tuple(t.shape)}")
+        t = t.to(device)
+        bad = ~torch.isfinite(t) | (t <= 0) | (t > num_timesteps)
+        if bool(bad.any()):
+            raise ValueError(
+                f"t must be {expected}; real times must lie in (0, {num_timesteps}], got "
+                f"{t[bad][0].item()!r}"
+            )
+        return t
     if isinstance(t, bool) or (
         isinstance(t, (list, tuple)) and any(isinstance(v, bool) for v in t)
     ):

@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from tinydiff import losses, samplers, schedules, spacings, targets, variances
+from tinydiff import losses, samplers, schedules, spacings, targets, time_sampling, variances
 from tinydiff._registry import Registry, check_kwargs
 from tinydiff.process import GaussianProcess
 
@@ -54,6 +54,13 @@ class DiffusionModelConfig(BaseModel):
         sampler_kwargs: default options of that sampler.
         timestep_spacing: default spacing of sampling times, name in :mod:`tinydiff.spacings`.
         zero_terminal_snr: rescale the schedule to alpha_bar_T = 0 (Lin et al. 2024).
+        time_sampling: the training-time distribution, a name in :mod:`tinydiff.time_sampling`
+            (``uniform_discrete``, ``uniform``, ``logit_normal``, ``log_normal``, ...); None
+            (default): the schedule's own (integers 1..T for discrete VP tables,
+            logit-normal for ``rectified_flow``, log-normal for ``edm``, uniform for other
+            paths; :meth:`training_times`).
+        time_sampling_kwargs: its options (with ``time_sampling=None``, merged into the
+            default's).
         cond_drop_prob: probability, per training sample, of replacing its conditioning by
             the network's null condition (classifier-free guidance training, Ho & Salimans
             2022); see :mod:`tinydiff.conditioning`.
@@ -79,6 +86,15 @@ class DiffusionModelConfig(BaseModel):
     timestep_spacing: str = "trailing"
     zero_terminal_snr: bool = False
     cond_drop_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    time_sampling: str | None = None
+    time_sampling_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def training_times(self) -> tuple[str, dict[str, Any]]:
+        """(name, options) of the training-time distribution the loss draws from."""
+        if self.time_sampling is None:
+            name, kwargs = schedules.default_time_sampling(self.noise_schedule_type)
+            return name, {**kwargs, **self.time_sampling_kwargs}
+        return self.time_sampling, dict(self.time_sampling_kwargs)
 
     def process(self) -> GaussianProcess:
         """The configured Gaussian process (:func:`tinydiff.schedules.build_process`)."""
@@ -134,6 +150,11 @@ class DiffusionModelConfig(BaseModel):
     def _sampler(cls, v: Any) -> str:
         return _registry_name(samplers.REGISTRY, v)
 
+    @field_validator("time_sampling")
+    @classmethod
+    def _time_sampling(cls, v: Any) -> str | None:
+        return None if v is None else _registry_name(time_sampling.REGISTRY, v)
+
     @field_validator("timestep_spacing")
     @classmethod
     def _spacing(cls, v: Any) -> str:
@@ -157,8 +178,20 @@ class DiffusionModelConfig(BaseModel):
                 "loss", self.loss_type, losses.get(self.loss_type), None, None, **self.loss_kwargs
             )
             samplers.get(self.sampler_type).check_options(self.sampler_kwargs)
+            ts_name, ts_kwargs = self.training_times()
+            check_kwargs(
+                "time-sampling distribution",
+                ts_name,
+                time_sampling.get(ts_name),
+                1,
+                None,
+                generator=None,
+                device="cpu",
+                **ts_kwargs,
+            )
         except TypeError as err:
             raise ValueError(str(err)) from err
+        self._check_combinations(target_cls, ts_name)
         if self.zero_terminal_snr and schedules.is_path(self.noise_schedule_type):
             raise ValueError(
                 f"zero_terminal_snr=True rescales discrete VP tables; noise schedule "
@@ -166,6 +199,14 @@ class DiffusionModelConfig(BaseModel):
             )
         if self.zero_terminal_snr and self.num_timesteps < 2:
             raise ValueError("zero_terminal_snr=True needs num_timesteps >= 2")
+        if self.zero_terminal_snr and getattr(target_cls, "uses_derivatives", False):
+            raise ValueError(
+                f"target_type={self.target_type!r} cannot be used with zero_terminal_snr=True: "
+                "it needs d alpha / ds, and alpha = sqrt(alpha_bar) of a table rescaled to "
+                "alpha_bar_T = 0 has an infinite slope at t = T. Use target_type='pred_v' on "
+                "the table, or noise_schedule_type='rectified_flow' (alpha(1) = 0 with finite "
+                "slopes)."
+            )
         if self.zero_terminal_snr and not getattr(target_cls, "supports_zero_snr", True):
             raise ValueError(
                 f"target_type={self.target_type!r} cannot be used with zero_terminal_snr=True: "
@@ -174,6 +215,40 @@ class DiffusionModelConfig(BaseModel):
                 "'pred_x_0' (Lin et al. 2024 recommend pred_v)."
             )
         return self
+
+    def _check_combinations(self, target_cls: Any, ts_name: str) -> None:
+        """Refuse combinations that cannot work, with the reason (never a NaN later)."""
+        if self.zero_terminal_snr:
+            return  # checked above with its own message
+        if schedules.is_path(self.noise_schedule_type):
+            process = self.process()  # validates the path and its options
+            if not getattr(target_cls, "supports_zero_snr", True):
+                lam_T = float(process.lam(float(self.num_timesteps)))
+                if lam_T == float("-inf"):
+                    raise ValueError(
+                        f"target_type={self.target_type!r} cannot be used with noise schedule "
+                        f"{self.noise_schedule_type!r}: alpha(T) = 0 there (pure noise, "
+                        "log-SNR -inf), where this target's conversion to x_0 divides by "
+                        "zero (pred_eps) or its network input is infinite (edm's c_noise = "
+                        "ln(sigma/alpha)/4). Use target_type='pred_velocity', 'pred_v' or "
+                        "'pred_x_0'."
+                    )
+        if ts_name != "uniform_discrete" and (
+            variances.get(self.variance_type).extra_loss is not variances.Variance.extra_loss
+        ):
+            raise ValueError(
+                f"variance_type={self.variance_type!r} adds the variational bound of the "
+                "integer step t -> t - 1 to the loss, which needs integer training times: use "
+                f"time_sampling='uniform_discrete' (got {ts_name!r})"
+            )
+        if self.min_snr_gamma is not None and (
+            getattr(target_cls, "x0_error_scale", None) is targets.Target.x0_error_scale
+        ):
+            raise ValueError(
+                f"min_snr_gamma needs the target's x0_error_scale(snr); target_type="
+                f"{self.target_type!r} does not define one (its error scale depends on more "
+                "than the SNR). Drop min_snr_gamma or use pred_eps / pred_x_0 / pred_v / edm."
+            )
 
 
 def merge_config(config: Any, overrides: dict[str, Any]) -> DiffusionModelConfig:

@@ -45,7 +45,15 @@ from tinydiff.variances import clipped_log_beta_tilde, gaussian_kl, gaussian_pos
 if TYPE_CHECKING:
     from tinydiff.model import DiffusionModel
 
-__all__ = ["DECODERS", "discretized_gaussian_log_likelihood", "nll_bound", "vlb_terms"]
+__all__ = [
+    "DECODERS",
+    "DIVERGENCES",
+    "discretized_gaussian_log_likelihood",
+    "nll_bound",
+    "ode_nll",
+    "vlb_applies",
+    "vlb_terms",
+]
 
 DECODERS = ("discrete", "continuous")
 
@@ -211,3 +219,157 @@ def nll_bound(
     )
     total = terms["prior"] + terms["kl"].sum(1) + terms["decoder"]
     return total / (math.prod(model.input_shape) * math.log(2.0))
+
+
+# -- the probability-flow ODE likelihood -------------------------------------------------------
+
+DIVERGENCES = ("auto", "exact", "hutchinson")
+
+
+def _divergence(field: Tensor, y: Tensor, method: str, probe: Tensor | None) -> Tensor:
+    """div_y field(y), per sample (bsz,), float64: exact (one backward pass per dimension) or
+    Hutchinson's estimate probe^T J probe (Hutchinson 1989; Grathwohl et al. 2019)."""
+    flat = field.reshape(field.shape[0], -1)
+    if method == "hutchinson":
+        assert probe is not None
+        (vjp,) = torch.autograd.grad(flat, y, probe, retain_graph=False)
+        return (vjp * probe).reshape(y.shape[0], -1).sum(1)
+    total = y.new_zeros(y.shape[0])
+    dim = flat.shape[1]
+    for k in range(dim):
+        (g,) = torch.autograd.grad(flat[:, k].sum(), y, retain_graph=k < dim - 1)
+        total = total + g.reshape(y.shape[0], -1)[:, k]
+    return total
+
+
+def ode_nll(
+    model: DiffusionModel,
+    x: Tensor,
+    *,
+    num_steps: int = 64,
+    divergence: str = "auto",
+    cond: dict[str, Any] | None = None,
+    use_ema: bool = False,
+    generator: torch.Generator | None = None,
+    noise_range: tuple[float, float] = (1e-3, 1e3),
+) -> Tensor:
+    r"""-log p(x) in bits per dimension under the probability-flow ODE, float64 (bsz,).
+
+    The instantaneous change of variables (Chen et al. 2018; Song et al. 2021, sec. D.2),
+    in Karras' variables :math:`y = x/\alpha`, :math:`u = \log(\sigma/\alpha) = -\lambda`,
+    where the probability-flow ODE of any Gaussian path is :math:`dy/du = f = y - D(\alpha y, t(u))`
+    (Karras et al. 2022, eq. 4):
+
+    .. math::
+        \log p_{u_0}(y(u_0)) = \log p_{u_1}(y(u_1)) + \int_{u_0}^{u_1}\nabla_y\cdot f\,du,
+        \qquad \log p_x(x) = \log p_y(x/\alpha) - D\log\alpha.
+
+    The ODE is integrated from the data (the clean end, at :math:`\hat\sigma = \sigma/\alpha`
+    = max(``noise_range[0]``, the process's own at t = 0)) to the noisy end
+    (min(``noise_range[1]``, its value at t = T)) with classical RK4, ``num_steps`` steps
+    uniform in u, the divergence integrated alongside. The prior at the noisy end is the
+    model's own, :math:`x_T \sim \mathcal N(0, (\alpha^2 + \sigma^2) I)`
+    (:meth:`~tinydiff.process.GaussianProcess.prior_std`), i.e. :math:`y \sim \mathcal N(0,
+    (1 + \hat\sigma^2) I)`. Truncating at :math:`\hat\sigma = 10^{-3}` and :math:`10^3`
+    changes log p by O(1e-6) nats per dimension for data of unit scale.
+
+    Args:
+        model: the diffusion model (any process; its network through its denoiser).
+        x: data, (bsz, *input_shape).
+        num_steps: RK4 steps (4 denoiser calls each).
+        divergence: ``"exact"`` (D backward passes per evaluation), ``"hutchinson"`` (one,
+            with a Rademacher probe fixed along each trajectory: an unbiased estimate), or
+            ``"auto"``: exact for D <= 16, else Hutchinson.
+        cond: keyword arguments of the network.
+        use_ema: use the EMA weights.
+        generator: source of the Hutchinson probes, on x's device.
+        noise_range: (smallest, largest) Karras noise level sigma / alpha integrated over.
+
+    Returns:
+        float64 (bsz,): -log p(x) / (D ln 2).
+
+    Raises:
+        ValueError: unknown divergence method, bad num_steps or noise_range.
+    """
+    from tinydiff import conditioning
+
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    lo_noise, hi_noise = (float(v) for v in noise_range)
+    if not 0 < lo_noise < hi_noise:
+        raise ValueError(f"noise_range must be (lo, hi) with 0 < lo < hi, got {noise_range}")
+    x = model.check_data(x)
+    bsz = x.shape[0]
+    dim = math.prod(model.input_shape)
+    method = divergence if divergence != "auto" else ("exact" if dim <= 16 else "hutchinson")
+    network = model.network(use_ema)
+    if cond is not None:
+        cond = conditioning.check_cond(network, cond, bsz)
+    denoise = model.denoiser(cond=cond, network=network)
+    process = model.process
+    lam_T, lam_0 = process.lam_range()
+    u0 = max(-lam_0, math.log(lo_noise))
+    u1 = min(-lam_T, math.log(hi_noise))
+    if not u0 < u1:
+        raise ValueError(
+            f"the process's noise range [{math.exp(-lam_0):.3g}, {math.exp(-lam_T):.3g}] does "
+            f"not overlap noise_range {noise_range}"
+        )
+    du = (u1 - u0) / num_steps
+    nodes = torch.tensor(
+        [u0 + k * du / 2 for k in range(2 * num_steps + 1)], dtype=torch.float64
+    ).clamp(u0, u1)  # step ends and midpoints (clamped: rounding at the ends)
+    times = process.time_at_lam(-nodes)
+    points = process.points(times).to(x.device)
+    alphas = points[:, 1]
+    dtype = x.dtype
+    probe = None
+    if method == "hutchinson":
+        probe = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
+        probe = (2 * probe - 1).to(torch.float64)
+
+    def f(y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            a = alphas[k]
+            d0 = denoise((a * y).to(dtype), points[k]).x0.to(torch.float64)
+            field = y - d0
+            div = _divergence(field, y, method, probe)
+        return field.detach(), div.detach()
+
+    a_start = float(alphas[0])
+    y = x.to(torch.float64) / a_start
+    log_det = torch.zeros(bsz, dtype=torch.float64, device=x.device)
+    for i in range(num_steps):
+        k = 2 * i
+        f1, g1 = f(y, k)
+        f2, g2 = f(y + 0.5 * du * f1, k + 1)
+        f3, g3 = f(y + 0.5 * du * f2, k + 1)
+        f4, g4 = f(y + du * f3, k + 2)
+        y = y + du / 6 * (f1 + 2 * f2 + 2 * f3 + f4)
+        log_det = log_det + du / 6 * (g1 + 2 * g2 + 2 * g3 + g4)
+    var_end = 1 + math.exp(2 * u1)
+    flat = y.reshape(bsz, -1)
+    log_prior = -0.5 * (flat**2 / var_end + math.log(2 * math.pi * var_end)).sum(1)
+    log_px = log_prior + log_det - dim * math.log(a_start)
+    return -log_px / (dim * math.log(2.0))
+
+
+def vlb_applies(model: DiffusionModel) -> str | None:
+    """None if the variational bound applies to the model's process, else the reason: it
+    needs sigma(0) = 0 (the decoder sits at the data) and a prior N(0, I) at t = T."""
+    process = model.process
+    alpha0, sigma0 = process.alpha_sigma(torch.zeros((), dtype=torch.float64))
+    if float(sigma0) != 0.0 or float(alpha0) != 1.0:
+        return (
+            f"sigma(0) = {float(sigma0):.3g} > 0 on {process!r}: the bound's decoder term needs "
+            "the clean data at t = 0"
+        )
+    if abs(process.prior_std() - 1.0) > 1e-12:
+        return (
+            f"the prior of {process!r} has std {process.prior_std():.4g}, not 1: the bound's "
+            "prior term is a KL to N(0, I)"
+        )
+    return None

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import tinydiff._validation as _validation
-from tinydiff import conditioning, losses, samplers, spacings, targets, variances
+from tinydiff import conditioning, losses, samplers, spacings, targets, time_sampling, variances
 from tinydiff.config import DiffusionModelConfig, merge_config
 from tinydiff.denoiser import Denoiser, network_time_dtype
 from tinydiff.diffusers_compat import DiffusersMixin
@@ -201,7 +201,9 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
-        Draws t uniformly from 1..T and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps,
+        Draws t from the configured training-time distribution (:mod:`tinydiff.time_sampling`;
+        integers uniform in 1..T for discrete VP schedules, logit-normal for rectified flow,
+        log-normal in sigma for EDM) and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps,
         and compares the network output with the configured target, with optional
         min-SNR-gamma weighting and the variance type's extra term (learned_range's VLB). With
         ``cond`` and ``config.cond_drop_prob`` p > 0, each sample's condition is replaced by the
@@ -210,7 +212,8 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
-            t: optional integer times in 1..T, shape (bsz,).
+            t: optional times, shape (bsz,): integers in 1..T (alpha, sigma from the
+                process's integer tables) or real times in (0, T] (from the process).
             noise: optional eps, x's shape.
             cond: optional keyword arguments of the network; tensors have leading dim bsz.
             cond_drop_mask: optional bool (bsz,), True where the condition is dropped
@@ -237,11 +240,18 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         if cond is not None:
             cond = conditioning.check_cond(self.nn_module, cond, bsz)
         if t is None:
-            t = torch.randint(
-                1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
-            )
+            ts_name, ts_kwargs = self.config.training_times()
+            if ts_name == "uniform_discrete" and not ts_kwargs:
+                # exactly tinydiff 0.1's draw (bitwise-identical training runs)
+                t = torch.randint(
+                    1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
+                )
+            else:
+                t = time_sampling.sample_times(
+                    ts_name, bsz, self.process, ts_kwargs, generator=generator, device=x.device
+                )
         else:
-            t = _validation.check_loss_times(t, self.num_timesteps, bsz, x.device)
+            t = _validation.check_loss_times(t, self.num_timesteps, bsz, x.device, allow_real=True)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         elif noise.shape != x.shape:
@@ -249,14 +259,22 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
                 f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
             )
         _validation.check_finite("noise", noise, check_finite)
-        tables = self._tables(x.device)
         view = (bsz,) + (1,) * (ndim - 1)
+        integer_t = not t.is_floating_point()
+        if integer_t:
+            tables = self._tables(x.device)
 
-        def at(name: str) -> Tensor:
-            return tables[name][t].to(x.dtype).view(view)
+            def at(name: str) -> Tensor:
+                return tables[name][t].to(x.dtype).view(view)
 
+            alpha, sigma = at("alpha"), at("sigma")
+        else:
+            t64 = t.to(torch.float64)
+            self.process.check_times(t64)
+            a64, s64 = self.process.alpha_sigma(t64)
+            alpha, sigma = a64.to(x.dtype).view(view), s64.to(x.dtype).view(view)
         zero = torch.zeros(view, dtype=x.dtype, device=x.device)
-        p = Point(t.to(network_time_dtype(x)), at("alpha"), at("sigma"), zero, zero)
+        p = Point(t.to(network_time_dtype(x)), alpha, sigma, zero, zero)
         if self.target.uses_derivatives:
             d_alpha, d_sigma = self.process.derivatives(t.to(torch.float64))
             p = p._replace(
@@ -279,12 +297,20 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         model_out, var_out = self.denoiser(cond=cond).forward_network(x_t, p)
         loss = self._loss_fn(model_out, self.target.target(x, noise, p), **self.config.loss_kwargs)
         if self.config.min_snr_gamma is not None:
-            snr = tables["snr"][t].view(view)
+            snr = (
+                tables["snr"][t].view(view)
+                if integer_t
+                else self.process.snr(t.to(torch.float64)).view(view)
+            )
             weight = losses.min_snr_weight(
                 snr, self.config.min_snr_gamma, self.target.x0_error_scale(snr)
             )
             loss = loss * weight.to(x.dtype)
         if type(self.variance).extra_loss is not variances.Variance.extra_loss:
+            if not integer_t:
+                raise ValueError(
+                    "this variance type's VLB term needs integer training times t in 1..T"
+                )
             x0_hat, _ = self.target.to_x0_eps(model_out.detach(), x_t, p)
             terms = VlbTerms(
                 x0=x,
@@ -507,19 +533,54 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         self,
         x: Tensor,
         *,
+        method: str | None = None,
         timesteps: int | Sequence[int] | Tensor | None = None,
         decoder: str = "discrete",
         cond: dict[str, Any] | None = None,
         use_ema: bool = False,
         generator: torch.Generator | None = None,
+        **ode_options: Any,
     ) -> Tensor:
-        """Variational bound on -log p(x) in bits per dimension, (bsz,).
+        """Negative log-likelihood of x in bits per dimension, (bsz,).
 
-        See :func:`tinydiff.likelihood.nll_bound` for the arguments.
+        Args:
+            x: data, (bsz, *input_shape).
+            method: ``"vlb"``, the variational bound (:func:`tinydiff.likelihood.nll_bound`;
+                ``timesteps`` and ``decoder`` apply), or ``"ode"``, the probability-flow ODE
+                likelihood (:func:`tinydiff.likelihood.ode_nll`; ``ode_options`` such as
+                ``num_steps`` and ``divergence`` apply). Default: ``"vlb"`` for a discrete
+                VP schedule, ``"ode"`` for a continuous path.
+            timesteps: ``method="vlb"`` only, see :func:`~tinydiff.likelihood.nll_bound`.
+            decoder: ``method="vlb"`` only, ``"discrete"`` or ``"continuous"``.
+            cond: keyword arguments of the network.
+            use_ema: use the EMA weights.
+            generator: source of the random draws (VLB noise, Hutchinson probes).
+            **ode_options: options of :func:`~tinydiff.likelihood.ode_nll`.
+
+        Raises:
+            ValueError: unknown method; ``"vlb"`` on a process where the bound does not
+                apply (sigma(0) > 0 or a prior other than N(0, I), e.g. ``edm``).
         """
-        from tinydiff.likelihood import nll_bound
+        from tinydiff import likelihood
+        from tinydiff.process import DiscreteVP
 
-        return nll_bound(
+        if method is None:
+            method = "vlb" if isinstance(self.process, DiscreteVP) else "ode"
+        if method == "ode":
+            return likelihood.ode_nll(
+                self, x, cond=cond, use_ema=use_ema, generator=generator, **ode_options
+            )
+        if method != "vlb":
+            raise ValueError(f"nll method must be 'vlb' or 'ode', got {method!r}")
+        if ode_options:
+            raise TypeError(f"options {sorted(ode_options)} apply to method='ode' only")
+        reason = likelihood.vlb_applies(self)
+        if reason is not None:
+            raise ValueError(
+                f"method='vlb' does not apply to this model: {reason}. Use method='ode' (the "
+                "probability-flow ODE likelihood, valid on every process)."
+            )
+        return likelihood.nll_bound(
             self,
             x,
             timesteps=timesteps,

@@ -47,11 +47,14 @@ __all__ = [
     "build_alphas_cumprod",
     "build_process",
     "check_schedule_kwargs",
+    "default_time_sampling",
+    "edm",
     "explicit_betas",
     "get",
     "is_path",
     "log_snr",
     "names",
+    "rectified_flow",
     "register",
     "register_path",
     "rescale_zero_terminal_snr",
@@ -69,11 +72,15 @@ class PathSpec:
         fn: ``fn(s, **kwargs) -> (alpha, sigma)`` for s in [0, 1] (float64 tensors).
         inverse: optional closed form ``(lam, **kwargs) -> s`` of lambda = log(alpha / sigma).
         variance_preserving: alpha^2 + sigma^2 = 1 (checked when the process is built).
+        time_sampling: the default training-time distribution (:mod:`tinydiff.time_sampling`).
+        time_sampling_kwargs: its default options.
     """
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     inverse: Callable[..., torch.Tensor] | None = None
     variance_preserving: bool = False
+    time_sampling: str = "uniform"
+    time_sampling_kwargs: Mapping[str, Any] | None = None
 
     def __call__(self, s: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.fn(s, **kwargs)
@@ -100,6 +107,8 @@ def register_path(
     override: bool = False,
     inverse: Callable[..., torch.Tensor] | None = None,
     variance_preserving: bool = False,
+    time_sampling: str = "uniform",
+    time_sampling_kwargs: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register a continuous Gaussian path ``fn(s, **kwargs) -> (alpha, sigma)``.
 
@@ -114,14 +123,33 @@ def register_path(
         override: replace an existing entry.
         inverse: optional closed-form ``(lam, **kwargs) -> s`` (else bisection).
         variance_preserving: declare alpha^2 + sigma^2 = 1.
+        time_sampling: the training-time distribution the path defaults to (a name in
+            :mod:`tinydiff.time_sampling`; ``"uniform"``: t uniform on (0, T]).
+        time_sampling_kwargs: that distribution's default options.
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        spec = PathSpec(fn, inverse, variance_preserving)
+        spec = PathSpec(
+            fn,
+            inverse,
+            variance_preserving,
+            time_sampling,
+            None if time_sampling_kwargs is None else dict(time_sampling_kwargs),
+        )
         REGISTRY.register(name, aliases=aliases, override=override)(spec)
         return fn
 
     return deco
+
+
+def default_time_sampling(name: str) -> tuple[str, dict[str, Any]]:
+    """The training-time distribution a schedule defaults to, with its options:
+    ``uniform_discrete`` (integers 1..T) for a discrete VP table, the registered default for
+    a path."""
+    entry = get(name)
+    if isinstance(entry, PathSpec):
+        return entry.time_sampling, dict(entry.time_sampling_kwargs or {})
+    return "uniform_discrete", {}
 
 
 def is_path(name: str) -> bool:
@@ -454,3 +482,88 @@ def explicit_betas(num_timesteps: int, betas: Sequence[float] | None = None) -> 
             f"min {table.min().item():.6g}, max {table.max().item():.6g}"
         )
     return _from_betas(table)
+
+
+# -- continuous paths ---------------------------------------------------------------------------
+
+
+def _check_shift(shift: float) -> float:
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ValueError(f"rectified_flow shift must be a number > 0, got {shift!r}")
+    return float(shift)
+
+
+def shift_time(s: torch.Tensor, shift: float) -> torch.Tensor:
+    r"""The SD3 time shift (Esser et al. 2024, eq. 23): :math:`s' = \frac{m s}{1 + (m - 1) s}`
+    with m = ``shift``; m = 1 is the identity, m > 1 spends more time at high noise."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def _rectified_flow_inverse(lam: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    # lambda = log((1 - s') / s')  =>  s' = sigmoid(-lambda); unshift: s = s' / (m - (m - 1) s')
+    shifted = torch.sigmoid(-lam)
+    return shifted / (shift - (shift - 1) * shifted)
+
+
+@register_path(
+    "rectified_flow",
+    aliases=("flow_matching", "flow"),
+    inverse=_rectified_flow_inverse,
+    time_sampling="logit_normal",
+)
+def rectified_flow(s: torch.Tensor, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2023; Esser et al.
+    2024): :math:`\alpha = 1 - s'`, :math:`\sigma = s'` with the SD3 shift
+    :math:`s' = \frac{m s}{1 + (m - 1)s}` (:func:`shift_time`, m = ``shift``, default 1).
+
+    The shift lives in the path, so sampling, spacings and training all see it exactly once.
+    alpha(1) = 0: the process starts from pure noise (lambda(T) = -inf). Default training
+    times: logit-normal (SD3, m = 0, s = 1).
+    """
+    m = _check_shift(shift)
+    sp = shift_time(s, m)
+    return 1 - sp, sp
+
+
+def _check_edm(sigma_min: float, sigma_max: float, rho: float) -> None:
+    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"edm {name} must be a number > 0, got {v!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(
+            f"edm needs sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )
+
+
+def _edm_inverse(
+    lam: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (torch.exp(-lam / rho) - lo) / (hi - lo)
+
+
+@register_path(
+    "edm",
+    aliases=("karras_ve",),
+    inverse=_edm_inverse,
+    time_sampling="log_normal",
+)
+def edm(
+    s: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""EDM's variance-exploding path (Karras et al. 2022): :math:`\alpha = 1` and
+
+    .. math::
+        \sigma(s) = \big(\sigma_{min}^{1/\rho} + s\,(\sigma_{max}^{1/\rho} - \sigma_{min}^{1/\rho})\big)^\rho,
+
+    so t = 0 is sigma_min (not 0) and t = T is sigma_max, and evenly spaced times
+    (``trailing`` spacing) are exactly Karras et al.'s eq. 5 noise levels. The last sampling
+    step ends at sigma_min > 0 (an ordinary step; the sample keeps noise of std sigma_min =
+    0.002). The initial noise has std sqrt(1 + sigma_max^2)
+    (:meth:`~tinydiff.process.GaussianProcess.prior_std`). Default training times:
+    log-normal in sigma (ln sigma ~ N(-1.2, 1.2^2), clamped to [sigma_min, sigma_max]).
+    """
+    _check_edm(sigma_min, sigma_max, rho)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigma = (lo + s * (hi - lo)) ** rho
+    return torch.ones_like(sigma), sigma

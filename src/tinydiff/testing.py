@@ -177,8 +177,8 @@ class ExactDenoiser(nn.Module):
         mixture: the data distribution.
         model_or_config: a DiffusionModel, a DiffusionModelConfig or a config dict; supplies
             the process (alpha(t), sigma(t) at real t), the target and the variance type. The
-            network is called with the raw (x_t, t) (targets whose ``network_input`` is the
-            identity: eps, x0, v and velocity targets).
+            network input is mapped back to (x_t, t) by the target's ``from_network_input``
+            (the identity for eps, x0, v and velocity; EDM's preconditioning is inverted).
     """
 
     def __init__(self, mixture: GaussianMixture, model_or_config: Any) -> None:
@@ -205,10 +205,14 @@ class ExactDenoiser(nn.Module):
         self.register_buffer("dtype_anchor", torch.zeros(()), persistent=False)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Exact target for x_t (bsz, *input_shape) at times t (bsz,) in [0, T]."""
-        # the mixture lives on the CPU in float64: this is a test oracle, not a fast network
-        x64 = x_t.detach().to("cpu", torch.float64)
-        t64 = t.detach().to("cpu", torch.float64).expand(x64.shape[0])
+        """Exact target for the network input (bsz, *input_shape) at network times (bsz,)
+        (for identity-input targets: x_t and t in [0, T])."""
+        # the mixture lives on the CPU in float64: this is a test oracle, not a fast network.
+        # The target's network input (e.g. EDM's c_in x_t, c_noise) is inverted first; x is
+        # not detached, so that the likelihood can differentiate through the oracle.
+        x_in = x_t.to("cpu", torch.float64)
+        t_in = t.detach().to("cpu", torch.float64).expand(x_in.shape[0])
+        x64, t64 = self.target.from_network_input(x_in, t_in, self.process)
         alpha, sigma = self.process.alpha_sigma(t64)
         x0 = self.mixture.denoise(x64, alpha, sigma.clamp_min(1e-300))
         view = (-1,) + (1,) * (x64.dim() - 1)
