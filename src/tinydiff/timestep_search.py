@@ -230,7 +230,7 @@ def optimize_timesteps(
         if generator is not None
         else torch.randint(0, 2**62, (1,)).item()
     )
-    common = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
+    common: dict[str, Any] = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
     calls = ref_solver.nfe(reference_steps)
     reference = model.sample(
         num_samples,
