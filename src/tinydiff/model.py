@@ -401,6 +401,13 @@ class DiffusionModel(nn.Module):
             )
         return times
 
+    def optimize_timesteps(self, num_steps: int, **kwargs: Any) -> Any:
+        """Sampling times chosen for this model and a sampler; see
+        :func:`tinydiff.timestep_search.optimize_timesteps` for the arguments."""
+        from tinydiff.timestep_search import optimize_timesteps
+
+        return optimize_timesteps(self, num_steps, **kwargs)
+
     def compile_sampler(
         self,
         mode: str = "default",
