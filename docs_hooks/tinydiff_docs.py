@@ -40,6 +40,7 @@ def sampler_table() -> str:
         doc = inspect.getdoc(cls) or ""
         first = " ".join(doc.split("\n\n")[0].split()).replace("|", "\\|")
         first = re.sub(r":math:`([^`]*)`", r"\\(\1\\)", first)
+        first = first.replace("``", "`").rstrip(":")
         params = [
             p
             for p in inspect.signature(cls.__init__).parameters.values()
