@@ -1,28 +1,52 @@
-"""Sampler quality: tinydiff's samplers vs diffusers' schedulers on exact-denoiser mixtures.
+"""Sampler quality: tinydiff (default, best built-in and optimized time steps) against
+diffusers' schedulers and k-diffusion's samplers, on exact-denoiser Gaussian mixtures.
 
-For each dataset (a sharp 2-D mixture, a 64-D mixture) and schedule (linear, cosine), every
-method starts from the same initial noise x_T (t = T) and is driven by the same exact
-denoiser (the mixture's posterior mean). Measures:
+For each dataset (sharp 2-D modes on a ring, a 64-D mixture) and schedule (linear and
+cosine VP), every method starts from the same initial noise x_T (t = T) and is driven by the
+same exact denoiser (the mixture's posterior mean, :mod:`tinydiff.testing`), so the only
+error is the solver's and its time steps'. Measured: the RMS distance of the samples to the
+exact probability-flow solution from that noise (RK4 in log-sigma to t = 1, then the exact
+x0 estimate there: :func:`tinydiff.testing.probability_flow_reference`), at a budget of
+network evaluations (NFE).
 
-* ``rms``: RMS error against the exact probability-flow solution from that noise: RK4 in
-  log-sigma to t = 1 (the schedule's smallest noise level, sigma ~ 0.01), then the exact x0
-  estimate there (:func:`tinydiff.testing.probability_flow_reference`);
-* ``swd``: sliced Wasserstein-2 distance to fresh data samples (128 directions).
+Methods (all in this process):
 
-diffusers (same process, same float64 schedule via ``trained_betas``): its timestep k is
-our t = k + 1; an exact "network" for it maps k to its own noise level (integer k: the
-table; fractional k from Karras sigmas: diffusers' log-sigma interpolation), so both
-libraries see exact denoisers. NFE is counted; Heun uses 2S - 1 (diffusers) and 2S
-(tinydiff) evaluations and is run with the largest S within the NFE budget.
+* tinydiff: every deterministic sampler with every registered spacing; rows ``default``
+  (each sampler with its ``default_spacing``, no spacing named), ``best built-in`` (best
+  spacing per cell, which no user can know in advance) and ``optimized``
+  (:func:`tinydiff.timestep_search.optimize_timesteps`, optimized on noise from a different
+  generator than the benchmark's x_T: held-out noise).
+* diffusers (same float64 schedule via ``trained_betas``): its timestep k is our t = k + 1;
+  the exact "network" maps k to its noise level (log-sigma interpolation for fractional k).
+* k-diffusion 0.1.1.post1: euler, heun, dpm_2, lms, dpmpp_2m, dpmpp_3m_sde (eta = 0) over
+  karras, exponential and polyexponential (rho = 2) sigmas from sigma(T) to sigma(1), and
+  dpm_adaptive (the most accurate of several tolerances whose NFE fits the budget), in
+  Karras' variables y = x / alpha with the same exact denoiser. k-diffusion's package
+  imports torchvision, PIL, wandb ... at import time; only its ``sampling`` module is
+  needed, which imports torch, scipy, torchsde, torchdiffeq and ``utils.append_dims``.
+  :func:`load_k_diffusion_sampling` therefore installs a stub parent package
+  ``k_diffusion`` (its ``__path__`` the installed package folder) with a stub ``utils``
+  holding ``append_dims``, and executes the installed ``k_diffusion/sampling.py`` from its
+  file with ``importlib.util.spec_from_file_location``. Install it with
+  ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq``.
 
-Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (about 15 minutes on 2 cores).
+NFE is counted by wrapping each peer's model call; tinydiff uses ``sampler.nfe(S)`` (Heun:
+2S) and every method gets the largest number of steps within the budget.
+
+Run: ``PYTHONPATH=src python benchmarks/sampler_quality.py`` (NFE 5-50, about 20 minutes
+on 2 cores) or ``--quick`` (NFE 5-20, smaller batches and search budgets, under 5 minutes).
+Results go to ``benchmarks/results/sampler_quality[_quick].md`` and the plots beside it.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
+import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,26 +54,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinydiff import DiffusionModel
+from tinydiff import DiffusionModel, samplers, spacings
 from tinydiff.testing import ExactDenoiser, GaussianMixture, probability_flow_reference
+from tinydiff.timestep_search import optimize_timesteps
 
 T = 1000
-NFES = (5, 10, 20, 50)
-GOAL_NFES = (5, 10, 20)
 OUT = Path(__file__).parent / "results"
-TINY = [
-    ("ddim", {}),
-    ("euler", {}),
-    ("heun", {}),
-    ("dpmpp_2m", {}),
-    ("dpmpp_3m", {}),
-    ("unipc", {}),
-    ("deis", {}),
-]
-TINY_SPACINGS = ("trailing", "logsnr", "logsnr_trailing", "quadratic", "karras")
+Result = tuple[float, int]  # (rms, nfe used)
 
 
-def datasets() -> dict[str, tuple[GaussianMixture, int]]:
+def datasets(quick: bool) -> dict[str, tuple[GaussianMixture, int]]:
     g = torch.Generator().manual_seed(0)
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
     radius = 2 + 2 * torch.rand(8, generator=g, dtype=torch.float64)  # 2..4
@@ -59,40 +73,35 @@ def datasets() -> dict[str, tuple[GaussianMixture, int]]:
     stds64 = 0.1 + 0.2 * torch.rand(16, generator=g, dtype=torch.float64)
     return {
         "sharp2d": (GaussianMixture(means2, stds2), 512),
-        "mix64d": (GaussianMixture(means64, stds64), 256),
+        "mix64d": (GaussianMixture(means64, stds64), 128 if quick else 256),
     }
 
 
-def swd(x: torch.Tensor, y: torch.Tensor, n_proj: int = 128) -> float:
-    g = torch.Generator().manual_seed(7)
-    dirs = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    px, _ = (x @ dirs).sort(0)
-    py, _ = (y @ dirs).sort(0)
-    return float(((px - py) ** 2).mean().sqrt())
+def rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    value = float(((out.double() - ref) ** 2).sum(1).mean().sqrt())
+    if not math.isfinite(value):
+        raise FloatingPointError("non-finite samples")
+    return value
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
+# -- tinydiff ----------------------------------------------------------------------------------
+def deterministic_samplers() -> list[str]:
+    return [n for n in samplers.names() if not samplers.get(n)().is_stochastic]
+
+
+def steps_for(model: DiffusionModel, name: str, nfe: int) -> int:
+    s = model.make_sampler(name)
+    return max(k for k in range(1, nfe + 1) if s.nfe(k) <= nfe)
 
 
 def run_tinydiff(
-    model: DiffusionModel,
-    counter: Counter,
-    z: torch.Tensor,
-    name: str,
-    kw: dict,
-    spacing: str,
-    nfe: int,
+    model: DiffusionModel, z: torch.Tensor, name: str, spacing: Any, nfe: int
 ) -> torch.Tensor:
-    sampler = model.make_sampler(name, kw)
-    steps = max(s for s in range(1, nfe + 1) if sampler.nfe(s) <= nfe)
-    return model.sample(
-        z.shape[0], steps, sampler=name, sampler_kwargs=kw, init_noise=z, timestep_spacing=spacing
-    )
+    steps = steps_for(model, name, nfe)
+    return model.sample(z.shape[0], steps, sampler=name, init_noise=z, timestep_spacing=spacing)
 
 
+# -- diffusers ---------------------------------------------------------------------------------
 def diffusers_methods() -> dict[str, tuple[str, dict[str, Any]]]:
     common = {"timestep_spacing": "trailing"}
     return {
@@ -104,10 +113,6 @@ def diffusers_methods() -> dict[str, tuple[str, dict[str, Any]]]:
         "dpm++2m karras": (
             "DPMSolverMultistepScheduler",
             {**common, "solver_order": 2, "use_karras_sigmas": True},
-        ),
-        "dpm++3m karras": (
-            "DPMSolverMultistepScheduler",
-            {**common, "solver_order": 3, "use_karras_sigmas": True},
         ),
         "unipc": ("UniPCMultistepScheduler", common),
         "deis": ("DEISMultistepScheduler", common),
@@ -121,20 +126,14 @@ def run_diffusers(
     mixture: GaussianMixture,
     z: torch.Tensor,
     nfe: int,
-) -> tuple[torch.Tensor, int]:
+) -> Result:
     import diffusers
 
     cls = getattr(diffusers, cls_name)
-    sched = cls(
-        num_train_timesteps=T,
-        trained_betas=betas.numpy(),
-        prediction_type="epsilon",
-        **kw,
-    )
+    sched = cls(num_train_timesteps=T, trained_betas=betas.numpy(), prediction_type="epsilon", **kw)
     acp = torch.cumprod(1 - betas, 0)  # diffusers' table: index k is our t = k + 1
     log_sig = np.log((((1 - acp) / acp) ** 0.5).numpy())
-    steps = (nfe + 1) // 2 if cls_name == "HeunDiscreteScheduler" else nfe
-    sched.set_timesteps(steps)
+    sched.set_timesteps((nfe + 1) // 2 if cls_name == "HeunDiscreteScheduler" else nfe)
     calls = 0
 
     def eps_model(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -147,133 +146,369 @@ def run_diffusers(
 
     x = z * float(sched.init_noise_sigma)
     for k in sched.timesteps:
-        xin = sched.scale_model_input(x, k)
-        eps = eps_model(xin.double(), k)
+        eps = eps_model(sched.scale_model_input(x, k).double(), k)
         x = sched.step(eps.to(x.dtype), k, x).prev_sample.double()
-    return x, calls
+    return x, calls  # type: ignore[return-value]
+
+
+# -- k-diffusion -------------------------------------------------------------------------------
+def load_k_diffusion_sampling() -> types.ModuleType:
+    """Execute the installed ``k_diffusion/sampling.py`` under a stub parent package (module
+    docstring): no torchvision, PIL or wandb needed."""
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")  # locates the folder, imports nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    parent = types.ModuleType("k_diffusion")
+    parent.__path__ = [str(folder)]
+    utils = types.ModuleType("k_diffusion.utils")
+
+    def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
+        return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+    utils.append_dims = append_dims  # type: ignore[attr-defined]
+    parent.utils = utils  # type: ignore[attr-defined]
+    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = parent, utils
+    mod_spec = importlib.util.spec_from_file_location(
+        "k_diffusion.sampling", folder / "sampling.py"
+    )
+    assert mod_spec is not None and mod_spec.loader is not None
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules["k_diffusion.sampling"] = module
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+K_SAMPLERS: dict[str, tuple[str, dict[str, Any], Callable[[int], int]]] = {
+    # name -> (function, options, steps for an NFE budget)
+    "euler": ("sample_euler", {}, lambda nfe: nfe),
+    "heun": ("sample_heun", {}, lambda nfe: (nfe + 1) // 2),
+    "dpm_2": ("sample_dpm_2", {}, lambda nfe: (nfe + 1) // 2),
+    "lms": ("sample_lms", {}, lambda nfe: nfe),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}, lambda nfe: nfe),
+    "dpmpp_3m_sde eta=0": ("sample_dpmpp_3m_sde", {"eta": 0.0}, lambda nfe: nfe),
+}
+K_SIGMAS = {
+    "karras": lambda ks, n, lo, hi: ks.get_sigmas_karras(n, lo, hi, rho=7.0),
+    "exponential": lambda ks, n, lo, hi: ks.get_sigmas_exponential(n, lo, hi),
+    "polyexponential": lambda ks, n, lo, hi: ks.get_sigmas_polyexponential(n, lo, hi, rho=2.0),
+}
+
+
+class KDenoiser(torch.nn.Module):
+    """k-diffusion's model contract D(y, sigma) -> x0 for y = x0 + sigma eps, counted."""
+
+    def __init__(self, mixture: GaussianMixture) -> None:
+        super().__init__()
+        self.mixture, self.calls = mixture, 0
+
+    def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        s = sigma.double().reshape(-1)[:1].expand(y.shape[0])
+        ab = 1 / (1 + s**2)
+        return self.mixture.posterior_mean(y.double() * ab.sqrt()[:, None], ab)
+
+
+def run_k(
+    ks: types.ModuleType,
+    fn: str,
+    kw: dict,
+    sigmas: torch.Tensor,
+    mixture: GaussianMixture,
+    z: torch.Tensor,
+) -> Result:
+    model = KDenoiser(mixture)
+    sig = sigmas.double()
+    y = getattr(ks, fn)(model, z * sig[0], sig, disable=True, **kw)
+    return y, model.calls  # type: ignore[return-value]
+
+
+def run_k_adaptive(
+    ks: types.ModuleType, mixture: GaussianMixture, z: torch.Tensor, lo: float, hi: float, nfe: int
+) -> Result:
+    best: tuple[float, torch.Tensor, int] | None = None
+    for rtol in (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005):
+        model = KDenoiser(mixture)
+        y = ks.sample_dpm_adaptive(model, z * hi, lo, hi, rtol=rtol, atol=rtol / 5, disable=True)
+        x0 = model(y, torch.tensor([lo], dtype=torch.float64))  # denoise at sigma_min
+        if model.calls > nfe:  # tighter tolerances only cost more
+            break
+        best = (rtol, x0, model.calls)
+    if best is None:
+        raise RuntimeError(f"no tolerance fits {nfe} NFE")
+    return best[1], best[2]  # type: ignore[return-value]
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+def measure_block(
+    ks: types.ModuleType,
+    mixture: GaussianMixture,
+    n: int,
+    sched_name: str,
+    nfes: tuple[int, ...],
+    optimized: tuple[str, ...],
+    opt_kw: dict[str, Any],
+    opt_cost: list[tuple[str, int, str, float, int]],
+    block: str,
+) -> dict[str, dict[int, Result | str]]:
+    """Every method on one mixture and schedule, at every NFE budget."""
+    names = deterministic_samplers()
+    cfg = {
+        "input_shape": (mixture.dim,),
+        "num_timesteps": T,
+        "noise_schedule_type": sched_name,
+    }
+    model = DiffusionModel(ExactDenoiser(mixture, cfg), cfg).double()
+    ab = model.alphas_cumprod
+    betas = 1 - ab[1:] / ab[:-1]
+    z = torch.randn(n, mixture.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # RK4 with 500 steps already agrees with 2000 steps to ~1e-6 here
+    ref_steps = 500 if nfes[-1] <= 20 else 2000
+    ref = probability_flow_reference(mixture, z, float(ab[T]), float(ab[1]), num_steps=ref_steps)
+    sig_lo = float(((1 - ab[1]) / ab[1]).sqrt())
+    sig_hi = float(((1 - ab[T]) / ab[T]).sqrt())
+    rows: dict[str, dict[int, Result | str]] = {}
+
+    def record(label: str, nfe: int, fn: Callable[[], Result], rows=rows, ref=ref) -> None:
+        try:
+            out, used = fn()
+            rows.setdefault(label, {})[nfe] = (rms(out, ref), used)
+        except Exception as err:  # a failure is a table entry, not a crash
+            rows.setdefault(label, {})[nfe] = f"FAIL {type(err).__name__}"
+            traceback.print_exc(limit=1)
+
+    for nfe in nfes:
+        for name in names:
+            used = model.make_sampler(name).nfe(steps_for(model, name, nfe))
+            for sp in spacings.names():
+                record(
+                    f"tinydiff {name} [{sp}]",
+                    nfe,
+                    lambda name=name, sp=sp, nfe=nfe, used=used: (
+                        run_tinydiff(model, z, name, sp, nfe),
+                        used,
+                    ),
+                )
+            record(
+                f"tinydiff {name} [default]",
+                nfe,
+                lambda name=name, nfe=nfe, used=used: (
+                    run_tinydiff(model, z, name, None, nfe),
+                    used,
+                ),
+            )
+        for name in optimized:
+            steps = steps_for(model, name, nfe)
+            if steps < 2:
+                continue
+            used = model.make_sampler(name).nfe(steps)
+            tic = time.time()
+            res = optimize_timesteps(
+                model,
+                steps,
+                sampler=name,
+                generator=torch.Generator().manual_seed(5),
+                return_info=True,
+                **opt_kw,
+            )
+            opt_cost.append((block, nfe, name, time.time() - tic, res.network_calls))
+            record(
+                f"tinydiff {name} [optimized]",
+                nfe,
+                lambda res=res, name=name, nfe=nfe, used=used: (
+                    run_tinydiff(model, z, name, res.timesteps, nfe),
+                    used,
+                ),
+            )
+        for label, (cls_name, kw) in diffusers_methods().items():
+            record(
+                f"diffusers {label}",
+                nfe,
+                lambda cls_name=cls_name, kw=kw, nfe=nfe: run_diffusers(
+                    cls_name, kw, betas, mixture, z, nfe
+                ),
+            )
+        for label, (fn, kw, steps_of) in K_SAMPLERS.items():
+            for sname, make in K_SIGMAS.items():
+                sig = make(ks, steps_of(nfe), sig_lo, sig_hi)
+                record(
+                    f"k-diffusion {label} [{sname}]",
+                    nfe,
+                    lambda fn=fn, kw=kw, sig=sig: run_k(ks, fn, kw, sig, mixture, z),
+                )
+        record(
+            "k-diffusion dpm_adaptive",
+            nfe,
+            lambda nfe=nfe: run_k_adaptive(ks, mixture, z, sig_lo, sig_hi, nfe),
+        )
+    return rows
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="NFE 5-20, small budgets")
+    args = parser.parse_args()
+    quick = args.quick
+    nfes = (5, 10, 20) if quick else (5, 10, 20, 50)
+    optimized = ("dpmpp_2m", "unipc") if quick else ("dpmpp_2m", "dpmpp_3m", "unipc", "heun")
+    opt_kw = {"num_samples": 128, "max_evals": 100} if quick else {"num_samples": 512}
+    suffix = "_quick" if quick else ""
+    ks = load_k_diffusion_sampling()
     OUT.mkdir(parents=True, exist_ok=True)
-    lines = ["# Sampler quality: tinydiff vs diffusers (exact denoisers)", ""]
-    goal_lines = []
-    curves: dict[str, dict[str, list[float]]] = {}
+    torch.set_num_threads(2)
     t0 = time.time()
-    for dname, (mixture, n) in datasets().items():
+    blocks: dict[str, dict[str, dict[int, Result | str]]] = {}
+    opt_cost: list[tuple[str, int, str, float, int]] = []
+    for dname, (mixture, n) in datasets(quick).items():
         for sched_name in ("linear", "cosine"):
-            cfg = {
-                "input_shape": (mixture.dim,),
-                "num_timesteps": T,
-                "noise_schedule_type": sched_name,
-            }
-            model = DiffusionModel(ExactDenoiser(mixture, cfg), cfg).double()
-            ab = model.alphas_cumprod
-            betas = 1 - ab[1:] / ab[:-1]
-            g = torch.Generator().manual_seed(1)
-            z = torch.randn(n, mixture.dim, generator=g, dtype=torch.float64)
-            ref = probability_flow_reference(mixture, z, float(ab[T]), float(ab[1]), num_steps=2000)
-            data = mixture.sample(n, generator=torch.Generator().manual_seed(2))
-            rows: dict[str, dict[int, tuple[float, float, int] | str]] = {}
-            runs: list[tuple[str, Callable[[int], tuple[torch.Tensor, int]]]] = []
-            for name, kw in TINY:
-                for sp in TINY_SPACINGS:
-
-                    def fn(
-                        nfe: int, name=name, kw=kw, sp=sp, model=model, z=z
-                    ) -> tuple[torch.Tensor, int]:
-                        s = model.make_sampler(name, kw)
-                        steps = max(k for k in range(1, nfe + 1) if s.nfe(k) <= nfe)
-                        return run_tinydiff(model, Counter(), z, name, kw, sp, nfe), s.nfe(steps)
-
-                    runs.append((f"tinydiff {name} [{sp}]", fn))
-            for label, (cls_name, kw) in diffusers_methods().items():
-
-                def gn(
-                    nfe: int, cls_name=cls_name, kw=kw, betas=betas, mixture=mixture, z=z
-                ) -> tuple[torch.Tensor, int]:
-                    return run_diffusers(cls_name, kw, betas, mixture, z, nfe)
-
-                runs.append((f"diffusers {label}", gn))
-            for label, fn in runs:
-                rows[label] = {}
-                for nfe in NFES:
-                    try:
-                        out, used = fn(nfe)
-                        rms = float(((out - ref) ** 2).sum(1).mean().sqrt())
-                        if not math.isfinite(rms):
-                            raise FloatingPointError("non-finite samples")
-                        rows[label][nfe] = (rms, swd(out, data), used)
-                    except Exception as err:  # a peer's failure is a table entry, not a crash
-                        rows[label][nfe] = f"FAIL {type(err).__name__}"
-                        traceback.print_exc(limit=1)
             block = f"{dname} / {sched_name}"
-            lines += [f"## {block}", "", "RMS error vs exact flow (SWD to data) [NFE used]", ""]
-            lines.append("| method | " + " | ".join(f"NFE {k}" for k in NFES) + " |")
-            lines.append("|---|" + "---|" * len(NFES))
-            for label, r in rows.items():
-                cells = []
-                for nfe in NFES:
-                    v = r[nfe]
-                    cells.append(v if isinstance(v, str) else f"{v[0]:.2e} ({v[1]:.3f}) [{v[2]}]")
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-            lines.append("")
-            curves[block] = {
-                label: [r[k][0] if not isinstance(r[k], str) else float("nan") for k in NFES]
-                for label, r in rows.items()
-            }
-            for nfe in GOAL_NFES:
-
-                def best(prefix: str, nfe: int = nfe, rows=rows) -> tuple[float, str]:
-                    vals = [
-                        (r[nfe][0], lab)
-                        for lab, r in rows.items()
-                        if lab.startswith(prefix) and not isinstance(r[nfe], str)
-                    ]
-                    return min(vals)
-
-                ours, theirs = best("tinydiff"), best("diffusers")
-                ratio = ours[0] / theirs[0]
-                goal_lines.append(
-                    f"| {block} | {nfe} | {ours[1]} {ours[0]:.2e} | {theirs[1]} {theirs[0]:.2e} "
-                    f"| {ratio:.2f} | {'yes' if ratio <= 0.8 else 'NO'} |"
-                )
+            blocks[block] = measure_block(
+                ks, mixture, n, sched_name, nfes, optimized, opt_kw, opt_cost, block
+            )
             print(f"done {block} ({time.time() - t0:.0f}s)", flush=True)
+            write(blocks, nfes, opt_cost, suffix, time.time() - t0, echo=False)  # partial
+    write(blocks, nfes, opt_cost, suffix, time.time() - t0)
+    plot(blocks, nfes, suffix)
+
+
+def best_of(
+    rows: dict[str, dict[int, Result | str]], nfe: int, keep: Callable[[str], bool]
+) -> tuple[float, str]:
+    vals = [
+        (r[nfe][0], lab)
+        for lab, r in rows.items()
+        if keep(lab) and nfe in r and not isinstance(r[nfe], str)
+    ]
+    return min(vals) if vals else (math.nan, "-")
+
+
+def is_default(lab: str) -> bool:
+    return lab.startswith("tinydiff") and lab.endswith("[default]")
+
+
+def is_builtin(lab: str) -> bool:
+    return lab.startswith("tinydiff") and not lab.endswith(("[default]", "[optimized]"))
+
+
+def is_optimized(lab: str) -> bool:
+    return lab.endswith("[optimized]")
+
+
+def is_peer(lab: str) -> bool:
+    return lab.startswith(("diffusers", "k-diffusion"))
+
+
+def write(blocks, nfes, opt_cost, suffix: str, seconds: float, echo: bool = True) -> None:
+    goal_nfes = [k for k in nfes if k <= 20]
+    lines = [
+        f"# Sampler quality: tinydiff vs diffusers and k-diffusion (exact denoisers){' — quick' if suffix else ''}",
+        "",
+        f"Generated by `benchmarks/sampler_quality.py{' --quick' if suffix else ''}` in {seconds:.0f} s. "
+        "RMS distance to the exact probability-flow solution from the same x_T; lower is better.",
+        "",
+        "## Goal: tinydiff optimized <= 0.5 x the best peer",
+        "",
+        "Best peer: the best of every diffusers scheduler and every k-diffusion sampler and sigma "
+        "schedule in the cell. Ratios are tinydiff's best in the row's category / the best peer.",
+        "",
+        "| block | NFE | best peer | default / peer | best built-in / peer | optimized / peer | holds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for block, rows in blocks.items():
+        for nfe in goal_nfes:
+            peer = best_of(rows, nfe, is_peer)
+            d, b, o = (best_of(rows, nfe, f) for f in (is_default, is_builtin, is_optimized))
+            ratio = o[0] / peer[0]
+            lines.append(
+                f"| {block} | {nfe} | {peer[1]} {peer[0]:.3g} | {d[0] / peer[0]:.2f} ({d[1].removeprefix('tinydiff ')}) "
+                f"| {b[0] / peer[0]:.2f} ({b[1].removeprefix('tinydiff ')}) | {ratio:.2f} ({o[1].removeprefix('tinydiff ')}) "
+                f"| {'yes' if ratio <= 0.5 else 'NO'} |"
+            )
     lines += [
-        "## Goal: best tinydiff RMS <= 0.8 x best diffusers RMS",
         "",
-        f"tinydiff: best over its samplers (default options) and the spacings "
-        f"{', '.join(TINY_SPACINGS)}; the winning spacing is in brackets. diffusers: best over "
-        f"the schedulers above (trailing spacing, or Karras sigmas where named).",
+        "## Optimization cost",
         "",
-        "| block | NFE | best tinydiff | best diffusers | ratio | holds |",
-        "|---|---|---|---|---|---|",
-        *goal_lines,
+        "| block | NFE | sampler | seconds | network calls |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {b} | {k} | {s} | {sec:.1f} | {c} |" for b, k, s, sec, c in opt_cost]
+    # default spacing: per sampler, geometric mean over cells of err / best-spacing err
+    lines += [
+        "",
+        "## Choosing each sampler's default spacing",
+        "",
+        "Per sampler and spacing: the geometric mean, over every block and NFE, of its error "
+        "divided by the best built-in spacing's error for that sampler in the cell (1.00: best "
+        "everywhere), and in brackets the worst cell. The default (`Sampler.default_spacing`) "
+        "is marked with *.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    (OUT / "sampler_quality.md").write_text(text)
-    plot(curves)
+    names = deterministic_samplers()
+    sps = spacings.names()
+    lines.append("| sampler | " + " | ".join(sps) + " |")
+    lines.append("|---|" + "---|" * len(sps))
+    for name in names:
+        ratios: dict[str, list[float]] = {sp: [] for sp in sps}
+        for rows in blocks.values():
+            for nfe in nfes:
+                vals = {sp: rows[f"tinydiff {name} [{sp}]"][nfe] for sp in sps}
+                ok = {sp: v[0] for sp, v in vals.items() if not isinstance(v, str)}
+                best = min(ok.values())
+                for sp in sps:
+                    ratios[sp].append(ok.get(sp, math.inf) / best)
+        default = samplers.get(name).default_spacing
+        cells = []
+        for sp in sps:
+            r = ratios[sp]
+            gm = math.exp(sum(math.log(v) for v in r) / len(r))
+            cells.append(f"{gm:.2f} ({max(r):.1f}){'*' if sp == default else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for block, rows in blocks.items():
+        lines += ["", f"## {block}", "", "RMS error [NFE used]", ""]
+        lines.append("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
+        lines.append("|---|" + "---|" * len(nfes))
+        for label, r in rows.items():
+            cells = [
+                r[k]
+                if isinstance(r.get(k), str)
+                else (f"{r[k][0]:.3g} [{r[k][1]}]" if k in r else "-")
+                for k in nfes
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if echo:
+        print(text)
+    (OUT / f"sampler_quality{suffix}.md").write_text(text)
 
 
-def plot(curves: dict[str, dict[str, list[float]]]) -> None:
+def plot(blocks, nfes, suffix: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for block, per_method in curves.items():
-        fig, ax = plt.subplots(figsize=(8, 6))
-        for label, errs in per_method.items():
+    series = {
+        "tinydiff default": is_default,
+        "tinydiff best built-in": is_builtin,
+        "tinydiff optimized": is_optimized,
+        "best diffusers": lambda lab: lab.startswith("diffusers"),
+        "best k-diffusion": lambda lab: lab.startswith("k-diffusion"),
+    }
+    for block, rows in blocks.items():
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for label, keep in series.items():
+            errs = [best_of(rows, k, keep)[0] for k in nfes]
             style = "-" if label.startswith("tinydiff") else "--"
-            ax.loglog(NFES, errs, style, marker="o", label=label, lw=1)
+            ax.loglog(nfes, errs, style, marker="o", label=label)
         ax.set_xlabel("NFE")
         ax.set_ylabel("RMS error vs exact PF-ODE solution")
         ax.set_title(block)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(OUT / f"sampler_quality_{block.replace(' / ', '_')}.png", dpi=110)
+        fig.savefig(OUT / f"sampler_quality_{block.replace(' / ', '_')}{suffix}.png", dpi=100)
         plt.close(fig)
 
 

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -52,7 +53,10 @@ class DiffusionModelConfig(BaseModel):
         min_snr_gamma: if set, min-SNR-gamma loss weighting (Hang et al. 2023).
         sampler_type: default sampler, name in :mod:`tinydiff.samplers`.
         sampler_kwargs: default options of that sampler.
-        timestep_spacing: default spacing of sampling times, name in :mod:`tinydiff.spacings`.
+        timestep_spacing: default sampling times: a name in :mod:`tinydiff.spacings`, an
+            explicit tuple of times (strictly decreasing, in [0, T], ending at 0: a final 0 is
+            appended when missing; e.g. from :func:`tinydiff.timestep_search.optimize_timesteps`),
+            or None (the default): each sampler's own ``default_spacing``.
         zero_terminal_snr: rescale the schedule to alpha_bar_T = 0 (Lin et al. 2024).
         time_sampling: the training-time distribution, a name in :mod:`tinydiff.time_sampling`
             (``uniform_discrete``, ``uniform``, ``logit_normal``, ``log_normal``, ...); None
@@ -83,7 +87,7 @@ class DiffusionModelConfig(BaseModel):
     min_snr_gamma: float | None = Field(default=None, gt=0)
     sampler_type: str = "ddpm"
     sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
-    timestep_spacing: str = "trailing"
+    timestep_spacing: str | tuple[float, ...] | None = None
     zero_terminal_snr: bool = False
     cond_drop_prob: float = Field(default=0.0, ge=0.0, le=1.0)
     time_sampling: str | None = None
@@ -155,10 +159,29 @@ class DiffusionModelConfig(BaseModel):
     def _time_sampling(cls, v: Any) -> str | None:
         return None if v is None else _registry_name(time_sampling.REGISTRY, v)
 
-    @field_validator("timestep_spacing")
+    @field_validator("timestep_spacing", mode="before")
     @classmethod
-    def _spacing(cls, v: Any) -> str:
-        return _registry_name(spacings.REGISTRY, v)
+    def _spacing(cls, v: Any, info: ValidationInfo) -> str | tuple[float, ...] | None:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            return _registry_name(spacings.REGISTRY, v)
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().flatten().tolist()
+        if not isinstance(v, (list, tuple)) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in v
+        ):
+            raise ValueError(
+                "timestep_spacing must be a spacing name, an explicit sequence of times "
+                f"(numbers), or None; got {v!r}"
+            )
+        num_timesteps = info.data.get("num_timesteps")
+        if num_timesteps is None:  # num_timesteps itself failed validation
+            raise ValueError("timestep_spacing needs a valid num_timesteps to check times against")
+        times = spacings.make_timesteps(
+            tuple(float(t) for t in v), num_timesteps, None, torch.zeros(0)
+        )
+        return tuple(times.tolist())
 
     @model_validator(mode="after")
     def _check_components(self) -> DiffusionModelConfig:

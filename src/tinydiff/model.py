@@ -352,22 +352,48 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         self,
         sampling_timesteps: int | None = None,
         timestep_spacing: str | Sequence[float] | Tensor | None = None,
+        *,
+        sampler: str | None = None,
     ) -> Tensor:
         """The times a sampler visits: float64 (S + 1,), decreasing to 0.
 
         Args:
-            sampling_timesteps: S in 1..T (default T).
-            timestep_spacing: a name in :mod:`tinydiff.spacings` (default: the config's), or an
-                explicit decreasing list of times.
+            sampling_timesteps: S in 1..T (default T; for explicit times, their count).
+            timestep_spacing: a name in :mod:`tinydiff.spacings`, or an explicit decreasing
+                list of times; default: the config's ``timestep_spacing``, and when that is
+                None the sampler's ``default_spacing``.
+            sampler: the sampler whose default spacing applies (default: the config's).
+
+        Raises:
+            ValueError: explicit times for a different number of steps than
+                ``sampling_timesteps``.
         """
-        if sampling_timesteps is None:
-            sampling_timesteps = self.num_timesteps
-        if isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int):
+        if sampling_timesteps is not None and (
+            isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int)
+        ):
             raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
         spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
-        return spacings.make_timesteps(
-            spacing, self.num_timesteps, sampling_timesteps, self.process
-        )
+        if spacing is None:
+            name = self.config.sampler_type if sampler is None else sampler
+            spacing = samplers.get(name).default_spacing
+        if isinstance(spacing, str):
+            num_steps = self.num_timesteps if sampling_timesteps is None else sampling_timesteps
+            return spacings.make_timesteps(spacing, self.num_timesteps, num_steps, self.process)
+        times = spacings.make_timesteps(spacing, self.num_timesteps, None, self.process)
+        if sampling_timesteps is not None and sampling_timesteps != times.numel() - 1:
+            raise ValueError(
+                f"the explicit timestep list has {times.numel() - 1} steps but "
+                f"sampling_timesteps={sampling_timesteps}; pass sampling_timesteps="
+                f"{times.numel() - 1} (or None), or a spacing name"
+            )
+        return times
+
+    def optimize_timesteps(self, num_steps: int, **kwargs: Any) -> Any:
+        """Sampling times chosen for this model and a sampler; see
+        :func:`tinydiff.timestep_search.optimize_timesteps` for the arguments."""
+        from tinydiff.timestep_search import optimize_timesteps
+
+        return optimize_timesteps(self, num_steps, **kwargs)
 
     def compile_sampler(
         self,
@@ -431,7 +457,8 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
                 respaced subsequence with the posterior recomputed for each step pair.
             sampler: a name in :mod:`tinydiff.samplers` (default: the config's sampler_type).
             sampler_kwargs: the sampler's options (default: the config's, for its sampler).
-            timestep_spacing: overrides the config's spacing; a name or explicit times.
+            timestep_spacing: a name or explicit times; default: the config's
+                ``timestep_spacing``, or the sampler's ``default_spacing`` when that is None.
             init_noise: x_T to start from, (bsz, *input_shape) (default: N(0, I) times
                 ``process.prior_std()``, which is 1 for variance-preserving processes).
             generator: a torch.Generator on ``device`` for the initial and per-step noise; the
@@ -476,7 +503,7 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         if guidance_rescale > 0 and guidance_scale is None:
             raise ValueError("guidance_rescale needs guidance_scale")
         solver = self.make_sampler(sampler, sampler_kwargs)
-        timesteps = self.sampling_timesteps(sampling_timesteps, timestep_spacing)
+        timesteps = self.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler=sampler)
         dtype, param_device = self._param_dtype_device()
         device = torch.device(device) if device is not None else param_device
         shape = (bsz, *self.input_shape)

@@ -97,6 +97,9 @@ class Sampler:
 
     #: steps that draw fresh Gaussian noise get it as ``step``'s ``noise`` argument
     stochastic: ClassVar[bool] = False
+    #: the :mod:`tinydiff.spacings` name used when neither the call nor the config names a
+    #: timestep spacing (chosen per sampler from ``benchmarks/sampler_quality.py``)
+    default_spacing: ClassVar[str] = "trailing"
 
     @property
     def is_stochastic(self) -> bool:

@@ -1,0 +1,347 @@
+r"""Sampling times chosen for one model and one sampler: :func:`optimize_timesteps`.
+
+The error of a few-step sampler depends mostly on *where* it steps, and the best places
+depend on the model (where its denoiser changes fast) and on the solver (its local error
+and how it uses history). Instead of a fixed spacing, this module searches the S - 1 free
+interior times directly, so that the S-step solution from a batch of noise lands close to
+an accurate reference solution from the same noise:
+
+.. math::
+    \min_{T = t_0 > t_1 > \dots > t_{S-1} > t_S = 0}\;
+    \Big(\frac1n\sum_{k=1}^n \big\|\Phi_{t_{0:S}}(z_k) - x^{\mathrm{ref}}(z_k)\big\|^2\Big)^{1/2},
+
+with :math:`\Phi` the sampler run on those times (any registered sampler, multistep ones
+included: the whole trajectory is scored, not step by step) and :math:`x^{\mathrm{ref}}`
+a fine solution (``reference_steps`` steps of ``reference_sampler``). This is the
+objective of "Optimal Stepsize for Diffusion Sampling" (Pei et al. 2025) and, in spirit, of
+GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling"),
+which both fit the time steps to a teacher trajectory; GITS does it by dynamic programming
+over a candidate grid with a *local* (one-step) cost, which is exact only for single-step
+solvers. Scoring the full S-step run instead works for multistep solvers too, at the price
+of a derivative-free search: a coordinate pattern search in log-SNR,
+
+1. start from the best registered spacing on this batch (so the result is never worse on
+   it than any built-in spacing);
+2. for each interior time in turn, try moving its log-SNR
+   :math:`\lambda = \log(\bar\alpha/(1-\bar\alpha))` up and down by its own step size,
+   staying between its neighbours; keep a move that lowers the error and enlarge that
+   step (x 1.5), otherwise halve it;
+3. stop when every step size is below ``tol`` (in lambda) or after ``max_evals`` runs.
+
+Stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``, ``dpmpp_2m_sde``) have no
+pathwise limit to compare with, so for them the error is the sliced Wasserstein-2 distance
+between their samples (the same per-step noise in every run: common random numbers) and
+the reference samples.
+
+Align Your Steps (Sabour et al. 2024) optimises a KL-divergence bound by gradients through
+the solver instead; it needs differentiable solver coefficients, which tinydiff's float64
+plans deliberately are not.
+
+Everything goes through the public :class:`~tinydiff.DiffusionModel` API (``sample`` with
+explicit times, ``make_sampler``, ``sampling_timesteps``, ``alpha_bar``), so any process,
+target, conditioning and guidance works unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tinydiff import spacings
+
+if TYPE_CHECKING:
+    from tinydiff.model import DiffusionModel
+
+__all__ = ["TimestepSearchResult", "optimize_timesteps"]
+
+
+@dataclass(frozen=True)
+class TimestepSearchResult:
+    """What :func:`optimize_timesteps` found, and what it cost.
+
+    Attributes:
+        timesteps: float64 (S + 1,), strictly decreasing from T to exactly 0; pass them as
+            ``sample(..., timestep_spacing=timesteps)`` or store them in the config.
+        error: the objective (RMS distance to the reference, or sliced W2 for stochastic
+            samplers) of ``timesteps`` on the optimisation batch.
+        start_spacing: the registered spacing the search started from (the best on the batch).
+        spacing_errors: the objective of every registered spacing on the batch.
+        evaluations: sampler runs of S steps made by the search.
+        network_calls: network calls in all, the reference included (each on
+            ``num_samples`` rows; twice that with guidance).
+        history: the best error after each evaluation.
+    """
+
+    timesteps: Tensor
+    error: float
+    start_spacing: str
+    spacing_errors: dict[str, float]
+    evaluations: int
+    network_calls: int
+    history: list[float] = field(repr=False)
+
+
+def _log_snr(model: DiffusionModel, t: Tensor) -> Tensor:
+    """The model's log-SNR log(alpha^2 / sigma^2) at times t (float64), from its process (any
+    Gaussian path): the one place the noise level is read."""
+    return 2 * model.process.lam(torch.as_tensor(t, dtype=torch.float64))
+
+
+class _TimeOfLogSnr:
+    """Inverse of :func:`_log_snr` on [t_min, T] by interpolation on a dense time grid."""
+
+    def __init__(self, model: DiffusionModel, t_min: float, t_max: float) -> None:
+        grid = torch.linspace(0, 1, 4097, dtype=torch.float64)
+        # dense near both ends, where log-SNR moves fastest
+        u = 0.5 - 0.5 * torch.cos(math.pi * grid)
+        self.t = t_min + (t_max - t_min) * u
+        lam = _log_snr(model, self.t)
+        finite = torch.isfinite(lam)
+        self.t, self.lam = self.t[finite], lam[finite]
+        # strictly decreasing in t; keep the points where it strictly decreases
+        keep = torch.ones_like(self.lam, dtype=torch.bool)
+        keep[1:] = self.lam[1:] < self.lam[:-1]
+        self.t, self.lam = self.t[keep], self.lam[keep]
+
+    @property
+    def lam_range(self) -> tuple[float, float]:
+        """(lowest, highest) log-SNR on the grid: at t_max and at t_min."""
+        return float(self.lam[-1]), float(self.lam[0])
+
+    def __call__(self, lam: Tensor) -> Tensor:
+        import numpy as np
+
+        # np.interp wants increasing x: flip the (decreasing in t) table
+        out = np.interp(lam.numpy(), self.lam.flip(0).numpy(), self.t.flip(0).numpy())
+        return torch.from_numpy(out).to(torch.float64)
+
+
+#: per-sample distances (n,) -> the error of a run
+_OBJECTIVES = {
+    "mean": lambda d: d.mean(),  # robust: a few samples that switch modes do not dominate
+    "rms": lambda d: (d**2).mean().sqrt(),
+}
+
+
+def _sliced_w2(x: Tensor, y: Tensor, num_proj: int = 64) -> float:
+    g = torch.Generator().manual_seed(0)
+    x, y = x.reshape(x.shape[0], -1).double().cpu(), y.reshape(y.shape[0], -1).double().cpu()
+    dirs = torch.randn(x.shape[1], num_proj, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    px, _ = (x @ dirs).sort(0)
+    py, _ = (y @ dirs).sort(0)
+    return float(((px - py) ** 2).mean(0).sum().sqrt())
+
+
+def optimize_timesteps(
+    model: DiffusionModel,
+    num_steps: int,
+    *,
+    sampler: str | None = None,
+    sampler_kwargs: dict[str, Any] | None = None,
+    cond: dict[str, Any] | None = None,
+    guidance_scale: float | None = None,
+    generator: torch.Generator | None = None,
+    num_samples: int = 256,
+    reference_steps: int = 200,
+    reference_sampler: str = "dpmpp_3m",
+    reference_spacing: str = "logsnr_trailing",
+    max_evals: int = 400,
+    tol: float = 0.02,
+    t_min: float | None = None,
+    objective: str = "mean",
+    use_ema: bool = False,
+    progress: bool = False,
+    return_info: bool = False,
+) -> Tensor | TimestepSearchResult:
+    """Sampling times for ``model`` and ``sampler`` with ``num_steps`` steps.
+
+    See the module docstring for the method. The times are float64, start at T (where the
+    sampler's initial noise lives), decrease strictly and end at 0; they work with
+    ``model.sample(..., timestep_spacing=times)``, ``compile=True`` (no recompilation: only
+    the plan's values change) and ``DiffusionModelConfig(timestep_spacing=tuple(times))``.
+
+    Args:
+        model: the model (its network, process and target are used as they are).
+        num_steps: S, the number of sampling steps (>= 2; S = 1 has no free time).
+        sampler: a registered sampler name (default: the config's).
+        sampler_kwargs: its options (default: the config's, for its sampler).
+        cond: network keyword arguments for the batch, tensors with leading dim
+            ``num_samples`` (guided or conditional sampling has its own best times).
+        guidance_scale: classifier-free guidance scale (needs ``cond``).
+        generator: source of the batch of initial noise (and the fixed per-step noise of
+            stochastic samplers); on the model's device.
+        num_samples: the batch the error is measured on (the sample budget).
+        reference_steps: steps of the reference solution.
+        reference_sampler: the sampler of the reference solution (a deterministic one).
+        reference_spacing: its spacing.
+        max_evals: the most S-step runs the search may make (the run budget).
+        tol: stop when every step of the pattern search is below this, in log-SNR.
+        objective: how per-sample distances d_k to the reference are pooled: ``"mean"``
+            (default; robust: on sharp multi-modal data a few samples near a boundary
+            between modes switch modes under any small error and would dominate a mean of
+            squares, so that the search would chase them) or ``"rms"``.
+        t_min: the smallest nonzero time allowed (default: the smallest last nonzero time
+            of the registered spacings, e.g. t = 1 for discrete VP).
+        use_ema: score the EMA weights.
+        progress: show a tqdm bar over the runs.
+        return_info: return a :class:`TimestepSearchResult` instead of the times.
+
+    Returns:
+        float64 (S + 1,) times, or the :class:`TimestepSearchResult`.
+
+    Raises:
+        ValueError: num_steps < 2 or above T, a stochastic reference sampler, bad budgets.
+    """
+    T = model.num_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an int in 2..{T}, got {num_steps!r}")
+    if num_samples < 1 or max_evals < 1 or reference_steps < num_steps:
+        raise ValueError(
+            f"need num_samples >= 1, max_evals >= 1 and reference_steps >= num_steps; got "
+            f"{num_samples}, {max_evals}, {reference_steps}"
+        )
+    solver = model.make_sampler(sampler, sampler_kwargs)
+    if sampler_kwargs is None:
+        sampler_kwargs = model.config.sampler_kwargs if sampler is None else {}
+    sampler = model.config.sampler_type if sampler is None else sampler
+    ref_solver = model.make_sampler(reference_sampler, {})
+    if ref_solver.is_stochastic:
+        raise ValueError(f"reference_sampler must be deterministic, got {reference_sampler!r}")
+    stochastic = solver.is_stochastic
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dtype is None:
+        dtype = next(
+            (b.dtype for b in model.buffers() if b.is_floating_point()), torch.get_default_dtype()
+        )
+        device = next((b.device for b in model.buffers()), device)
+    z = torch.randn(
+        (num_samples, *model.input_shape), generator=generator, device=device, dtype=dtype
+    )
+    noise_seed = int(
+        torch.randint(0, 2**62, (1,), generator=generator, device=device).item()
+        if generator is not None
+        else torch.randint(0, 2**62, (1,)).item()
+    )
+    common: dict[str, Any] = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
+    calls = ref_solver.nfe(reference_steps)
+    reference = model.sample(
+        num_samples,
+        reference_steps,
+        sampler=reference_sampler,
+        sampler_kwargs={},
+        timestep_spacing=reference_spacing,
+        init_noise=z,
+        **common,
+    ).to(torch.float64)
+    per_run = solver.nfe(num_steps)
+    if objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)}, got {objective!r}")
+    loss = _OBJECTIVES[objective]
+
+    def error_of(times: Tensor) -> float:
+        run_gen = None
+        if stochastic:
+            run_gen = torch.Generator(device=device).manual_seed(noise_seed)
+        out = model.sample(
+            num_samples,
+            num_steps,
+            sampler=sampler,
+            sampler_kwargs=sampler_kwargs,
+            timestep_spacing=times,
+            init_noise=z,
+            generator=run_gen,
+            **common,
+        ).to(torch.float64)
+        if stochastic:
+            return _sliced_w2(out, reference)
+        value = float(loss((out - reference).reshape(num_samples, -1).norm(dim=1)))
+        return value if math.isfinite(value) else math.inf
+
+    # 1. the registered spacings, as starting points
+    spacing_errors: dict[str, float] = {}
+    candidates: dict[str, Tensor] = {}
+    for name in spacings.names():
+        times = model.sampling_timesteps(num_steps, name)
+        if float(times[0]) != float(T):  # starts below T: x_T would be at the wrong level
+            continue
+        candidates[name] = times
+        spacing_errors[name] = error_of(times)
+        calls += per_run
+    if not candidates:
+        raise ValueError("no registered spacing starts at t = T to start the search from")
+    start = min(spacing_errors, key=lambda k: spacing_errors[k])
+    if t_min is None:
+        t_min = min(float(times[-2]) for times in candidates.values())
+    t_min = float(t_min)
+    inverse = _TimeOfLogSnr(model, t_min, float(T))
+    lam_lo, lam_hi = inverse.lam_range  # lam(T) (may be -inf: clipped to the grid), lam(t_min)
+    lam_top = float(_log_snr(model, torch.tensor([float(T)], dtype=torch.float64))[0])
+    if not math.isfinite(lam_top):
+        lam_top = lam_lo
+
+    best_times = candidates[start]
+    best = spacing_errors[start]
+    history = [best]
+    lam = _log_snr(model, best_times[1:-1]).clamp(lam_lo, lam_hi)
+    gaps = torch.diff(torch.cat([lam.new_tensor([lam_top]), lam, lam.new_tensor([lam_hi])]))
+    step = (0.5 * torch.minimum(gaps[:-1], gaps[1:])).clamp_min(4 * tol)
+
+    def times_of(lam_vec: Tensor) -> Tensor:
+        t = inverse(lam_vec)
+        return torch.cat([t.new_tensor([float(T)]), t, t.new_zeros(1)])
+
+    def feasible(lam_vec: Tensor) -> bool:
+        full = torch.cat([lam_vec.new_tensor([lam_top]), lam_vec, lam_vec.new_tensor([lam_hi])])
+        if not bool((torch.diff(full[:-1]) > 1e-6).all()) or float(lam_vec[-1]) > lam_hi:
+            return False
+        t = times_of(lam_vec)
+        return bool((t[1:] < t[:-1]).all())
+
+    evals = 0
+    bar = tqdm(total=max_evals, disable=not progress, desc="optimizing timesteps", leave=False)
+    try:
+        while evals < max_evals and bool((step > tol).any()):
+            for i in range(lam.numel()):
+                if evals >= max_evals:
+                    break
+                if float(step[i]) <= tol:
+                    continue
+                improved = False
+                for sign in (1.0, -1.0):
+                    trial = lam.clone()
+                    trial[i] = trial[i] + sign * step[i]
+                    if not feasible(trial):
+                        continue
+                    times = times_of(trial)
+                    value = error_of(times)
+                    evals += 1
+                    calls += per_run
+                    bar.update(1)
+                    if value < best:
+                        best, best_times, lam, improved = value, times, trial, True
+                    history.append(best)
+                    if improved or evals >= max_evals:
+                        break
+                step[i] = step[i] * (1.5 if improved else 0.5)
+    finally:
+        bar.close()
+    best_times = model.sampling_timesteps(None, best_times)  # validated, float64
+    if not return_info:
+        return best_times
+    return TimestepSearchResult(
+        timesteps=best_times,
+        error=best,
+        start_spacing=start,
+        spacing_errors=spacing_errors,
+        evaluations=evals,
+        network_calls=calls,
+        history=history,
+    )
