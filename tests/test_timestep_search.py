@@ -114,7 +114,7 @@ def test_times_are_valid_for_every_sampler(name: str) -> None:
     t = res.timesteps
     assert t.dtype == torch.float64 and t[0] == 1000 and t[-1] == 0
     assert bool((t[1:] < t[:-1]).all())
-    assert res.error <= min(res.spacing_errors.values())
+    assert res.search_error <= min(res.spacing_errors.values())
     x = model.sample(8, 3, sampler=name, timestep_spacing=t, generator=g)
     assert torch.isfinite(x).all()
 
@@ -135,7 +135,7 @@ def test_times_are_valid_for_every_schedule(schedule: str, zero_snr: bool) -> No
         generator=torch.Generator().manual_seed(0),
         return_info=True,
     )
-    assert math.isfinite(res.error) and res.error <= min(res.spacing_errors.values())
+    assert math.isfinite(res.error) and res.search_error <= min(res.spacing_errors.values())
     assert bool((res.timesteps[1:] < res.timesteps[:-1]).all())
 
 
@@ -171,3 +171,8 @@ def test_bad_arguments() -> None:
         optimize_timesteps(model, 3, reference_sampler="ddpm")
     with pytest.raises(ValueError, match="objective"):
         optimize_timesteps(model, 3, objective="max", num_samples=4, reference_steps=10)
+    for holdout in (-0.1, 1.0, True, "0.5"):
+        with pytest.raises(ValueError, match="holdout"):
+            optimize_timesteps(model, 3, holdout=holdout, num_samples=4, reference_steps=10)
+    with pytest.raises(ValueError, match="leaves no sample"):
+        optimize_timesteps(model, 3, holdout=0.1, num_samples=4, reference_steps=10)

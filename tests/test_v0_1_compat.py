@@ -6,11 +6,14 @@ run at that release); the same calls with the current code must agree within 1e-
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from tinydiff.samplers import _exp
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
@@ -20,7 +23,10 @@ REFERENCE = load_file(str(DATA / "v0_1_samples.safetensors"))
 # Intended changes since 0.1, each tested against mathematics elsewhere: heun's corrector is
 # the exponential trapezoid in log-SNR (it diverged on large noise-level ratios;
 # tests/test_no_divergence.py), and its churn reads the exact noise level from the process
-# (0.1 interpolated the network time in log-SNR between two plan times)
+# (0.1 interpolated the network time in log-SNR between two plan times); and the multistep
+# solvers take first-order steps where a step is long in log-SNR (they were up to 4.7x
+# farther from the flow than DDIM there; tests/test_no_divergence.py): that rule is switched
+# off here, so that everything else is shown to be 0.1's
 CASES = [c for c in cases() if c[2] != "heun"]
 
 
@@ -30,7 +36,11 @@ def test_reference_covers_every_case() -> None:
 
 
 @pytest.mark.parametrize(("key", "cfg", "sampler", "kwargs"), CASES, ids=[c[0] for c in CASES])
-def test_samples_match_v0_1(key: str, cfg: dict, sampler: str, kwargs: dict) -> None:
+def test_samples_match_v0_1(
+    key: str, cfg: dict, sampler: str, kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_exp, "MAX_STEP_RATIO", math.inf)
+    monkeypatch.setattr(_exp, "MAX_MULTISTEP_H", math.inf)
     out = sample(cfg, sampler, kwargs)
     ref = REFERENCE[key]
     scale = ref.abs().max().clamp_min(1.0)

@@ -67,10 +67,12 @@ class TimestepSearchResult:
     Attributes:
         timesteps: float64 (S + 1,), strictly decreasing from T to exactly 0; pass them as
             ``sample(..., timestep_spacing=timesteps)`` or store them in the config.
-        error: the objective (RMS distance to the reference, or sliced W2 for stochastic
-            samplers) of ``timesteps`` on the optimisation batch.
+        error: the objective (per-sample distances to the reference pooled by
+            ``objective``, or sliced W2 for stochastic samplers) of ``timesteps`` on the
+            held-out part of the batch (the whole batch with ``holdout=0``).
+        search_error: the same on the part of the batch the search moved on.
         start_spacing: the registered spacing the search started from (the best on the batch).
-        spacing_errors: the objective of every registered spacing on the batch.
+        spacing_errors: the objective of every registered spacing on the search part.
         evaluations: sampler runs of S steps made by the search.
         network_calls: network calls in all, the reference included (each on
             ``num_samples`` rows; twice that with guidance).
@@ -79,6 +81,7 @@ class TimestepSearchResult:
 
     timesteps: Tensor
     error: float
+    search_error: float
     start_spacing: str
     spacing_errors: dict[str, float]
     evaluations: int
@@ -155,6 +158,7 @@ def optimize_timesteps(
     tol: float = 0.02,
     t_min: float | None = None,
     objective: str = "mean",
+    holdout: float = 0.25,
     use_ema: bool = False,
     progress: bool = False,
     return_info: bool = False,
@@ -186,6 +190,11 @@ def optimize_timesteps(
             (default; robust: on sharp multi-modal data a few samples near a boundary
             between modes switch modes under any small error and would dominate a mean of
             squares, so that the search would chase them) or ``"rms"``.
+        holdout: the fraction of the batch held out of the search: moves are chosen on the
+            rest, and the times returned are the ones with the lowest error on the held-out
+            part among those the search went through (early stopping; without it the search
+            fits the mode switches of its own samples on sharp multi-modal data). 0 scores
+            and selects on the whole batch.
         t_min: the smallest nonzero time allowed (default: the smallest last nonzero time
             of the registered spacings, e.g. t = 1 for discrete VP).
         use_ema: score the EMA weights.
@@ -245,8 +254,18 @@ def optimize_timesteps(
     if objective not in _OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)}, got {objective!r}")
     loss = _OBJECTIVES[objective]
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be a float in [0, 1), got {holdout!r}")
+    num_held = round(holdout * num_samples)
+    if holdout > 0 and not 1 <= num_held < num_samples:
+        raise ValueError(
+            f"holdout={holdout} of num_samples={num_samples} leaves no sample on one side"
+        )
+    fit = slice(0, num_samples - num_held)
+    held = slice(num_samples - num_held, num_samples) if num_held else fit
 
-    def error_of(times: Tensor) -> float:
+    def error_of(times: Tensor) -> tuple[float, float]:
+        """(error on the search part, error on the held-out part) of one run."""
         run_gen = None
         if stochastic:
             run_gen = torch.Generator(device=device).manual_seed(noise_seed)
@@ -261,19 +280,23 @@ def optimize_timesteps(
             **common,
         ).to(torch.float64)
         if stochastic:
-            return _sliced_w2(out, reference)
-        value = float(loss((out - reference).reshape(num_samples, -1).norm(dim=1)))
-        return value if math.isfinite(value) else math.inf
+            values = [_sliced_w2(out[part], reference[part]) for part in (fit, held)]
+        else:
+            dist = (out - reference).reshape(num_samples, -1).norm(dim=1)
+            values = [float(loss(dist[part])) for part in (fit, held)]
+        fit_err, held_err = (v if math.isfinite(v) else math.inf for v in values)
+        return fit_err, held_err
 
     # 1. the registered spacings, as starting points
     spacing_errors: dict[str, float] = {}
+    held_errors: dict[str, float] = {}
     candidates: dict[str, Tensor] = {}
     for name in spacings.names():
         times = model.sampling_timesteps(num_steps, name)
         if float(times[0]) != float(T):  # starts below T: x_T would be at the wrong level
             continue
         candidates[name] = times
-        spacing_errors[name] = error_of(times)
+        spacing_errors[name], held_errors[name] = error_of(times)
         calls += per_run
     if not candidates:
         raise ValueError("no registered spacing starts at t = T to start the search from")
@@ -289,6 +312,8 @@ def optimize_timesteps(
 
     best_times = candidates[start]
     best = spacing_errors[start]
+    # the returned times: the lowest held-out error of the start and every accepted move
+    chosen_times, chosen, chosen_fit = best_times, held_errors[start], best
     history = [best]
     lam = _log_snr(model, best_times[1:-1]).clamp(lam_lo, lam_hi)
     gaps = torch.diff(torch.cat([lam.new_tensor([lam_top]), lam, lam.new_tensor([lam_hi])]))
@@ -321,24 +346,27 @@ def optimize_timesteps(
                     if not feasible(trial):
                         continue
                     times = times_of(trial)
-                    value = error_of(times)
+                    value, value_held = error_of(times)
                     evals += 1
                     calls += per_run
                     bar.update(1)
                     if value < best:
                         best, best_times, lam, improved = value, times, trial, True
+                        if value_held <= chosen:
+                            chosen_times, chosen, chosen_fit = times, value_held, value
                     history.append(best)
                     if improved or evals >= max_evals:
                         break
                 step[i] = step[i] * (1.5 if improved else 0.5)
     finally:
         bar.close()
-    best_times = model.sampling_timesteps(None, best_times)  # validated, float64
+    chosen_times = model.sampling_timesteps(None, chosen_times)  # validated, float64
     if not return_info:
-        return best_times
+        return chosen_times
     return TimestepSearchResult(
-        timesteps=best_times,
-        error=best,
+        timesteps=chosen_times,
+        error=chosen,
+        search_error=chosen_fit,
         start_spacing=start,
         spacing_errors=spacing_errors,
         evaluations=evals,

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from tinydiff._validation import check_number
-from tinydiff.process import PathValues
-from tinydiff.samplers._exp import exp_moments
+from tinydiff.process import DiscreteVP, PathValues
+from tinydiff.samplers._exp import MAX_MULTISTEP_H, exp_moments
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
 
 
@@ -42,8 +42,17 @@ class Heun(Sampler):
         \qquad N_m = h\int_0^1 e^{-hu} u^m\,du,
 
     (:math:`N_0 = 1 - e^{-h}`). For small h both weights are :math:`\alpha_s h/2 + O(h^2)`:
-    the classical trapezoid, and the method agrees with Karras' Heun to second order. The
-    last step (to sigma = 0, :math:`h = \infty`) is Euler, :math:`x_S = D_0`, as in Alg. 1.
+    the classical trapezoid, and the method agrees with Karras' Heun to second order.
+
+    **The last step** (to sigma = 0, :math:`h = \infty`) is
+    :math:`x_S = \int_0^\infty e^{-\tau} D(\lambda_t + \tau)\,d\tau`. Karras' Alg. 1 takes
+    Euler, :math:`x_S = D_0`, and leaves its second call unused. Here the second call is
+    spent on the one-point Gauss-Laguerre rule for that integral: its node is
+    :math:`\tau = 1`, so :math:`x_S = D_1 = D(x', \lambda_t + 1)` with :math:`x'` the DDIM
+    step to :math:`\lambda_t + 1`; exact when D is linear in :math:`\lambda`, where Euler is
+    exact only for constant D. The node is kept no lower than the least noisy level the
+    network was trained on (t = 1 on a discrete table), and the step is Euler when the last
+    time is already there.
     Under zero terminal SNR the first step starts at infinite sigma (:math:`h = \infty`
     too) and is also Euler, in its exact finite limit :math:`x' = \sigma_1 x_T + \alpha_1 D_0`.
 
@@ -60,10 +69,9 @@ class Heun(Sampler):
     interpolant integrated exactly).
 
     **NFE: nfe(S) = 2S.** Every step makes exactly two denoiser calls, so that the step is
-    one fixed graph (torch.compile / CUDA graphs): Alg. 1 needs 2S - 1, and the final
-    step's second call (its time cannot be t = 0, where the network is undefined) is made
-    at the step's own start and given weight 0. Compare with other Heun implementations at
-    equal NFE: theirs (2S - 1) vs 2S here.
+    one fixed graph (torch.compile / CUDA graphs): Alg. 1 needs 2S - 1; the final step's
+    second call is the Gauss-Laguerre node above. Compare with other Heun implementations
+    at equal NFE: theirs (2S - 1) vs 2S here.
 
     **Churn (Alg. 2).** With :math:`\gamma_i = \min(s_{churn}/S, \sqrt2 - 1)` where
     :math:`s_{tmin} \le \hat\sigma_i \le s_{tmax}` (0 elsewhere), noise is added to raise
@@ -132,11 +140,10 @@ class Heun(Sampler):
         a_hat, s_hat = process.alpha_sigma(t_hat)
         a_hat = torch.where(churned, a_hat, path.alpha[:-1])
         s_hat = torch.where(churned, s_hat, path.sigma[:-1])
-        # the last step to sigma = 0 is Euler: its unused second call is made at t_hat
         to_zero = bool(ksig[-1] == 0)
-        t2 = torch.cat([ts[1:-1], t_hat[-1:] if to_zero else ts[-1:]])
+        floor = 1.0 if isinstance(process, DiscreteVP) else 0.0  # least noisy trained level
         names = "churn_scale churn_noise e_x e_d c_x c_0 c_1".split()
-        rows = []
+        rows, t2 = [], []
         for i in range(num_steps):
             k_i = float(ksig[i])
             a_h, s_h = float(a_hat[i]), float(s_hat[i])
@@ -149,20 +156,40 @@ class Heun(Sampler):
             a_n, s_n, k_n = float(path.alpha[i + 1]), float(path.sigma[i + 1]), float(ksig[i + 1])
             ratio = s_n / s_h
             q = k_n / k_h  # 0 at the last step and after an infinite-noise start
-            if i == num_steps - 1 and to_zero:  # Euler to sigma = 0; the 2nd call repeats the 1st
-                e_x, e_d = 1.0, 0.0
-            else:
-                e_x, e_d = ratio, a_n * (1 - q)
-            if q > 0:  # the exponential trapezoid over h = lambda_next - lambda_hat
-                n_0, n_1 = exp_moments(-math.log(q), 2)
-                c_0, c_1 = a_n * n_1, a_n * (n_0 - n_1)
-            else:  # Euler: the last step, or the first after an infinite-noise start
-                c_0, c_1 = a_n, 0.0
+            h = -math.log(q) if q > 0 else math.inf
+            node = None  # log-SNR of the second call, when it is a Gauss node
+            if i == num_steps - 1 and to_zero:
+                node = -math.log(k_h) + 1.0  # Gauss-Laguerre: tau = 1
+            elif q > 0 and h > MAX_MULTISTEP_H:
+                n_0, n_1 = exp_moments(h, 2)
+                node = -math.log(k_n) - h * n_1 / n_0  # the weighted mean of lambda
+            t_node = None
+            if node is not None:
+                t_node = process.time_at_lam(torch.tensor([node], dtype=torch.float64))
+                t_node = t_node.clamp_min(max(floor, float(ts[i + 1])))
+                if not float(t_node) < float(t_hat[i]):
+                    t_node = None  # no room below the start: Euler, the call repeated
+            if t_node is not None:  # DDIM to the node; x_s = ratio x + alpha_s N_0 D_1
+                a_m, s_m = (float(v) for v in process.alpha_sigma(t_node))
+                e_x, e_d = s_m / s_h, a_m - a_h * s_m / s_h
+                rows.append((churn_scale, churn_noise, e_x, e_d, ratio, 0.0, a_n * (1 - q)))
+                t2.append(t_node)
+                continue
+            if i == num_steps - 1 and to_zero:
+                e_x, e_d, c_0, c_1 = 1.0, 0.0, a_n, 0.0  # Euler; the second call repeats
+                t2.append(t_hat[i : i + 1])
+            elif q > 0:  # the exponential trapezoid over h = lambda_next - lambda_hat
+                n_0, n_1 = exp_moments(h, 2)
+                e_x, e_d, c_0, c_1 = ratio, a_n * (1 - q), a_n * n_1, a_n * (n_0 - n_1)
+                t2.append(ts[i + 1 : i + 2])
+            else:  # Euler: the first step after an infinite-noise start
+                e_x, e_d, c_0, c_1 = ratio, a_n, a_n, 0.0
+                t2.append(ts[i + 1 : i + 2])
             rows.append((churn_scale, churn_noise, e_x, e_d, ratio, c_0, c_1))
         cols = torch.tensor(rows, dtype=torch.float64).reshape(num_steps, len(names))
         plan = {name: cols[:, k] for k, name in enumerate(names)}
         plan["point_hat"] = process.points(t_hat)
-        plan["point_2"] = process.points(t2)
+        plan["point_2"] = process.points(torch.cat(t2))
         return plan
 
     def step(
