@@ -66,7 +66,7 @@ ORDERS: dict[str, tuple[dict[str, Any], float, float | None]] = {
 }
 # non-default options whose order is claimed too: (name, kwargs, lower bound)
 OPTION_ORDERS = [
-    ("unipc", {"rho": 0.5}, 1.8),
+    ("unipc", {"rho": None}, 1.8),
     ("unipc", {"variant": "bh1"}, 1.8),
     ("unipc", {"order": 3, "variant": "bh1"}, 2.5),
 ]

@@ -85,9 +85,13 @@ class UniPC(Sampler):
         lower_order_final: with fewer than ``LOWER_ORDER_FINAL_STEPS`` (15) steps, cap the order of step i at S - i.
         variant: "bh2" (default, B(h) = e^h - 1) or "bh1" (B(h) = h) (Zhao et al. 2023,
             sec. 3.2); both have the same order.
-        rho: None (default) solves the order conditions for every coefficient; a float fixes
-            the single coefficient of the order-2 predictor and order-1 corrector (0.5 is the
-            small-h limit that diffusers uses). Orders are unchanged (see ``_unipc_weights``).
+        rho: 0.5 (default) fixes the single coefficient of the order-2 predictor and the
+            order-1 corrector at its small-h limit, as the authors' code and diffusers do;
+            None solves the order conditions for it as well. Orders are the same (see
+            ``_unipc_weights``), but the fixed 1/2 is more accurate: over
+            benchmarks/sampler_quality.py's grid its error is 0.81x the solved one's
+            (geometric mean over every cell and spacing; up to 50x lower at NFE 10-20 on
+            sharp modes, up to 1.8x higher at NFE 5). A float in (0, 1] fixes it there.
 
     State: the last corrected iterate and ``order`` past model outputs.
     NFE: one per step, ``nfe(S) = S``.
@@ -101,7 +105,7 @@ class UniPC(Sampler):
         order: int = 2,
         lower_order_final: bool = True,
         variant: str = "bh2",
-        rho: float | None = None,
+        rho: float | None = 0.5,
     ) -> None:
         if isinstance(order, bool) or order not in (1, 2, 3):
             raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
