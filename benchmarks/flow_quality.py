@@ -1,7 +1,9 @@
 """Flow matching and EDM sampling quality: tinydiff's samplers vs diffusers' schedulers.
 
 Two blocks, each a function returning its rows so that other benchmark scripts can import
-them (``from flow_quality import flow_block, edm_block``):
+them (``from flow_quality import flow_block, edm_block``); ``benchmarks/sampler_quality.py``
+reuses the rectified-flow peers (:func:`flow_peer_makers`, :func:`run_flow_peer`) and
+reference (:func:`flow_reference`):
 
 * ``flow_block``: rectified flow (shift 1 and 3) with diffusers' FlowMatchEulerDiscrete,
   FlowMatchHeunDiscrete, and DPMSolverMultistep / UniPCMultistep with ``use_flow_sigmas``
@@ -93,29 +95,24 @@ def _tiny_best(model: DiffusionModel, z: torch.Tensor, ref: torch.Tensor, nfe: i
 
 
 def _drive(
-    sched: Any, x: torch.Tensor, model_out: Callable[[torch.Tensor, Any, int], torch.Tensor]
+    sched: Any,
+    x: torch.Tensor,
+    model_out: Callable[[torch.Tensor, Any, int], torch.Tensor],
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    x = x.float()
+    x = x.to(dtype)
     for i, ts in enumerate(sched.timesteps):
         if hasattr(sched, "scale_model_input"):
             sched.scale_model_input(x, ts)  # the network input (unused by the exact D)
-        x = sched.step(model_out(x, ts, i).float(), ts, x).prev_sample
+        x = sched.step(model_out(x, ts, i).to(dtype), ts, x).prev_sample.to(dtype)
     return x
 
 
-def _diffusers_flow(
-    mix: GaussianMixture, z: torch.Tensor, ref: torch.Tensor, nfe: int, shift: float
-) -> list[Row]:
+def flow_peer_makers(shift: float = 1.0) -> dict[str, Callable[[], Any]]:
+    """diffusers' rectified-flow schedulers (``sigma = s``, timestep = sigma * T), by name."""
     import diffusers
 
-    def velocity(d: Counted) -> Callable[[torch.Tensor, Any, int], torch.Tensor]:
-        def out(x: torch.Tensor, ts: Any, i: int) -> torch.Tensor:
-            s = float(ts) / T  # flow sigmas: timestep = sigma * T
-            return (x.double() - d(x, 1 - s, s)) / s
-
-        return out
-
-    makers: dict[str, Callable[[], Any]] = {
+    return {
         "FlowMatchEuler": lambda: diffusers.FlowMatchEulerDiscreteScheduler(T, shift=shift),
         "FlowMatchHeun": lambda: diffusers.FlowMatchHeunDiscreteScheduler(T, shift=shift),
         "DPMSolverMultistep(flow)": lambda: diffusers.DPMSolverMultistepScheduler(
@@ -131,22 +128,60 @@ def _diffusers_flow(
             prediction_type="flow_prediction",
         ),
     }
+
+
+def run_flow_peer(
+    make: Callable[[], Any],
+    mix: GaussianMixture,
+    z: torch.Tensor,
+    nfe: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, int, int]:
+    """Run one diffusers flow scheduler from x_T = z with the exact velocity
+    (x - D(x; 1 - s, s)) / s, with the most steps whose NFE fits ``nfe``.
+
+    Returns (samples, NFE used, steps). Raises what the scheduler raises, or RuntimeError if
+    not even one step fits. (FlowMatchEuler / FlowMatchHeun's ``step`` computes in float32
+    whatever ``dtype`` is.)
+    """
+
+    def velocity(d: Counted) -> Callable[[torch.Tensor, Any, int], torch.Tensor]:
+        def out(x: torch.Tensor, ts: Any, i: int) -> torch.Tensor:
+            s = float(ts) / T  # flow sigmas: timestep = sigma * T
+            return (x.double() - d(x, 1 - s, s)) / s
+
+        return out
+
+    for steps in range(nfe, 0, -1):
+        d = Counted(mix)
+        sched = make()
+        sched.set_timesteps(steps)
+        out = _drive(sched, z, velocity(d), dtype)
+        if d.n <= nfe:
+            return out, d.n, steps
+    raise RuntimeError(f"no step count fits {nfe} NFE")
+
+
+def flow_reference(mix: GaussianMixture, z: torch.Tensor, num_steps: int = 1500) -> torch.Tensor:
+    """The exact probability-flow solution of rectified flow from x_T = z (pure noise, alpha(T)
+    = 0): RK4 in log(sigma / alpha) from sigma / alpha = 1e6 (x_T = z stands in for the state
+    there, an error of 1e-6 |x0| that the flow contracts) to 1e-5, then the exact x0 estimate."""
+    k = 1e6
+    return probability_flow_reference(
+        mix, z, start=(1 / (1 + k), k / (1 + k)), end=(1 - 1e-5, 1e-5), num_steps=num_steps
+    )
+
+
+def _diffusers_flow(
+    mix: GaussianMixture, z: torch.Tensor, ref: torch.Tensor, nfe: int, shift: float
+) -> list[Row]:
     rows = []
-    for name, make in makers.items():
-        best: Row = {"err": math.inf, "method": name}
-        for steps in range(nfe, 0, -1):
-            d = Counted(mix)
-            try:
-                sched = make()
-                sched.set_timesteps(steps)
-                out = _drive(sched, z, velocity(d))
-            except Exception as err:  # a scheduler failing is a result, not a crash
-                best = {"err": math.inf, "method": f"{name} ({type(err).__name__})"}
-                break
-            if d.n <= nfe:
-                best = {"err": _rms(out, ref), "method": name, "steps": steps}
-                break
-        rows.append(best)
+    for name, make in flow_peer_makers(shift).items():
+        try:
+            out, _, steps = run_flow_peer(make, mix, z, nfe)
+            rows.append({"err": _rms(out, ref), "method": name, "steps": steps})
+        except Exception as err:  # a scheduler failing is a result, not a crash
+            rows.append({"err": math.inf, "method": f"{name} ({type(err).__name__})"})
     return rows
 
 
@@ -198,11 +233,7 @@ def flow_block(shift: float = 1.0) -> list[Row]:
             target_type="pred_velocity",
         )
         z = torch.randn(n, mix.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        # x_T is pure noise (alpha(T) = 0): start the reference at sigma / alpha = 1e6
-        k = 1e6
-        ref = probability_flow_reference(
-            mix, z, start=(1 / (1 + k), k / (1 + k)), end=(1 - 1e-5, 1e-5), num_steps=1500
-        )
+        ref = flow_reference(mix, z)
         for nfe in NFES:
             tiny = _tiny_best(model, z, ref, nfe)
             peers = _diffusers_flow(mix, z, ref, nfe, shift)
