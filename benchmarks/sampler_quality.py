@@ -472,8 +472,19 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     nfes = (5, 10, 20) if quick else (5, 10, 20, 50)
-    optimized = ("dpmpp_2m", "unipc") if quick else ("dpmpp_2m", "dpmpp_3m", "unipc", "heun")
-    opt_kw = {"num_samples": 256, "max_evals": 150} if quick else {"num_samples": 512}
+    optimized = ("dpmpp_2m", "dpmpp_3m", "unipc")
+    if not quick:
+        optimized += ("heun",)
+    # the optimizer's settings per dataset, as a user would choose them: on sharp2d the RMS
+    # is set by the few samples that switch modes, so the search scores RMS (what this
+    # benchmark reports) on a large batch, which the cheap 2-d denoiser allows; on mix64d
+    # the robust default (mean distance) on 256 samples held out better (0.42 vs 0.63 RMS
+    # with objective="rms" on 512, unipc at NFE 5 on the linear schedule)
+    budget = {"max_evals": 150} if quick else {"max_evals": 400}
+    opt_kws = {
+        "sharp2d": {"num_samples": 2048, "objective": "rms", **budget},
+        "mix64d": {"num_samples": 256, **budget},
+    }
     # RK4 steps of the reference: 500 agrees with 2000 to 8e-9 .. 3e-7 RMS on VP and 3e-7
     # (sharp2d) / 2.5e-6 (mix64d) on rectified flow, far below every error measured here
     ref_steps = 500 if quick else 2000
@@ -497,7 +508,7 @@ def main() -> None:
                 sched_name,
                 nfes,
                 optimized,
-                opt_kw,
+                opt_kws[dname],
                 opt_cost,
                 block,
                 timing,

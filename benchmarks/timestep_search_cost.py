@@ -33,6 +33,7 @@ descheduled thread stalls every operation): compare with ``--threads 1``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import time
 from pathlib import Path
@@ -42,11 +43,16 @@ import torch
 from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, spacings, warmup_cosine
 from tinydiff.datasets import eight_gaussians
 from tinydiff.nn import MLP
+from tinydiff.timestep_search import optimize_timesteps
 
 OUT = Path(__file__).parent / "results"
 STEPS = (5, 10, 20)
 SAMPLERS = ("dpmpp_2m", "unipc")
 REF = {"sampler": "dpmpp_3m", "timestep_spacing": "logsnr_trailing"}
+
+
+#: optimize_timesteps' defaults, as printed in the results
+DEFAULTS = {k: v.default for k, v in inspect.signature(optimize_timesteps).parameters.items()}
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,8 +184,9 @@ def main() -> None:
         f"and {ref_500:.1e} from a 500-step one (the MLP is not smooth in t below one step, "
         "so convergence is slow). "
         "Best built-in: the best registered spacing on this held-out set (optimistic). "
-        "The optimizer runs with its default budget (num_samples 256, reference_steps 200, "
-        "max_evals 400); network calls include its reference and its start spacings.",
+        "The optimizer runs with its default budget ("
+        + ", ".join(f"{k} {DEFAULTS[k]}" for k in ("num_samples", "reference_steps", "max_evals"))
+        + "); network calls include its reference and its start spacings.",
         "",
         "| S | sampler | seconds | network calls | runs | default (spacing) | best built-in "
         "(spacing) | optimized (started from) | optimized / best built-in |",
