@@ -53,6 +53,15 @@ class Heun(Sampler):
     exact only for constant D. The node is kept no lower than the least noisy level the
     network was trained on (t = 1 on a discrete table), and the step is Euler when the last
     time is already there.
+
+    **Long steps** (h > :data:`~tinydiff.samplers._exp.MAX_MULTISTEP_H` = 1.5) use the same
+    rule at finite h: the second call is made at the weighted mean of lambda,
+    :math:`\lambda_s - h N_1/N_0`, after a DDIM step there, and
+    :math:`x_s = \frac{\sigma_s}{\sigma_t}x_t + \alpha_s N_0 D_1` (one positive weight).
+    On such steps the trapezoid's D_1 comes from an Euler prediction over the whole step;
+    with it, 10 Heun steps were up to 1.2x farther from the flow than 20 DDIM steps on
+    ``linspace`` and ``karras`` (tests/test_no_divergence.py).
+
     Under zero terminal SNR the first step starts at infinite sigma (:math:`h = \infty`
     too) and is also Euler, in its exact finite limit :math:`x' = \sigma_1 x_T + \alpha_1 D_0`.
 
