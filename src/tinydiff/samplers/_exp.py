@@ -28,14 +28,19 @@ from tinydiff.process import PathValues
 from tinydiff.samplers.base import LOWER_ORDER_FINAL_STEPS
 
 
-def first_order(v: PathValues, i: int) -> tuple[float, float]:
-    r"""(coefficient of x_t, coefficient of D) of the exact first-order step i -> i + 1:
-    :math:`\sigma_s/\sigma_t` and :math:`\alpha_s(1 - e^{-h}) = \alpha_s - \alpha_t\sigma_s/\sigma_t`,
-    finite at both ends."""
-    a_t, a_s = float(v.alpha[i]), float(v.alpha[i + 1])
-    s_t, s_s = float(v.sigma[i]), float(v.sigma[i + 1])
+def first_order_between(a_t: float, s_t: float, a_s: float, s_s: float) -> tuple[float, float]:
+    r"""(coefficient of x_t, coefficient of D) of the exact first-order step from
+    (alpha_t, sigma_t) to (alpha_s, sigma_s): :math:`\sigma_s/\sigma_t` and
+    :math:`\alpha_s(1 - e^{-h}) = \alpha_s - \alpha_t\sigma_s/\sigma_t`, finite at both ends."""
     ratio = s_s / s_t
     return ratio, a_s - a_t * ratio
+
+
+def first_order(v: PathValues, i: int) -> tuple[float, float]:
+    """:func:`first_order_between` for the step i -> i + 1 of ``v``."""
+    return first_order_between(
+        float(v.alpha[i]), float(v.sigma[i]), float(v.alpha[i + 1]), float(v.sigma[i + 1])
+    )
 
 
 def finite_history(v: PathValues, i: int) -> int:

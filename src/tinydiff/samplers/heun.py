@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tinydiff._validation import check_number
 from tinydiff.process import DiscreteVP, PathValues
-from tinydiff.samplers._exp import MAX_MULTISTEP_H, exp_moments
+from tinydiff.samplers._exp import MAX_MULTISTEP_H, exp_moments, first_order_between
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
 
 
@@ -181,7 +181,7 @@ class Heun(Sampler):
                     t_node = None  # no room below the start: Euler, the call repeated
             if t_node is not None:  # DDIM to the node; x_s = ratio x + alpha_s N_0 D_1
                 a_m, s_m = (float(v) for v in process.alpha_sigma(t_node))
-                e_x, e_d = s_m / s_h, a_m - a_h * s_m / s_h
+                e_x, e_d = first_order_between(a_h, s_h, a_m, s_m)
                 rows.append((churn_scale, churn_noise, e_x, e_d, ratio, 0.0, a_n * (1 - q)))
                 t2.append(t_node)
                 continue
