@@ -252,14 +252,18 @@ def _step(
     layout: PlanLayout,
     x: Tensor,
     state: State,
+    guidance_state: State,
     i: Tensor,
     table: Tensor,
     noise: Tensor | None,
-) -> tuple[Tensor, State, Tensor]:
+    with_x0: bool,
+) -> tuple[Tensor, State, State, Tensor | None, Tensor]:
     """The function that is compiled: step i of any plan with this layout."""
     c = layout.unpack(table.index_select(0, i.reshape(1))[0])
-    x_next, state_next = sampler.step(x, state, c, denoise, noise)
-    return x_next, tuple(state_next), i + 1
+    view = denoise.bind(guidance_state, i)
+    x_next, state_next = sampler.step(x, state, c, view, noise)
+    x0 = view.first_x0 if with_x0 else None
+    return x_next, tuple(state_next), tuple(view.state), x0, i + 1
 
 
 def _fresh_copy(fn: types.FunctionType, name: str) -> types.FunctionType:
@@ -283,7 +287,10 @@ class CompiledStep:
     denoise: Denoiser
     layout: PlanLayout
     options: CompileOptions
-    _fn: Callable[..., tuple[Tensor, State, Tensor]] = field(init=False, repr=False)
+    with_x0: bool = False
+    _fn: Callable[..., tuple[Tensor, State, State, Tensor | None, Tensor]] = field(
+        init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         name = f"tinydiff_step_{type(self.sampler).__name__}_{next(_NEXT_KEY)}"
@@ -297,20 +304,38 @@ class CompiledStep:
         )
 
     def __call__(
-        self, x: Tensor, state: State, i: Tensor, table: Tensor, noise: Tensor | None
-    ) -> tuple[Tensor, State, Tensor]:
+        self,
+        x: Tensor,
+        state: State,
+        guidance_state: State,
+        i: Tensor,
+        table: Tensor,
+        noise: Tensor | None,
+    ) -> tuple[Tensor, State, State, Tensor | None, Tensor]:
         """Step ``i`` (0-dim int64 tensor on x's device) with coefficients ``table[i]``.
 
         Returns:
-            (x_next, state_next, i + 1).
+            (x_next, state_next, guidance_state_next, first x0 estimate or None, i + 1).
         """
-        return self._fn(self.sampler, self.denoise, self.layout, x, state, i, table, noise)
+        return self._fn(
+            self.sampler,
+            self.denoise,
+            self.layout,
+            x,
+            state,
+            guidance_state,
+            i,
+            table,
+            noise,
+            self.with_x0,
+        )
 
     def stepper(self, plan: Mapping[str, Tensor], x: Tensor) -> CompiledLoop:
-        """The per-run driver that :func:`run_sampler` calls once per step."""
+        """The per-run driver that :func:`~tinydiff.samplers.base.run_loop` calls once per
+        step."""
         table = self.layout.stack(plan, x)
         torch._dynamo.mark_dynamic(table, 0)
-        return CompiledLoop(self, table, x.device)
+        return CompiledLoop(self, table, x)
 
 
 class CompiledLoop:
@@ -321,11 +346,13 @@ class CompiledLoop:
             the caller must clone anything it keeps (trajectory, result).
     """
 
-    def __init__(self, step: CompiledStep, table: Tensor, device: torch.device) -> None:
+    def __init__(self, step: CompiledStep, table: Tensor, x: Tensor) -> None:
         self.step = step
         self.table = table
-        self.index = torch.zeros((), dtype=torch.int64, device=device)
-        self.transient_outputs = step.options.uses_cuda_graphs(device)
+        self.index = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.transient_outputs = step.options.uses_cuda_graphs(x.device)
+        self.guidance_state: State = step.denoise.init_state(x)
+        self.first_x0: Tensor | None = None
 
     def __call__(
         self, i: int, x: Tensor, state: State, noise: Tensor | None
@@ -338,7 +365,9 @@ class CompiledLoop:
             x = x.clone()
         if self.transient_outputs:
             torch.compiler.cudagraph_mark_step_begin()
-        x, state, self.index = self.step(x, state, self.index, self.table, noise)
+        x, state, self.guidance_state, self.first_x0, self.index = self.step(
+            x, state, self.guidance_state, self.index, self.table, noise
+        )
         return x, state
 
 
@@ -409,10 +438,7 @@ class StepCache:
             network: Any = live_network
         else:
             network = OpaqueNetwork(self.slot, denoiser.channel_multiplier)
-        traced = Denoiser(network, denoiser.target, denoiser.variance)
-        traced.guidance_scale = denoiser.guidance_scale
-        traced.guidance_rescale = denoiser.guidance_rescale
-        return traced
+        return Denoiser(network, denoiser.target, denoiser.variance, guidance=denoiser.guidance)
 
     def get(
         self,
@@ -421,8 +447,10 @@ class StepCache:
         x: Tensor,
         denoiser: Denoiser,
         live_network: Any = None,
+        with_x0: bool = False,
     ) -> CompiledStep:
-        """The compiled step for this sampler, plan layout, x and guidance (built if missing)."""
+        """The compiled step for this sampler, plan layout, x and guidance (built if missing);
+        ``with_x0``: the step also returns its first x0 estimate (for a callback)."""
         layout = PlanLayout.of(plan)
         key = (
             type(sampler),
@@ -432,13 +460,14 @@ class StepCache:
             tuple(x.shape),
             x.dtype,
             x.device,
-            denoiser.guidance_scale,
-            denoiser.guidance_rescale,
+            None if denoiser.guidance is None else type(denoiser.guidance),
+            None if denoiser.guidance is None else _options_key(denoiser.guidance),
+            with_x0,
         )
         entry = self._entries.get(key)
         if entry is None:
             traced = self._traced_denoiser(denoiser, live_network)
-            entry = CompiledStep(sampler, traced, layout, self.options)
+            entry = CompiledStep(sampler, traced, layout, self.options, with_x0)
             self._entries[key] = entry
         return entry
 
@@ -449,13 +478,15 @@ class StepCache:
         x: Tensor,
         denoiser: Denoiser,
         live_network: Any = None,
+        with_x0: bool = False,
     ) -> CompiledLoop | None:
         """The compiled driver of one run: fills the slot with ``denoiser``'s network and
-        cond, then returns the (cached) step's per-run loop; None where the eager loop is
-        faster (:meth:`CompileOptions.eager_is_faster`), which the caller then runs."""
+        the keyword arguments it is called with, then returns the (cached) step's per-run
+        loop; None where the eager loop is faster (:meth:`CompileOptions.eager_is_faster`),
+        which the caller then runs."""
         if self.options.eager_is_faster(x):
             return None
-        entry = self.get(sampler, plan, x, denoiser, live_network)
+        entry = self.get(sampler, plan, x, denoiser, live_network, with_x0)
         self.slot.network = denoiser.network
-        self.slot.cond = denoiser.cond
+        self.slot.cond = denoiser.network_cond
         return entry.stepper(plan, x)

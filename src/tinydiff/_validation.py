@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "check_bsz",
+    "check_data",
     "check_device",
     "check_dtype_matches",
     "check_finite",
@@ -29,6 +30,7 @@ __all__ = [
     "check_loss_times",
     "check_number",
     "check_spacing",
+    "dtype_device",
 ]
 
 #: a single sampling batch may use at most this fraction of the machine's memory per tensor
@@ -235,6 +237,37 @@ def check_loss_times(
             "no loss, and negative or larger times are outside the schedule"
         )
     return t.long()
+
+
+def dtype_device(module: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of a module's first floating-point parameter or buffer (the
+    default dtype on the CPU for a module without one)."""
+    for p in [*module.parameters(), *module.buffers()]:
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def check_data(x: Any, input_shape: Sequence[int], name: str = "x") -> Tensor:
+    """``x`` if it is a floating-point batch (bsz >= 1, *input_shape), else a clear error.
+
+    Raises:
+        TypeError: not a floating-point tensor.
+        ValueError: wrong shape or an empty batch.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    shape = tuple(input_shape)
+    if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise ValueError(
+            f"{name} must have shape (bsz, *input_shape) = (bsz, "
+            f"{', '.join(map(str, shape))}), got {tuple(x.shape)}"
+        )
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one sample, got batch size 0")
+    return x
 
 
 def check_dtype_matches(x: Tensor, param_dtype: torch.dtype, name: str = "x") -> None:

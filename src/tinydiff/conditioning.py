@@ -46,6 +46,7 @@ __all__ = [
     "check_cond",
     "concat_cond",
     "drop_cond",
+    "dropout",
     "null_cond",
 ]
 
@@ -152,6 +153,50 @@ def drop_cond(network: nn.Module, cond: Cond, drop: Tensor) -> Cond:
                 )
             out[key] = value
     return out
+
+
+def dropout(
+    network: nn.Module,
+    cond: Cond | None,
+    prob: float,
+    mask: Tensor | None,
+    bsz: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Cond | None:
+    """Conditioning dropout for classifier-free guidance training (Ho & Salimans 2022).
+
+    Each sample's condition is replaced by the null condition where ``mask`` is True, or,
+    without a mask, with probability ``prob`` (one uniform draw per sample from
+    ``generator`` on ``device``).
+
+    Args:
+        network: the network (defines the null condition).
+        cond: the checked condition, or None.
+        prob: the dropout probability p in [0, 1].
+        mask: optional bool (bsz,), True where the condition is dropped; overrides p.
+        bsz: the batch size.
+        generator: source of the draw.
+        device: where to draw.
+
+    Raises:
+        ValueError: a mask of the wrong dtype or shape, or a mask without a cond.
+    """
+    if cond is None:
+        if mask is not None:
+            raise ValueError("cond_drop_mask was given without a cond to drop")
+        return None
+    if mask is None and prob > 0:
+        mask = torch.rand(bsz, generator=generator, device=device) < prob
+    if mask is None:
+        return cond
+    if mask.shape != (bsz,) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"cond_drop_mask must be a bool tensor of shape ({bsz},), got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
+    return drop_cond(network, cond, mask)
 
 
 def concat_cond(first: Cond, second: Cond) -> Cond:

@@ -9,9 +9,14 @@ compiled alike), the likelihood, the training loss and the tests. It
 2. calls ``network(x_in, t_in, **cond)`` and checks the output's shape (``channel_multiplier``
    times the channels for a variance type with extra channels);
 3. converts the output into :class:`Prediction` (x0_hat, eps_hat, variance channels);
-4. applies classifier-free guidance (Ho & Salimans 2022) with optional rescale (Lin et al.
-   2024, sec. 3.4) on (x0, eps): the conditional and unconditional rows go through the network
-   in one batch of 2 bsz.
+4. hands the conditional (and, where the strategy needs it, the unconditional) prediction to
+   a guidance strategy (`tinydiff.guidance`), e.g. classifier-free guidance with rescale;
+   the conditional and unconditional rows go through the network in one batch of 2 bsz.
+
+A denoiser is immutable. Guidance state that changes during a run (a momentum buffer, a step
+count) lives in the sampling loop, which calls `Denoiser.bind` once per step: the bound view
+is what the sampler calls, and it carries the state from call to call and records the step's
+first estimate of x0 for per-step callbacks.
 
 Samplers call ``denoiser(x, point)`` with ``point`` a row of the plan's ``point`` column
 (:func:`tinydiff.process.GaussianProcess.points`): the network time and the process
@@ -22,17 +27,21 @@ coefficients there, so they never need to know what the network was trained to p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from tinydiff import conditioning, variances
+from tinydiff.guidance import CFG, Guidance, GuidanceState, resolve
 from tinydiff.process import Point
 from tinydiff.targets import Target
 from tinydiff.variances import Variance
 
-__all__ = ["Denoiser", "Prediction", "network_time_dtype"]
+if TYPE_CHECKING:
+    from tinydiff.process import GaussianProcess
+
+__all__ = ["BoundDenoiser", "Denoiser", "ModelLike", "Prediction", "network_time_dtype"]
 
 
 class Prediction(NamedTuple):
@@ -64,14 +73,30 @@ class Denoiser:
         variance: the variance type (splits off its channels).
         cond: keyword arguments of the network, tensors with leading dim bsz, or None.
         guidance_scale: w of classifier-free guidance (needs ``cond`` and a network with a null
-            condition, see :mod:`tinydiff.conditioning`); None: no guidance.
+            condition, see `tinydiff.conditioning`); None: no guidance. Shorthand for
+            ``guidance=tinydiff.guidance.CFG(w, guidance_rescale)``.
         guidance_rescale: phi in [0, 1]; 0 disables.
         null_source: the module that defines the null condition (default: ``network``); set it
-            when ``network`` is a wrapper (compiled sampling).
+            when ``network`` is a wrapper.
+        guidance: a guidance strategy (`tinydiff.guidance.Guidance`) instead of
+            ``guidance_scale``. With ``cond=None`` the network is called without keyword
+            arguments on the 2 bsz rows (it supplies the condition itself, as the compiled
+            loop's network slot does).
 
     Raises:
-        ValueError: guidance without cond; a network without a null condition.
+        ValueError: guidance without cond; a network without a null condition; bad guidance
+            options (`tinydiff.guidance.resolve`).
     """
+
+    __slots__ = (
+        "_network_cond",
+        "channel_multiplier",
+        "cond",
+        "guidance",
+        "network",
+        "target",
+        "variance",
+    )
 
     def __init__(
         self,
@@ -83,34 +108,58 @@ class Denoiser:
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         null_source: Any = None,
+        guidance: Guidance | None = None,
     ) -> None:
-        self.network = network
-        self.target = target
-        self.variance = variance
-        self.channel_multiplier = int(getattr(variance, "channel_multiplier", 1))
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.guidance_rescale = float(guidance_rescale)
-        self.cond: dict[str, Any] | None = None if cond is None else dict(cond)
-        if guidance_scale is not None:
-            if cond is None:
-                raise ValueError(
-                    "guidance_scale was given without cond: classifier-free guidance needs the "
-                    "condition to guide towards, e.g. cond={'class_labels': labels}"
-                )
+        if guidance is None:
+            guidance = resolve(None, guidance_scale, guidance_rescale, cond=cond)
+        elif guidance_scale is not None:
+            raise ValueError("pass either guidance or guidance_scale, not both")
+        cond = None if cond is None else dict(cond)
+        network_cond = cond
+        if cond is not None and guidance is not None and guidance.needs_null_cond:
             source: Any = network if null_source is None else null_source
-            self.cond = conditioning.concat_cond(
-                dict(cond), conditioning.null_cond(source, dict(cond))
-            )
+            network_cond = conditioning.concat_cond(cond, conditioning.null_cond(source, cond))
+        init = object.__setattr__
+        init(self, "network", network)
+        init(self, "target", target)
+        init(self, "variance", variance)
+        init(self, "channel_multiplier", int(getattr(variance, "channel_multiplier", 1)))
+        init(self, "guidance", guidance)
+        init(self, "cond", cond)
+        init(self, "_network_cond", network_cond)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"a Denoiser is immutable (cannot set {name!r}); build a new one, e.g. with "
+            "model.denoiser(...)"
+        )
 
     @property
     def guided(self) -> bool:
-        """Whether classifier-free guidance is applied."""
-        return self.guidance_scale is not None
+        """Whether a guidance strategy is applied."""
+        return self.guidance is not None
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The strategy's ``scale`` (w), or None without guidance."""
+        return getattr(self.guidance, "scale", None)
+
+    @property
+    def guidance_rescale(self) -> float:
+        """Classifier-free guidance's rescale phi (0 for other strategies)."""
+        return self.guidance.rescale if isinstance(self.guidance, CFG) else 0.0
+
+    @property
+    def network_cond(self) -> dict[str, Any] | None:
+        """The keyword arguments the network is called with: ``cond``, followed by its null
+        version (2 bsz rows) when the guidance strategy needs the unconditional prediction."""
+        return self._network_cond
 
     def forward_network(self, x_t: Tensor, p: Point) -> tuple[Tensor, Tensor | None]:
         """The raw network output at x_t, split into (model_out, var_out), in x_t's dtype.
 
-        ``cond`` must already have x_t's batch size (it is the doubled one under guidance).
+        The network gets `network_cond` (the doubled one under guidance), so x_t must have
+        its batch size.
 
         Raises:
             ValueError: the network returned something other than a tensor of the expected
@@ -119,9 +168,8 @@ class Denoiser:
         x_in, t_in = self.target.network_input(x_t, p)
         bsz = x_t.shape[0]
         t_in = t_in.reshape(-1).expand(bsz) if t_in.dim() <= 1 else t_in.reshape(bsz)
-        out = (
-            self.network(x_in, t_in) if self.cond is None else self.network(x_in, t_in, **self.cond)
-        )
+        cond = self._network_cond
+        out = self.network(x_in, t_in) if cond is None else self.network(x_in, t_in, **cond)
         expected = (bsz, x_t.shape[1] * self.channel_multiplier, *x_t.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -135,34 +183,119 @@ class Denoiser:
             raise ValueError(f"nn_module returned {got}; expected shape {expected}{extra}")
         return self.variance.split(out.to(x_t.dtype))
 
+    def init_state(self, x: Tensor) -> GuidanceState:
+        """The guidance strategy's state at the start of a run (``()`` without guidance)."""
+        return () if self.guidance is None else self.guidance.init_state(x)
+
+    def bind(self, state: GuidanceState, step: Tensor | None) -> BoundDenoiser:
+        """The view a sampler calls during one step (see `BoundDenoiser`)."""
+        return BoundDenoiser(self, state, step)
+
+    def predict(
+        self, x: Tensor, p: Point, state: GuidanceState = (), step: Tensor | None = None
+    ) -> tuple[Prediction, GuidanceState]:
+        """The (guided) prediction at x and the guidance state after it."""
+        if self.guidance is None:
+            model_out, var_out = self.forward_network(x, p)
+            x0, eps = self.target.to_x0_eps(model_out, x, p)
+            return Prediction(x0, eps, var_out), state
+        if step is None:
+            step = torch.zeros((), dtype=torch.int64, device=x.device)
+        if not self.guidance.needs_null_cond:
+            model_out, var_out = self.forward_network(x, p)
+            cond_pred = Prediction(*self.target.to_x0_eps(model_out, x, p), var_out)
+            x0, eps, state = self.guidance.combine(x, p, cond_pred, None, state, step)
+            return Prediction(x0, eps, var_out), state
+        bsz = x.shape[0]
+        x2 = torch.cat([x, x])
+        p2 = p if p.t.dim() == 0 else Point(*(torch.cat([f, f]) for f in p))
+        model_out, var_out = self.forward_network(x2, p2)
+        x0_2, eps_2 = self.target.to_x0_eps(model_out, x2, p2)
+        var_c = None if var_out is None else var_out[:bsz]
+        var_u = None if var_out is None else var_out[bsz:]
+        x0, eps, state = self.guidance.combine(
+            x,
+            p,
+            Prediction(x0_2[:bsz], eps_2[:bsz], var_c),
+            Prediction(x0_2[bsz:], eps_2[bsz:], var_u),
+            state,
+            step,
+        )
+        return Prediction(x0, eps, var_c), state
+
     def __call__(self, x: Tensor, point: Tensor, alpha_bar: Tensor | None = None) -> Prediction:
         """Denoise x (bsz, *input_shape) at ``point`` ((5,) or (bsz, 5), see the module doc).
+
+        A stateful guidance strategy starts from its initial state at every direct call; the
+        sampling loop calls `bind`'s view instead, which carries the state.
 
         ``denoise(x, t, alpha_bar)`` (a 0-dim time and alpha_bar) is the tinydiff 0.1 form
         that samplers written for it use; it describes variance-preserving processes only.
         """
         if alpha_bar is not None:
-            zero = torch.zeros_like(alpha_bar)
-            point = torch.stack(
-                [point.to(alpha_bar.dtype), alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), zero, zero]
-            )
-        p = Point.of(point, x)
-        if self.guidance_scale is None:
-            model_out, var_out = self.forward_network(x, p)
-            x0, eps = self.target.to_x0_eps(model_out, x, p)
-            return Prediction(x0, eps, var_out)
-        bsz = x.shape[0]
-        x2 = torch.cat([x, x])
-        p2 = p if point.dim() == 1 else Point.of(torch.cat([point, point]), x2)
-        model_out, var_out = self.forward_network(x2, p2)
-        x0_2, eps_2 = self.target.to_x0_eps(model_out, x2, p2)
-        x0, eps = conditioning.apply_guidance(
-            x,
-            p.alpha,
-            p.sigma,
-            (x0_2[:bsz], eps_2[:bsz]),
-            (x0_2[bsz:], eps_2[bsz:]),
-            self.guidance_scale,
-            self.guidance_rescale,
-        )
-        return Prediction(x0, eps, None if var_out is None else var_out[:bsz])
+            point = legacy_point(point, alpha_bar)
+        return self.predict(x, Point.of(point, x), self.init_state(x))[0]
+
+
+def legacy_point(t: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The process point of tinydiff 0.1's ``denoise(x, t, alpha_bar)`` call (a VP process)."""
+    zero = torch.zeros_like(alpha_bar)
+    return torch.stack(
+        [t.to(alpha_bar.dtype), alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), zero, zero]
+    )
+
+
+class BoundDenoiser:
+    """A `Denoiser` during one sampling step: what `tinydiff.samplers.Sampler.step` calls.
+
+    Each call threads the guidance state to the next (a sampler may call the denoiser more
+    than once a step), and the first call's x0 estimate is kept for the loop's callback.
+
+    Attributes:
+        state: the guidance state after the calls so far.
+        first_x0: the x0 estimate of the step's first call (None before it).
+    """
+
+    __slots__ = ("denoiser", "first_x0", "state", "step", "variance")
+
+    def __init__(self, denoiser: Denoiser, state: GuidanceState, step: Tensor | None) -> None:
+        self.denoiser = denoiser
+        self.variance = denoiser.variance
+        self.state = state
+        self.step = step
+        self.first_x0: Tensor | None = None
+
+    def __call__(self, x: Tensor, point: Tensor, alpha_bar: Tensor | None = None) -> Prediction:
+        if alpha_bar is not None:
+            point = legacy_point(point, alpha_bar)
+        pred, self.state = self.denoiser.predict(x, Point.of(point, x), self.state, self.step)
+        if self.first_x0 is None:
+            self.first_x0 = pred.x0
+        return pred
+
+
+class ModelLike(Protocol):
+    """What the likelihood, the timestep search and serialization need of a model: the
+    public surface of `tinydiff.DiffusionModel`, so that those modules never import it."""
+
+    process: GaussianProcess
+    target: Target
+    variance: Variance
+    input_shape: tuple[int, ...]
+    config: Any
+    nn_module: nn.Module
+
+    @property
+    def num_timesteps(self) -> int: ...
+
+    def check_data(self, x: Any, name: str = "x") -> Tensor: ...
+
+    def network(self, use_ema: bool = False) -> nn.Module: ...
+
+    def denoiser(self, **kwargs: Any) -> Denoiser: ...
+
+    def sample(self, *args: Any, **kwargs: Any) -> Tensor: ...
+
+    def make_sampler(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def sampling_timesteps(self, *args: Any, **kwargs: Any) -> Tensor: ...

@@ -40,15 +40,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from tinydiff.process import DiscreteVP
 from tinydiff.variances import clipped_log_beta_tilde, gaussian_kl, gaussian_posterior
 
 if TYPE_CHECKING:
-    from tinydiff.model import DiffusionModel
+    from tinydiff.denoiser import ModelLike as DiffusionModel
 
 __all__ = [
     "DECODERS",
     "DIVERGENCES",
     "discretized_gaussian_log_likelihood",
+    "nll",
     "nll_bound",
     "ode_nll",
     "vlb_applies",
@@ -373,3 +375,61 @@ def vlb_applies(model: DiffusionModel) -> str | None:
             "prior term is a KL to N(0, I)"
         )
     return None
+
+
+def nll(
+    model: DiffusionModel,
+    x: Tensor,
+    *,
+    method: str | None = None,
+    timesteps: int | Sequence[int] | Tensor | None = None,
+    decoder: str = "discrete",
+    cond: dict[str, Any] | None = None,
+    use_ema: bool = False,
+    generator: torch.Generator | None = None,
+    **ode_options: Any,
+) -> Tensor:
+    """Negative log-likelihood of x in bits per dimension, (bsz,) (``model.nll``).
+
+    Args:
+        model: the diffusion model.
+        x: data, (bsz, *input_shape).
+        method: ``"vlb"``, the variational bound (`nll_bound`; ``timesteps`` and
+            ``decoder`` apply), or ``"ode"``, the probability-flow ODE likelihood (`ode_nll`;
+            ``ode_options`` such as ``num_steps`` and ``divergence`` apply). Default:
+            ``"vlb"`` for a discrete VP schedule, ``"ode"`` for a continuous path.
+        timesteps: ``method="vlb"`` only, see `nll_bound`.
+        decoder: ``method="vlb"`` only, ``"discrete"`` or ``"continuous"``.
+        cond: keyword arguments of the network.
+        use_ema: use the EMA weights.
+        generator: source of the random draws (VLB noise, Hutchinson probes).
+        **ode_options: options of `ode_nll`.
+
+    Raises:
+        ValueError: unknown method; ``"vlb"`` on a process where the bound does not apply
+            (sigma(0) > 0 or a prior other than N(0, I), e.g. ``edm``).
+        TypeError: ODE options with ``method="vlb"``.
+    """
+    if method is None:
+        method = "vlb" if isinstance(model.process, DiscreteVP) else "ode"
+    if method == "ode":
+        return ode_nll(model, x, cond=cond, use_ema=use_ema, generator=generator, **ode_options)
+    if method != "vlb":
+        raise ValueError(f"nll method must be 'vlb' or 'ode', got {method!r}")
+    if ode_options:
+        raise TypeError(f"options {sorted(ode_options)} apply to method='ode' only")
+    reason = vlb_applies(model)
+    if reason is not None:
+        raise ValueError(
+            f"method='vlb' does not apply to this model: {reason}. Use method='ode' (the "
+            "probability-flow ODE likelihood, valid on every process)."
+        )
+    return nll_bound(
+        model,
+        x,
+        timesteps=timesteps,
+        decoder=decoder,
+        cond=cond,
+        use_ema=use_ema,
+        generator=generator,
+    )

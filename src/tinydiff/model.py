@@ -6,40 +6,51 @@ The network contract: ``nn_module(x_t, t, **cond) -> out`` where ``x_t`` has sha
 spacings that use fractional times), for every process. ``out`` has x_t's shape, except that
 variance types with ``channel_multiplier`` > 1 (``learned_range``) need that many times the
 channels (dim 1). ``cond`` (optional) is a dict of keyword arguments, e.g.
-``{"class_labels": y}``; see :mod:`tinydiff.conditioning`.
+``{"class_labels": y}``; see `tinydiff.conditioning`.
 
-The model composes: the process (:mod:`tinydiff.process`, from the config's schedule), the
-target, the variance type and the loss; sampling goes config -> process -> plan
-(:func:`tinydiff.samplers.base.build_plan`) -> loop (:func:`~tinydiff.samplers.base.run_sampler`),
-calling the network only through a :class:`tinydiff.denoiser.Denoiser`.
+The model composes the process (`tinydiff.process`, from the config's schedule), the target,
+the variance type and the loss. Sampling goes config -> process -> times
+(`tinydiff.spacings`) -> `tinydiff.sampling.sample` (plan, then loop), calling the network
+only through a `tinydiff.denoiser.Denoiser`; the likelihood, the timestep search and
+serialization live in their own modules and reach the model through its public methods.
 
-EMA weights (:meth:`DiffusionModel.enable_ema`) live in a :class:`tinydiff.ema.EMA` held as a
-plain attribute: they are not parameters of the model (an optimizer over
-``model.parameters()`` never sees them) and not in ``model.state_dict()``; they follow
-``model.to(...)`` and are saved through :meth:`DiffusionModel.ema_state_dict`.
+EMA weights (`DiffusionModel.enable_ema`) live in a `tinydiff.ema.EMA` held as a plain
+attribute: they are not parameters of the model (an optimizer over ``model.parameters()``
+never sees them) and not in ``model.state_dict()``; they follow ``model.to(...)`` and are
+saved through `DiffusionModel.ema_state_dict`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import tinydiff._validation as _validation
-from tinydiff import conditioning, losses, samplers, spacings, targets, time_sampling, variances
+from tinydiff import (
+    conditioning,
+    likelihood,
+    losses,
+    samplers,
+    sampling,
+    spacings,
+    targets,
+    time_sampling,
+    timestep_search,
+    variances,
+)
+from tinydiff._compile import CompileOptions, StepCache
 from tinydiff.config import DiffusionModelConfig, merge_config
-from tinydiff.denoiser import Denoiser, network_time_dtype
+from tinydiff.denoiser import Denoiser
 from tinydiff.diffusers_compat import DiffusersMixin
-from tinydiff.ema import EMA, EMAMixin
+from tinydiff.ema import EMAMixin
+from tinydiff.guidance import Guidance
+from tinydiff.guidance import resolve as resolve_guidance
 from tinydiff.hub import HubMixin
 from tinydiff.process import GaussianProcess, Point
-from tinydiff.samplers.base import Sampler, build_plan, run_sampler
-from tinydiff.variances import VlbTerms
-
-if TYPE_CHECKING:
-    from tinydiff._compile import CompileOptions, StepCache
+from tinydiff.samplers.base import Callback, Sampler
 
 __all__ = ["DiffusionModel"]
 
@@ -49,7 +60,7 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
 
     Args:
         nn_module: the network, called as ``nn_module(x_t, t)`` (see the module docstring).
-        config: a :class:`DiffusionModelConfig` or a dict of its fields.
+        config: a `DiffusionModelConfig` or a dict of its fields.
         **config_fields: config fields given directly (``num_timesteps=500,
             input_shape=(1, 32, 32)``), merged into ``config``; setting a field both here and
             (to another value) in ``config`` is an error.
@@ -57,17 +68,16 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     Attributes:
         nn_module: the wrapped network.
         config: the validated configuration.
-        process: the :class:`~tinydiff.process.GaussianProcess` (alpha(t), sigma(t)).
+        process: the `tinydiff.process.GaussianProcess` (alpha(t), sigma(t)).
         target, variance: the configured prediction target and variance type instances.
 
-    Example::
-
+    Example:
+        ```python
         model = DiffusionModel(net, DiffusionModelConfig(input_shape=(2,)))
         loss = model.loss(x).mean()
         x0 = model.sample(bsz=64, sampling_timesteps=50)
+        ```
     """
-
-    _ema: EMA | None  # set with object.__setattr__ in __init__ (not a submodule)
 
     def __init__(
         self,
@@ -95,15 +105,13 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         self.target = targets.build(cfg.target_type, cfg.target_kwargs)
         self.variance = variances.get(cfg.variance_type)(**cfg.variance_kwargs)
         self._loss_fn = losses.get(cfg.loss_type)
-        self._train_tables = variances.posterior_tables(self.process)
-        self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
         # a plain attribute (object.__setattr__ bypasses Module's registration): the EMA
         # weights stay out of parameters() and state_dict(); _apply/train forward to it
         object.__setattr__(self, "_ema", None)
-        self._compile_options: CompileOptions | None = None
+        self._compile_options = CompileOptions()
         self._step_cache: StepCache | None = None
 
-    # -- the process ----------------------------------------------------------------------------
+    # -- the process and the network -------------------------------------------------------------
     @property
     def num_timesteps(self) -> int:
         """T: network times lie in [0, T]."""
@@ -115,39 +123,15 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         return self.process.alpha_bar(torch.arange(self.num_timesteps + 1, dtype=torch.float64))
 
     def alpha_bar(self, t: Tensor | float | Sequence[float]) -> Tensor:
-        """alpha(t)^2 at real times t in [0, T] (float64, t's shape): alpha_bar for a
-        variance-preserving process (see :class:`tinydiff.process.DiscreteVP`)."""
+        """alpha(t)^2 at real times t in [0, T] (float64, t's shape)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         self.process.check_times(t)
         return self.process.alpha_bar(t)
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _tables(self, device: torch.device) -> dict[str, Tensor]:
-        tables = self._device_tables.get(device)
-        if tables is None:
-            tables = {k: v.to(device) for k, v in self._train_tables.items()}
-            self._device_tables[device] = tables
-        return tables
-
     def check_data(self, x: Any, name: str = "x") -> Tensor:
-        """Return ``x`` if it is a floating-point batch (bsz >= 1, *input_shape), else raise.
-
-        Raises:
-            TypeError: not a floating-point tensor.
-            ValueError: wrong shape or an empty batch.
-        """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"{name} must have shape (bsz, *input_shape) = (bsz, "
-                f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
-            )
-        if x.shape[0] < 1:
-            raise ValueError(f"{name} must hold at least one sample, got batch size 0")
-        return x
+        """Return ``x`` if it is a floating-point batch (bsz >= 1, *input_shape), else raise
+        TypeError (not a floating-point tensor) or ValueError (wrong shape, empty batch)."""
+        return _validation.check_data(x, self.input_shape, name)
 
     def network(self, use_ema: bool = False) -> nn.Module:
         """The live network, or the EMA copy with ``use_ema=True``."""
@@ -161,31 +145,26 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         guidance_rescale: float = 0.0,
         use_ema: bool = False,
         network: nn.Module | None = None,
+        guidance: str | Guidance | None = None,
+        guidance_kwargs: dict[str, Any] | None = None,
     ) -> Denoiser:
-        """The model as samplers see it (:class:`tinydiff.denoiser.Denoiser`).
+        """The model as samplers see it (`tinydiff.denoiser.Denoiser`).
 
         Args:
             cond: keyword arguments of the network (tensors with leading dim bsz).
-            guidance_scale: classifier-free guidance scale w, or None.
-            guidance_rescale: phi in [0, 1].
+            guidance_scale: the guidance scale w (classifier-free guidance unless
+                ``guidance`` names another method), or None.
+            guidance_rescale: phi in [0, 1] of classifier-free guidance.
             use_ema: use the EMA weights.
             network: another network to call (default: the live or EMA one).
+            guidance: a registered guidance method (`tinydiff.guidance`) or strategy.
+            guidance_kwargs: the method's options.
         """
         net = self.network(use_ema) if network is None else network
-        return Denoiser(
-            net,
-            self.target,
-            self.variance,
-            cond=cond,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
+        strategy = resolve_guidance(
+            guidance, guidance_scale, guidance_rescale, guidance_kwargs, cond=cond
         )
-
-    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        for p in [*self.nn_module.parameters(), *self.nn_module.buffers()]:
-            if p.is_floating_point():
-                return p.dtype, p.device
-        return torch.get_default_dtype(), torch.device("cpu")
+        return Denoiser(net, self.target, self.variance, cond=cond, guidance=strategy)
 
     # -- training ------------------------------------------------------------------------------
     def loss(
@@ -201,25 +180,21 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
-        Draws t from the configured training-time distribution (:mod:`tinydiff.time_sampling`;
-        integers uniform in 1..T for discrete VP schedules, logit-normal for rectified flow,
-        log-normal in sigma for EDM) and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps,
-        and compares the network output with the configured target, with optional
-        min-SNR-gamma weighting and the variance type's extra term (learned_range's VLB). With
-        ``cond`` and ``config.cond_drop_prob`` p > 0, each sample's condition is replaced by the
-        network's null condition with probability p (classifier-free guidance training, Ho &
-        Salimans 2022).
+        Draws t from the configured training-time distribution (`tinydiff.time_sampling`)
+        and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps, and compares the network
+        output with the target, weighted by min-SNR-gamma where configured, plus the variance
+        type's extra term (``learned_range``'s VLB). With ``cond`` and ``cond_drop_prob`` p > 0
+        each sample's condition is dropped with probability p (classifier-free guidance
+        training, Ho & Salimans 2022).
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
-            t: optional times, shape (bsz,): integers in 1..T (alpha, sigma from the
-                process's integer tables) or real times in (0, T] (from the process).
+            t: optional times (bsz,): integers in 1..T or real times in (0, T].
             noise: optional eps, x's shape.
             cond: optional keyword arguments of the network; tensors have leading dim bsz.
             cond_drop_mask: optional bool (bsz,), True where the condition is dropped
                 (overrides the random draw with ``cond_drop_prob``).
-            generator: source of t, eps and the dropout draw (default: torch's global RNG);
-                on x's device.
+            generator: source of t, eps and the dropout draw, on x's device.
             check_finite: refuse NaN / inf in x and noise: True always, False never, None
                 (default) only for CPU tensors, where the check costs no host sync.
 
@@ -229,29 +204,23 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         Raises:
             ValueError: a cond key the network does not accept; cond_drop_prob > 0 but the
                 network has no null condition; t outside 1..T; non-finite x or noise.
-            TypeError: t not integer (bool and uint8 are refused), x's dtype not the
-                network's, generator not a torch.Generator.
+            TypeError: t not integer or real, x's dtype not the network's, a generator that
+                is not a torch.Generator.
         """
         x = self.check_data(x)
-        _validation.check_dtype_matches(x, self._param_dtype_device()[0])
+        _validation.check_dtype_matches(x, _validation.dtype_device(self.nn_module)[0])
         _validation.check_finite("x", x, check_finite)
         generator = _validation.check_generator(generator)
-        bsz, ndim = x.shape[0], x.dim()
+        bsz, T = x.shape[0], self.num_timesteps
         if cond is not None:
             cond = conditioning.check_cond(self.nn_module, cond, bsz)
         if t is None:
-            ts_name, ts_kwargs = self.config.training_times()
-            if ts_name == "uniform_discrete" and not ts_kwargs:
-                # exactly tinydiff 0.1's draw (bitwise-identical training runs)
-                t = torch.randint(
-                    1, self.num_timesteps + 1, (bsz,), device=x.device, generator=generator
-                )
-            else:
-                t = time_sampling.sample_times(
-                    ts_name, bsz, self.process, ts_kwargs, generator=generator, device=x.device
-                )
+            name, options = self.config.training_times()
+            t = time_sampling.training_times(
+                name, options, bsz, self.process, generator=generator, device=x.device
+            )
         else:
-            t = _validation.check_loss_times(t, self.num_timesteps, bsz, x.device, allow_real=True)
+            t = _validation.check_loss_times(t, T, bsz, x.device, allow_real=True)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         elif noise.shape != x.shape:
@@ -259,78 +228,32 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
                 f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
             )
         _validation.check_finite("noise", noise, check_finite)
-        view = (bsz,) + (1,) * (ndim - 1)
-        integer_t = not t.is_floating_point()
-        if integer_t:
-            tables = self._tables(x.device)
-
-            def at(name: str) -> Tensor:
-                return tables[name][t].to(x.dtype).view(view)
-
-            alpha, sigma = at("alpha"), at("sigma")
-        else:
-            t64 = t.to(torch.float64)
-            self.process.check_times(t64)
-            a64, s64 = self.process.alpha_sigma(t64)
-            alpha, sigma = a64.to(x.dtype).view(view), s64.to(x.dtype).view(view)
-        zero = torch.zeros(view, dtype=x.dtype, device=x.device)
-        p = Point(t.to(network_time_dtype(x)), alpha, sigma, zero, zero)
-        if self.target.uses_derivatives:
-            d_alpha, d_sigma = self.process.derivatives(t.to(torch.float64))
-            p = p._replace(
-                d_alpha=d_alpha.to(x.dtype).view(view), d_sigma=d_sigma.to(x.dtype).view(view)
-            )
+        p = Point.at(self.process, t, x, derivatives=self.target.uses_derivatives)
         x_t = p.alpha * x + p.sigma * noise
-        if cond is not None:
-            if cond_drop_mask is None and self.config.cond_drop_prob > 0:
-                u = torch.rand(bsz, generator=generator, device=x.device)
-                cond_drop_mask = u < self.config.cond_drop_prob
-            if cond_drop_mask is not None:
-                if cond_drop_mask.shape != (bsz,) or cond_drop_mask.dtype != torch.bool:
-                    raise ValueError(
-                        f"cond_drop_mask must be a bool tensor of shape ({bsz},), got "
-                        f"{cond_drop_mask.dtype} {tuple(cond_drop_mask.shape)}"
-                    )
-                cond = conditioning.drop_cond(self.nn_module, cond, cond_drop_mask)
-        elif cond_drop_mask is not None:
-            raise ValueError("cond_drop_mask was given without a cond to drop")
+        cond = conditioning.dropout(
+            self.nn_module,
+            cond,
+            self.config.cond_drop_prob,
+            cond_drop_mask,
+            bsz,
+            generator=generator,
+            device=x.device,
+        )
         model_out, var_out = self.denoiser(cond=cond).forward_network(x_t, p)
         loss = self._loss_fn(model_out, self.target.target(x, noise, p), **self.config.loss_kwargs)
         if self.config.min_snr_gamma is not None:
-            snr = (
-                tables["snr"][t].view(view)
-                if integer_t
-                else self.process.snr(t.to(torch.float64)).view(view)
-            )
+            snr = self.process.snr(t.to(torch.float64)).view(p.alpha.shape)
             weight = losses.min_snr_weight(
                 snr, self.config.min_snr_gamma, self.target.x0_error_scale(snr)
             )
             loss = loss * weight.to(x.dtype)
-        if type(self.variance).extra_loss is not variances.Variance.extra_loss:
-            if not integer_t:
-                raise ValueError(
-                    "this variance type's VLB term needs integer training times t in 1..T"
-                )
-            x0_hat, _ = self.target.to_x0_eps(model_out.detach(), x_t, p)
-            terms = VlbTerms(
-                x0=x,
-                x_t=x_t,
-                x0_hat=x0_hat,
-                var_out=var_out,
-                coef_x0=at("coef_x0"),
-                coef_xt=at("coef_xt"),
-                log_beta=at("log_beta"),
-                log_beta_tilde=at("log_beta_tilde"),
-                is_first=(t == 1).to(x.dtype).view(view),
-                num_timesteps=self.num_timesteps,
-            )
-            extra = self.variance.extra_loss(terms)
-            if extra is not None:
-                loss = loss + extra
-        return loss
+        extra = variances.vlb_extra_loss(
+            self.variance, self.process, self.target, t, p, x, x_t, model_out, var_out
+        )
+        return loss if extra is None else loss + extra
 
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """Same as :meth:`loss`, so that DistributedDataParallel wraps the objective."""
+        """Same as `loss`, so that DistributedDataParallel wraps the objective."""
         return self.loss(x, **kwargs)
 
     # -- sampling ------------------------------------------------------------------------------
@@ -355,23 +278,25 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         *,
         sampler: str | None = None,
     ) -> Tensor:
-        """The times a sampler visits: float64 (S + 1,), decreasing to 0.
+        """The times a sampler visits: float64 (S + 1,), decreasing to 0
+        (`tinydiff.spacings.resolve`).
 
         Args:
             sampling_timesteps: S in 1..T (default T; for explicit times, their count).
-            timestep_spacing: a name in :mod:`tinydiff.spacings`, or an explicit decreasing
-                list of times; default: the config's ``timestep_spacing``, and when that is
-                None the sampler's ``default_spacing``.
+            timestep_spacing: a name in `tinydiff.spacings`, or explicit decreasing times;
+                default: the config's ``timestep_spacing``, else the sampler's
+                ``default_spacing``.
             sampler: the sampler whose default spacing applies (default: the config's).
 
         Raises:
-            ValueError: explicit times for a different number of steps than
-                ``sampling_timesteps``.
+            ValueError: an unknown spacing, invalid explicit times, or explicit times for a
+                different number of steps than ``sampling_timesteps``.
         """
         if sampling_timesteps is not None and (
             isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int)
         ):
             raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
+        _validation.check_spacing(timestep_spacing)
         spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
         if spacing is None:
             name = self.config.sampler_type if sampler is None else sampler
@@ -390,10 +315,8 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
 
     def optimize_timesteps(self, num_steps: int, **kwargs: Any) -> Any:
         """Sampling times chosen for this model and a sampler; see
-        :func:`tinydiff.timestep_search.optimize_timesteps` for the arguments."""
-        from tinydiff.timestep_search import optimize_timesteps
-
-        return optimize_timesteps(self, num_steps, **kwargs)
+        `tinydiff.timestep_search.optimize_timesteps` for the arguments."""
+        return timestep_search.optimize_timesteps(self, num_steps, **kwargs)
 
     def compile_sampler(
         self,
@@ -413,7 +336,7 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             compile_network: also compile the network into the step graph (it must compile
                 without graph breaks); by default the network runs eagerly, as one opaque
                 operator inside the compiled step.
-            backend: a :func:`torch.compile` backend (``mode`` applies to inductor only).
+            backend: a `torch.compile` backend (``mode`` applies to inductor only).
 
         Returns:
             the model itself.
@@ -422,11 +345,16 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             ValueError: unknown mode.
             TypeError: compile_network not a bool, or a bad backend.
         """
-        from tinydiff._compile import CompileOptions
-
         self._compile_options = CompileOptions(mode, compile_network, backend)
         self._step_cache = None
         return self
+
+    @property
+    def compiled_steps(self) -> StepCache:
+        """The cache of compiled sampling steps (``len()`` counts the compiled entries)."""
+        if self._step_cache is None:
+            self._step_cache = StepCache(self._compile_options)
+        return self._step_cache
 
     @torch.no_grad()
     def sample(
@@ -448,48 +376,50 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         use_ema: bool = False,
         compile: bool = False,
         check_finite: bool | None = None,
+        callback: Callback | None = None,
+        guidance: str | Guidance | None = None,
+        guidance_kwargs: dict[str, Any] | None = None,
     ) -> Tensor:
         """Draw samples by running a sampler from pure noise to t = 0.
 
         Args:
             bsz: number of samples, >= 1.
-            sampling_timesteps: S, the number of steps in 1..T (default T); S < T samples on a
-                respaced subsequence with the posterior recomputed for each step pair.
-            sampler: a name in :mod:`tinydiff.samplers` (default: the config's sampler_type).
+            sampling_timesteps: S, the number of steps in 1..T (default T).
+            sampler: a name in `tinydiff.samplers` (default: the config's sampler_type).
             sampler_kwargs: the sampler's options (default: the config's, for its sampler).
             timestep_spacing: a name or explicit times; default: the config's
-                ``timestep_spacing``, or the sampler's ``default_spacing`` when that is None.
+                ``timestep_spacing``, or the sampler's ``default_spacing``.
             init_noise: x_T to start from, (bsz, *input_shape) (default: N(0, I) times
                 ``process.prior_std()``, which is 1 for variance-preserving processes).
             generator: a torch.Generator on ``device`` for the initial and per-step noise; the
                 same seed gives bitwise-identical samples.
             device: where to sample (default: the network's parameters' device).
             return_trajectory: return all iterates, (S + 1, bsz, *input_shape), noise first.
-            progress: show a tqdm progress bar.
+            progress: show a progress bar.
             cond: keyword arguments of the network, tensors with leading dim bsz (moved to
                 ``device``), e.g. ``{"class_labels": y}`` with y (bsz,).
-            guidance_scale: w for classifier-free guidance: uncond + w (cond - uncond) on
-                the x0 and eps estimates (:mod:`tinydiff.conditioning`); None: no guidance.
-                Needs ``cond`` and a network with a null condition. Doubles the batch of
-                each network call.
+            guidance_scale: w; classifier-free guidance (uncond + w (cond - uncond) on the x0
+                and eps estimates) unless ``guidance`` names another method. Needs ``cond``
+                and a network with a null condition; doubles the batch of each network call.
             guidance_rescale: phi in [0, 1] of Lin et al. 2024 (sec. 3.4); 0 disables.
-            use_ema: sample with the EMA weights (:meth:`enable_ema`); the live weights
-                are untouched.
-            compile: run the compiled step (see :meth:`compile_sampler`): the first call per
-                sampler and batch shape compiles, later calls (any number of steps) reuse it.
+            use_ema: sample with the EMA weights (`enable_ema`).
+            compile: run the compiled step (see `compile_sampler`).
             check_finite: refuse non-finite results: the samples are checked once after the
                 loop (one host sync) and init_noise on the CPU, unless False; True also
                 checks init_noise on an accelerator.
+            callback: ``callback(i, t_next, x_next, x0_hat)`` after each step; a returned
+                tensor replaces x_next (`tinydiff.sampling.sample`).
+            guidance: a guidance method name (`tinydiff.guidance`) or strategy object.
+            guidance_kwargs: options of the guidance method.
 
         Returns:
             samples (bsz, *input_shape), in the network's parameter dtype.
 
         Raises:
             ValueError: bad bsz or init_noise; a cond key the network does not accept;
-                guidance_scale without cond; use_ema without EMA; a device that does not
-                exist here; NaN or inf in init_noise or in the samples.
-            TypeError: generator, sampler_kwargs or an explicit timestep_spacing of the
-                wrong type.
+                guidance without cond; use_ema without EMA; a device that does not exist here;
+                NaN or inf in init_noise or in the samples.
+            TypeError: generator, sampler_kwargs or explicit times of the wrong type.
         """
         generator = _validation.check_generator(generator)
         sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
@@ -498,28 +428,23 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")
         network = self.network(use_ema)
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-        if guidance_rescale > 0 and guidance_scale is None:
-            raise ValueError("guidance_rescale needs guidance_scale")
+        strategy = resolve_guidance(
+            guidance, guidance_scale, guidance_rescale, guidance_kwargs, cond=cond
+        )
         solver = self.make_sampler(sampler, sampler_kwargs)
-        timesteps = self.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler=sampler)
-        dtype, param_device = self._param_dtype_device()
-        device = torch.device(device) if device is not None else param_device
+        times = self.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler=sampler)
+        dtype, param_device = _validation.dtype_device(self.nn_module)
+        device = device if device is not None else param_device
         shape = (bsz, *self.input_shape)
         _validation.check_bsz(bsz, self.input_shape, dtype, device)
         if init_noise is None:
             x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-            scale = self.process.prior_std()
-            if scale != 1.0:
+            if (scale := self.process.prior_std()) != 1.0:
                 x = x * scale
         else:
             if not isinstance(init_noise, Tensor) or tuple(init_noise.shape) != shape:
-                got = (
-                    tuple(init_noise.shape)
-                    if isinstance(init_noise, Tensor)
-                    else type(init_noise).__name__
-                )
+                got = getattr(init_noise, "shape", type(init_noise).__name__)
+                got = tuple(got) if isinstance(init_noise, Tensor) else got
                 raise ValueError(
                     f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}"
                 )
@@ -528,94 +453,28 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
-        denoiser = self.denoiser(
-            cond=cond,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            network=network,
-        )
-        plan = build_plan(solver, self.process.path_values(timesteps))
-        loop = None
-        if compile:
-            from tinydiff._compile import CompileOptions, StepCache
-
-            if self._step_cache is None:
-                self._step_cache = StepCache(self._compile_options or CompileOptions())
-            loop = self._step_cache.loop(solver, plan, x, denoiser, live_network=self.nn_module)
-        out = run_sampler(
-            solver,
-            x,
-            plan,
+        denoiser = Denoiser(network, self.target, self.variance, cond=cond, guidance=strategy)
+        out = sampling.sample(
             denoiser,
+            self.process,
+            solver,
+            times,
+            x,
             generator=generator,
+            callback=callback,
+            compile=self.compiled_steps if compile else False,
             return_trajectory=return_trajectory,
             progress=progress,
-            loop=loop,
         )
         _validation.check_finite_samples(out, return_trajectory, check_finite)
         return out
 
     # -- likelihood ----------------------------------------------------------------------------
-    def nll(
-        self,
-        x: Tensor,
-        *,
-        method: str | None = None,
-        timesteps: int | Sequence[int] | Tensor | None = None,
-        decoder: str = "discrete",
-        cond: dict[str, Any] | None = None,
-        use_ema: bool = False,
-        generator: torch.Generator | None = None,
-        **ode_options: Any,
-    ) -> Tensor:
-        """Negative log-likelihood of x in bits per dimension, (bsz,).
-
-        Args:
-            x: data, (bsz, *input_shape).
-            method: ``"vlb"``, the variational bound (:func:`tinydiff.likelihood.nll_bound`;
-                ``timesteps`` and ``decoder`` apply), or ``"ode"``, the probability-flow ODE
-                likelihood (:func:`tinydiff.likelihood.ode_nll`; ``ode_options`` such as
-                ``num_steps`` and ``divergence`` apply). Default: ``"vlb"`` for a discrete
-                VP schedule, ``"ode"`` for a continuous path.
-            timesteps: ``method="vlb"`` only, see :func:`~tinydiff.likelihood.nll_bound`.
-            decoder: ``method="vlb"`` only, ``"discrete"`` or ``"continuous"``.
-            cond: keyword arguments of the network.
-            use_ema: use the EMA weights.
-            generator: source of the random draws (VLB noise, Hutchinson probes).
-            **ode_options: options of :func:`~tinydiff.likelihood.ode_nll`.
-
-        Raises:
-            ValueError: unknown method; ``"vlb"`` on a process where the bound does not
-                apply (sigma(0) > 0 or a prior other than N(0, I), e.g. ``edm``).
-        """
-        from tinydiff import likelihood
-        from tinydiff.process import DiscreteVP
-
-        if method is None:
-            method = "vlb" if isinstance(self.process, DiscreteVP) else "ode"
-        if method == "ode":
-            return likelihood.ode_nll(
-                self, x, cond=cond, use_ema=use_ema, generator=generator, **ode_options
-            )
-        if method != "vlb":
-            raise ValueError(f"nll method must be 'vlb' or 'ode', got {method!r}")
-        if ode_options:
-            raise TypeError(f"options {sorted(ode_options)} apply to method='ode' only")
-        reason = likelihood.vlb_applies(self)
-        if reason is not None:
-            raise ValueError(
-                f"method='vlb' does not apply to this model: {reason}. Use method='ode' (the "
-                "probability-flow ODE likelihood, valid on every process)."
-            )
-        return likelihood.nll_bound(
-            self,
-            x,
-            timesteps=timesteps,
-            decoder=decoder,
-            cond=cond,
-            use_ema=use_ema,
-            generator=generator,
-        )
+    def nll(self, x: Tensor, *, method: str | None = None, **options: Any) -> Tensor:
+        """Negative log-likelihood of x in bits per dimension, (bsz,); see
+        `tinydiff.likelihood.nll` for ``method`` (``"vlb"`` or ``"ode"``) and the options
+        (``timesteps``, ``decoder``, ``cond``, ``use_ema``, ``generator``, ODE options)."""
+        return likelihood.nll(self, x, method=method, **options)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -369,3 +369,23 @@ class Point(NamedTuple):
         coefs = [c.to(like.dtype).reshape(view) for c in rest]
         time_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         return cls(t.to(time_dtype).reshape(view), *coefs)
+
+    @classmethod
+    def at(
+        cls, process: GaussianProcess, t: Tensor, like: Tensor, *, derivatives: bool = False
+    ) -> Point:
+        """The process at per-sample times t (bsz,) (integer or real, on like's device) as
+        fields shaped (bsz, 1, ..., 1) in ``like``'s dtype, t in the network time dtype; the
+        slopes only with ``derivatives`` (zeros otherwise)."""
+        view = (-1,) + (1,) * (like.dim() - 1)
+        t64 = t.to(_F64)
+        alpha, sigma = process.alpha_sigma(t64)
+        if derivatives:
+            d_alpha, d_sigma = process.derivatives(t64)
+        else:
+            d_alpha = d_sigma = torch.zeros((), dtype=_F64, device=like.device)
+        coefs = [
+            c.to(like.dtype).expand_as(t64).reshape(view) for c in (alpha, sigma, d_alpha, d_sigma)
+        ]
+        time_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return cls(t.to(time_dtype), *coefs)

@@ -35,7 +35,14 @@ from torch import Tensor
 from tinydiff._registry import Registry
 from tinydiff.process import GaussianProcess
 
-__all__ = ["REGISTRY", "get", "names", "register", "sample_times"]
+__all__ = [
+    "REGISTRY",
+    "get",
+    "names",
+    "register",
+    "sample_times",
+    "training_times",
+]
 
 TimeSampler = Callable[..., Tensor]
 
@@ -166,3 +173,23 @@ def sample_times(
     if not t.is_floating_point():
         return t.long()
     return t.to(_F64)
+
+
+def training_times(
+    name: str,
+    kwargs: dict[str, Any],
+    bsz: int,
+    process: GaussianProcess,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """The loss's draw of ``bsz`` training times from the distribution ``name`` with options
+    ``kwargs`` (`sample_times`). ``uniform_discrete`` without options draws exactly as
+    tinydiff 0.1 did (``torch.randint(1, T + 1, ...)``), so seeded training runs repeat
+    bitwise."""
+    if name == "uniform_discrete" and not kwargs:
+        return torch.randint(
+            1, process.num_timesteps + 1, (bsz,), device=device, generator=generator
+        )
+    return sample_times(name, bsz, process, kwargs, generator=generator, device=device)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from tinydiff import spacings
 
 if TYPE_CHECKING:
-    from tinydiff.model import DiffusionModel
+    from tinydiff.denoiser import ModelLike as DiffusionModel
 
 __all__ = ["TimestepSearchResult", "optimize_timesteps"]
 

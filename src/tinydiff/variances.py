@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from tinydiff._registry import Registry
-from tinydiff.process import GaussianProcess
+from tinydiff.process import GaussianProcess, Point
 
 __all__ = [
     "REGISTRY",
@@ -63,6 +63,7 @@ __all__ = [
     "posterior_coefficients",
     "posterior_tables",
     "register",
+    "vlb_extra_loss",
 ]
 
 
@@ -172,6 +173,73 @@ class VlbTerms:
     log_beta_tilde: Tensor
     is_first: Tensor
     num_timesteps: int
+
+
+def vlb_extra_loss(
+    variance: Variance,
+    process: GaussianProcess,
+    target: Any,
+    t: Tensor,
+    p: Point,
+    x0: Tensor,
+    x_t: Tensor,
+    model_out: Tensor,
+    var_out: Tensor | None,
+) -> Tensor | None:
+    """The variance type's extra training term (``learned_range``'s VLB, Nichol & Dhariwal
+    2021) at integer times t, or None for a type without one.
+
+    The posterior of the step t -> t - 1 comes from the process at t - 1, t and t + 1 (the
+    neighbour for the clipped log beta_tilde of the step to t = 0, as in sampling).
+
+    Args:
+        variance: the variance type.
+        process: the Gaussian process.
+        target: the prediction target (its x0 estimate, detached, is the posterior mean's:
+            the stop-gradient of Nichol & Dhariwal 2021).
+        t: int64 (bsz,) times in 1..T.
+        p: the process point at t (`tinydiff.process.Point`).
+        x0: clean data (bsz, *input_shape).
+        x_t: noised data.
+        model_out: the network's mean channels.
+        var_out: the network's variance channels, or None.
+
+    Raises:
+        ValueError: real-valued times (the VLB term is defined on the integer steps).
+    """
+    if type(variance).extra_loss is Variance.extra_loss:
+        return None
+    if t.is_floating_point():
+        raise ValueError("this variance type's VLB term needs integer training times t in 1..T")
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    T = process.num_timesteps
+    times = torch.stack([t - 1, t, (t + 1).clamp(max=T)]).to(torch.float64)
+    alpha, sigma = process.alpha_sigma(times)
+    coef_x0, coef_xt, beta, beta_tilde = gaussian_posterior(
+        alpha[1:], sigma[1:], alpha[:-1], sigma[:-1]
+    )
+    # clipped_log_beta_tilde: a zero beta_tilde (the step to t = 0) takes the next step's
+    # value (that of t + 1 -> t), or log beta where there is none
+    next_bt = torch.where(t < T, beta_tilde[1], beta_tilde[0])
+    fallback = torch.where(next_bt > 0, next_bt, beta[0])
+    log_bt = torch.log(torch.where(beta_tilde[0] > 0, beta_tilde[0], fallback))
+
+    def at(v: Tensor) -> Tensor:
+        return v.to(x0.dtype).view(view)
+
+    terms = VlbTerms(
+        x0=x0,
+        x_t=x_t,
+        x0_hat=target.to_x0_eps(model_out.detach(), x_t, p)[0],
+        var_out=var_out,
+        coef_x0=at(coef_x0[0]),
+        coef_xt=at(coef_xt[0]),
+        log_beta=at(beta[0].log()),
+        log_beta_tilde=at(log_bt),
+        is_first=(t == 1).to(x0.dtype).view(view),
+        num_timesteps=T,
+    )
+    return variance.extra_loss(terms)
 
 
 class Variance:

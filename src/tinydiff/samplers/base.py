@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -44,6 +44,7 @@ __all__ = [
     "get",
     "names",
     "register",
+    "run_loop",
     "run_sampler",
 ]
 
@@ -71,12 +72,14 @@ class Denoiser(Protocol):
 class StepLoop(Protocol):
     """A compiled per-run step driver (see :mod:`tinydiff._compile`).
 
-    ``loop(i, x, state, noise) -> (x_next, state_next)`` runs step i. When
-    ``transient_outputs`` is true the returned tensors are overwritten by the next call (CUDA
-    graph replay) and must be cloned to be kept.
+    ``loop(i, x, state, noise) -> (x_next, state_next)`` runs step i and keeps the guidance
+    state of the run itself; ``first_x0`` is the step's first x0 estimate (None unless the
+    driver was built for a callback). When ``transient_outputs`` is true the returned tensors
+    are overwritten by the next call (CUDA graph replay) and must be cloned to be kept.
     """
 
     transient_outputs: bool
+    first_x0: Tensor | None
 
     def __call__(
         self, i: int, x: Tensor, state: tuple[Tensor, ...], noise: Tensor | None
@@ -217,6 +220,109 @@ def build_plan(sampler: Sampler, path: PathValues) -> dict[str, Tensor]:
     return plan
 
 
+#: a per-step callback: ``callback(i, t_next, x_next, x0_hat) -> Tensor | None``
+Callback = Callable[[int, float, Tensor, Tensor | None], Tensor | None]
+
+
+class _Recorder:
+    """A plain denoise callable seen as a bound denoiser: records the step's first x0."""
+
+    __slots__ = ("denoise", "first_x0", "variance")
+
+    def __init__(self, denoise: Denoiser) -> None:
+        self.denoise = denoise
+        self.variance = denoise.variance
+        self.first_x0: Tensor | None = None
+
+    def __call__(self, x: Tensor, point: Tensor, *args: Tensor) -> Prediction:
+        pred = self.denoise(x, point, *args)
+        if self.first_x0 is None:
+            self.first_x0 = pred.x0
+        return pred
+
+
+def _check_replacement(out: Any, like: Tensor, i: int) -> Tensor:
+    if not isinstance(out, Tensor) or out.shape != like.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"the sampling callback returned {got} after step {i}; expected None (keep x) or "
+            f"a tensor of x's shape {tuple(like.shape)}"
+        )
+    if out.dtype != like.dtype or out.device != like.device:
+        out = out.to(device=like.device, dtype=like.dtype)
+    return out
+
+
+def run_loop(
+    sampler: Sampler,
+    x: Tensor,
+    plan: Mapping[str, Tensor],
+    denoise: Denoiser,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    loop: StepLoop | None = None,
+) -> Tensor:
+    """Run ``sampler`` over ``plan`` from x (the sample at ``plan["t"][0]``): the loop
+    behind every sampling call (`tinydiff.sampling.sample`).
+
+    Args:
+        sampler: the sampler.
+        x: the sample at the plan's first time, (bsz, *input_shape).
+        plan: from `build_plan`; cast here to x's device and dtype.
+        denoise: a `tinydiff.denoiser.Denoiser` (its guidance state is carried from step to
+            step) or any callable ``denoise(x, point) -> Prediction`` with a ``variance``.
+        generator: source of the per-step noise of stochastic samplers.
+        callback: ``callback(i, t_next, x_next, x0_hat)``, run eagerly after step i with the
+            time the step reached (a float), the new sample and the step's first x0
+            estimate; a returned tensor replaces x_next (the solver's history is kept), None
+            keeps it. Tensors handed to it are the caller's to keep.
+        loop: a compiled step driver for this sampler, plan and x
+            (`tinydiff._compile.StepCache.loop`); None runs ``sampler.step`` eagerly.
+
+    Returns:
+        the sample at t = 0, (bsz, *input_shape).
+    """
+    num_steps = plan["t"].shape[0]
+    stochastic = sampler.is_stochastic
+    state = sampler.init_state(x)
+    t_next = plan["t_next"].tolist() if callback is not None else None
+    if loop is None:
+        table = {k: v.to(device=x.device, dtype=x.dtype) for k, v in plan.items()}
+        bind = getattr(denoise, "bind", None)
+        gstate = denoise.init_state(x) if bind is not None else ()
+        guided = getattr(denoise, "guidance", None) is not None
+        index = torch.zeros((), dtype=torch.int64, device=x.device) if guided else None
+    transient = loop is not None and loop.transient_outputs
+    for i in range(num_steps):
+        noise = (
+            torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if stochastic
+            else None
+        )
+        if loop is None:
+            view: Any = bind(gstate, index) if bind is not None else _Recorder(denoise)
+            x_next, state = sampler.step(x, state, {k: v[i] for k, v in table.items()}, view, noise)
+            x0_hat = view.first_x0
+            if bind is not None:
+                gstate = view.state
+            if index is not None:
+                index = index + 1
+        else:
+            x_next, state = loop(i, x, state, noise)
+            x0_hat = loop.first_x0
+        if callback is not None:
+            assert t_next is not None
+            if transient:  # CUDA-graph outputs are overwritten by the next replay
+                x_next = x_next.clone()
+                x0_hat = None if x0_hat is None else x0_hat.clone()
+            out = callback(i, t_next[i], x_next, x0_hat)
+            if out is not None:
+                x_next = _check_replacement(out, x_next, i)
+        x = x_next
+    return x.clone() if transient and callback is None else x
+
+
 def run_sampler(
     sampler: Sampler,
     x: Tensor,
@@ -227,47 +333,67 @@ def run_sampler(
     return_trajectory: bool = False,
     progress: bool = False,
     loop: StepLoop | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
-    """Run ``sampler`` from x (noise at ``plan["t"][0]``) down to t = 0.
+    """Run ``sampler`` from x (noise at ``plan["t"][0]``) down to t = 0 (`run_loop` with
+    the trajectory and progress bar as callbacks).
 
     Args:
         sampler: the sampler.
         x: initial noise, (bsz, *input_shape).
-        plan: from :func:`build_plan`; cast here to x's device and dtype.
+        plan: from `build_plan`; cast here to x's device and dtype.
         denoise: the wrapped model.
         generator: source of the per-step noise of stochastic samplers.
-        return_trajectory: return every iterate, (S + 1, bsz, *input_shape), noise first.
-        progress: show a tqdm bar.
-        loop: a compiled step driver for this sampler, plan and x (from
-            :meth:`tinydiff._compile.CompiledStep.stepper`); None runs ``sampler.step`` eagerly.
+        return_trajectory: return every iterate, (S + 1, bsz, *input_shape), noise first
+            (after the callback's replacement, where it returns one).
+        progress: show a progress bar.
+        loop: a compiled step driver (see `run_loop`).
+        callback: a per-step callback (see `run_loop`).
 
     Returns:
         (bsz, *input_shape), or the trajectory.
     """
-    num_steps = plan["t"].shape[0]
-    stochastic = sampler.is_stochastic
-    state = sampler.init_state(x)
-    if loop is None:
-        table = {k: v.to(device=x.device, dtype=x.dtype) for k, v in plan.items()}
-
-        def eager_step(
-            i: int, x: Tensor, state: State, noise: Tensor | None
-        ) -> tuple[Tensor, State]:
-            return sampler.step(x, state, {k: v[i] for k, v in table.items()}, denoise, noise)
-
-        step, transient = eager_step, False
-    else:
-        step, transient = loop, loop.transient_outputs
+    callbacks: list[Callback] = [] if callback is None else [callback]
     trajectory = [x] if return_trajectory else None
-    for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
-        noise = (
-            torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            if stochastic
-            else None
-        )
-        x, state = step(i, x, state, noise)
-        if trajectory is not None:
-            trajectory.append(x.clone() if transient else x)
     if trajectory is not None:
-        return torch.stack(trajectory)
-    return x.clone() if transient else x
+
+        def record(i: int, t_next: float, x_next: Tensor, x0_hat: Tensor | None) -> None:
+            trajectory.append(x_next)
+
+    bar = tqdm(total=plan["t"].shape[0], desc="sampling", leave=False) if progress else None
+    if bar is not None:
+
+        def tick(i: int, t_next: float, x_next: Tensor, x0_hat: Tensor | None) -> None:
+            bar.update(1)
+
+    chained = _chain(
+        [
+            *callbacks,
+            *([record] if trajectory is not None else []),
+            *([tick] if bar is not None else []),
+        ]
+    )
+    try:
+        out = run_loop(sampler, x, plan, denoise, generator=generator, callback=chained, loop=loop)
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.stack(trajectory) if trajectory is not None else out
+
+
+def _chain(callbacks: list[Callback]) -> Callback | None:
+    """One callback running ``callbacks`` in order, each seeing the previous replacement."""
+    if not callbacks:
+        return None
+    if len(callbacks) == 1:
+        return callbacks[0]
+
+    def chained(i: int, t_next: float, x_next: Tensor, x0_hat: Tensor | None) -> Tensor | None:
+        replaced = None
+        for cb in callbacks:
+            out = cb(i, t_next, x_next, x0_hat)
+            if out is not None:
+                x_next = replaced = _check_replacement(out, x_next, i)
+        return replaced
+
+    return chained
