@@ -371,7 +371,8 @@ class CompiledLoop:
         return x, state
 
 
-def _options_key(sampler: Sampler) -> Hashable:
+def _options_key(sampler: Any) -> Hashable:
+    """A hashable key of an options object's attributes (a sampler's or a guidance's)."""
     items = []
     for name, value in sorted(vars(sampler).items()):
         try:

@@ -27,7 +27,7 @@ coefficients there, so they never need to know what the network was trained to p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,27 +35,13 @@ from torch import Tensor, nn
 from tinydiff import conditioning, variances
 from tinydiff.guidance import CFG, Guidance, GuidanceState, resolve
 from tinydiff.process import Point
-from tinydiff.targets import Target
+from tinydiff.targets import Prediction, Target
 from tinydiff.variances import Variance
 
 if TYPE_CHECKING:
     from tinydiff.process import GaussianProcess
 
 __all__ = ["BoundDenoiser", "Denoiser", "ModelLike", "Prediction", "network_time_dtype"]
-
-
-class Prediction(NamedTuple):
-    """The denoiser's output at one (x_t, t).
-
-    Attributes:
-        x0: estimate of the clean data, x's shape.
-        eps: estimate of the noise, x's shape.
-        var_out: the network's variance channels (``learned_range``), or None.
-    """
-
-    x0: Tensor
-    eps: Tensor
-    var_out: Tensor | None
 
 
 def network_time_dtype(x: Tensor) -> torch.dtype:
@@ -87,6 +73,14 @@ class Denoiser:
         ValueError: guidance without cond; a network without a null condition; bad guidance
             options (`tinydiff.guidance.resolve`).
     """
+
+    network: nn.Module | Callable[..., Tensor]
+    target: Target
+    variance: Variance
+    channel_multiplier: int
+    guidance: Guidance | None
+    cond: dict[str, Any] | None
+    _network_cond: dict[str, Any] | None
 
     __slots__ = (
         "_network_cond",
@@ -203,7 +197,8 @@ class Denoiser:
             step = torch.zeros((), dtype=torch.int64, device=x.device)
         if not self.guidance.needs_null_cond:
             model_out, var_out = self.forward_network(x, p)
-            cond_pred = Prediction(*self.target.to_x0_eps(model_out, x, p), var_out)
+            x0_c, eps_c = self.target.to_x0_eps(model_out, x, p)
+            cond_pred = Prediction(x0_c, eps_c, var_out)
             x0, eps, state = self.guidance.combine(x, p, cond_pred, None, state, step)
             return Prediction(x0, eps, var_out), state
         bsz = x.shape[0]
@@ -288,11 +283,14 @@ class ModelLike(Protocol):
     @property
     def num_timesteps(self) -> int: ...
 
+    @property
+    def alphas_cumprod(self) -> Tensor: ...
+
     def check_data(self, x: Any, name: str = "x") -> Tensor: ...
 
     def network(self, use_ema: bool = False) -> nn.Module: ...
 
-    def denoiser(self, **kwargs: Any) -> Denoiser: ...
+    def denoiser(self, *args: Any, **kwargs: Any) -> Denoiser: ...
 
     def sample(self, *args: Any, **kwargs: Any) -> Tensor: ...
 

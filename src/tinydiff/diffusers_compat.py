@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from tinydiff.model import DiffusionModel
+    from tinydiff.denoiser import ModelLike
 
 __all__ = [
     "SCHEDULERS",
@@ -320,7 +320,7 @@ def translate_scheduler_config(options: Mapping[str, Any]) -> SchedulerTranslati
     return SchedulerTranslation(config, ignored)
 
 
-def scheduler_config_from_tinydiff(model: DiffusionModel) -> dict[str, Any]:
+def scheduler_config_from_tinydiff(model: ModelLike) -> dict[str, Any]:
     """The DDPMScheduler options equivalent to ``model``'s diffusion process.
 
     Named schedules are written by name when diffusers has them (``linear``/``scaled_linear``
@@ -523,7 +523,7 @@ class DiffusersMixin:
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         device: torch.device | str = "cpu",
-    ) -> DiffusionModel:
+    ) -> Any:
         """Load a diffusers UNet and its scheduler config as a :class:`DiffusionModel`.
 
         The network is a :class:`DiffusersUNet` (output unwrapped, time t -> k = t - 1); the
@@ -604,7 +604,7 @@ class DiffusersMixin:
             UnsupportedSchedulerError: a target or variance type diffusers has no name for.
         """
         diffusers = _import_diffusers()
-        model: DiffusionModel = self  # type: ignore[assignment]
+        model: ModelLike = self  # type: ignore[assignment]
         net = model.nn_module
         unet = net.unet if isinstance(net, DiffusersUNet) else net
         if not isinstance(unet, diffusers.ModelMixin):

@@ -44,8 +44,8 @@ from tinydiff._validation import check_number
 from tinydiff.conditioning import apply_guidance
 
 if TYPE_CHECKING:
-    from tinydiff.denoiser import Prediction
     from tinydiff.process import Point
+    from tinydiff.targets import Prediction
 
 __all__ = [
     "CFG",

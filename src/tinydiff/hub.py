@@ -42,7 +42,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, snapshot_download
@@ -74,7 +74,23 @@ from tinydiff.nn import MLP, UNet
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
-    from tinydiff.model import DiffusionModel
+    from tinydiff.ema import EMA
+
+
+class SavableModel(Protocol):
+    """What serialization needs of a model (`tinydiff.DiffusionModel` has it): its config,
+    network, state dicts and EMA."""
+
+    config: Any
+    nn_module: nn.Module
+
+    @property
+    def ema(self) -> EMA | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def ema_state_dict(self) -> dict[str, Tensor]: ...
+
 
 __all__ = [
     "CONFIG_NAME",
@@ -162,7 +178,7 @@ def _network_spec(net: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def build_config(model: DiffusionModel) -> dict[str, Any]:
+def build_config(model: SavableModel) -> dict[str, Any]:
     """The config.json document of ``model`` (module docstring)."""
     ema = model.ema
     dtype = next(
@@ -209,7 +225,7 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def _save(model: DiffusionModel, folder: Path, repo_id: str | None) -> Path:
+def _save(model: SavableModel, folder: Path, repo_id: str | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = build_config(model)
 
@@ -417,7 +433,14 @@ M = TypeVar("M", bound="HubMixin")
 
 # -- the methods ---------------------------------------------------------------------------------
 class HubMixin:
-    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for :class:`DiffusionModel`."""
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for a model class
+    constructed as ``cls(network, config)`` (huggingface_hub's ``ModelHubMixin`` pattern).
+
+    The public methods are generic templates: argument checks and resolving the files (a local
+    folder or one Hub commit). They call two hooks that a class may override:
+    `_save_pretrained` (write the files into a folder) and `_from_pretrained` (build the
+    model from the resolved files). The defaults store a tinydiff model (`SavableModel`).
+    """
 
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
@@ -437,7 +460,11 @@ class HubMixin:
         Returns:
             the folder.
         """
-        return _save(self, Path(save_directory), repo_id)  # type: ignore[arg-type]
+        return self._save_pretrained(Path(save_directory), repo_id)
+
+    def _save_pretrained(self, folder: Path, repo_id: str | None) -> Path:
+        """Hook: write the model's files into ``folder`` (created if needed)."""
+        return _save(self, folder, repo_id)  # type: ignore[arg-type]
 
     @classmethod
     def from_pretrained(
@@ -515,6 +542,23 @@ class HubMixin:
             local_files_only=local_files_only,
             force_download=force_download,
         )
+        model = cls._from_pretrained(
+            source, nn_module=nn_module, load_ema=load_ema, use_ema_weights=use_ema_weights
+        )
+        return model.to(target)  # type: ignore[attr-defined, no-any-return]
+
+    @classmethod
+    def _from_pretrained(
+        cls: type[M],
+        source: _Source,
+        *,
+        nn_module: nn.Module | None,
+        load_ema: bool,
+        use_ema_weights: bool,
+    ) -> M:
+        """Hook: build the model from the files of ``source`` (``source.get(name)`` gives a
+        local path), on the CPU: check every header before allocating, then load strictly."""
+        wants_ema = load_ema or use_ema_weights
         config_path = source.get(CONFIG_NAME)
         cfg = _read_config(config_path)
         model_config = _model_config(cfg, config_path)
@@ -566,7 +610,7 @@ class HubMixin:
             weights.close()
             if ema_file is not None:
                 ema_file.close()
-        return model.to(target)  # type: ignore[no-any-return]
+        return model  # type: ignore[no-any-return]
 
     def push_to_hub(
         self,
@@ -600,7 +644,7 @@ class HubMixin:
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tinydiff-push-") as tmp:
-            _save(self, Path(tmp), repo_id)  # type: ignore[arg-type]
+            self._save_pretrained(Path(tmp), repo_id)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,12 +50,27 @@ __all__ = [
     "PredV",
     "PredVelocity",
     "PredX0",
+    "Prediction",
     "Target",
     "build",
     "get",
     "names",
     "register",
 ]
+
+
+class Prediction(NamedTuple):
+    """The denoiser's output at one (x_t, t).
+
+    Attributes:
+        x0: estimate of the clean data, x's shape.
+        eps: estimate of the noise, x's shape.
+        var_out: the network's variance channels (``learned_range``), or None.
+    """
+
+    x0: Tensor
+    eps: Tensor
+    var_out: Tensor | None
 
 
 class Target:

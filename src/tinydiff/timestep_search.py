@@ -53,6 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tinydiff import spacings
+from tinydiff._validation import dtype_device
 
 if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike as DiffusionModel
@@ -225,13 +226,7 @@ def optimize_timesteps(
         raise ValueError(f"reference_sampler must be deterministic, got {reference_sampler!r}")
     stochastic = solver.is_stochastic
 
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if dtype is None:
-        dtype = next(
-            (b.dtype for b in model.buffers() if b.is_floating_point()), torch.get_default_dtype()
-        )
-        device = next((b.device for b in model.buffers()), device)
+    dtype, device = dtype_device(model.nn_module)
     z = torch.randn(
         (num_samples, *model.input_shape), generator=generator, device=device, dtype=dtype
     )

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tinydiff import denoiser as _denoiser
 from tinydiff._registry import Registry
 from tinydiff.denoiser import Prediction
 from tinydiff.process import PathValues
@@ -289,9 +290,10 @@ def run_loop(
     t_next = plan["t_next"].tolist() if callback is not None else None
     if loop is None:
         table = {k: v.to(device=x.device, dtype=x.dtype) for k, v in plan.items()}
-        bind = getattr(denoise, "bind", None)
-        gstate = denoise.init_state(x) if bind is not None else ()
-        guided = getattr(denoise, "guidance", None) is not None
+        full = denoise if isinstance(denoise, _denoiser.Denoiser) else None
+        bind = None if full is None else full.bind
+        gstate = () if full is None else full.init_state(x)
+        guided = full is not None and full.guidance is not None
         index = torch.zeros((), dtype=torch.int64, device=x.device) if guided else None
     transient = loop is not None and loop.transient_outputs
     for i in range(num_steps):
