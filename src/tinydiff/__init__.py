@@ -7,8 +7,9 @@ Public API::
 
 Plugin registries (each with ``register``, ``get``, ``names``): :mod:`tinydiff.schedules`,
 :mod:`tinydiff.targets`, :mod:`tinydiff.variances`, :mod:`tinydiff.losses`,
-:mod:`tinydiff.samplers`, :mod:`tinydiff.spacings`. The core: :mod:`tinydiff.process` (the
-Gaussian process alpha(t), sigma(t)) and :mod:`tinydiff.denoiser`. Subpackages that need more
+:mod:`tinydiff.samplers`, :mod:`tinydiff.spacings`, :mod:`tinydiff.guidance`. The core:
+:mod:`tinydiff.process` (the Gaussian process alpha(t), sigma(t)), :mod:`tinydiff.denoiser`
+and :mod:`tinydiff.sampling` (the sampling loop as a function, with per-step callbacks). Subpackages that need more
 imports load on first access: ``tinydiff.nn``, ``tinydiff.testing``, ``tinydiff.likelihood``,
 ``tinydiff.hub``, ``tinydiff.metrics``, ``tinydiff.plotting``.
 """
@@ -16,7 +17,18 @@ imports load on first access: ``tinydiff.nn``, ``tinydiff.testing``, ``tinydiff.
 import importlib
 from typing import Any
 
-from tinydiff import denoiser, losses, process, samplers, schedules, spacings, targets, variances
+from tinydiff import (
+    denoiser,
+    guidance,
+    losses,
+    process,
+    samplers,
+    sampling,
+    schedules,
+    spacings,
+    targets,
+    variances,
+)
 from tinydiff._registry import load_plugins
 from tinydiff._version import __version__
 from tinydiff.checkpoint import load_checkpoint, save_checkpoint
@@ -42,11 +54,13 @@ __all__ = [
     "Trainer",
     "__version__",
     "denoiser",
+    "guidance",
     "load_checkpoint",
     "load_plugins",
     "losses",
     "process",
     "samplers",
+    "sampling",
     "save_checkpoint",
     "schedules",
     "spacings",

@@ -1,23 +1,13 @@
 r"""`DiffusionModel`: a network plus a configured diffusion process; training loss and sampling.
 
-The network contract: ``nn_module(x_t, t, **cond) -> out`` where ``x_t`` has shape
-(bsz, *input_shape) and ``t`` is a float tensor of shape (bsz,) on the [0, T] time scale
-(integer-valued during training and for integer spacings; fractional for samplers or
-spacings that use fractional times), for every process. ``out`` has x_t's shape, except that
-variance types with ``channel_multiplier`` > 1 (``learned_range``) need that many times the
-channels (dim 1). ``cond`` (optional) is a dict of keyword arguments, e.g.
-``{"class_labels": y}``; see `tinydiff.conditioning`.
-
-The model composes the process (`tinydiff.process`, from the config's schedule), the target,
-the variance type and the loss. Sampling goes config -> process -> times
-(`tinydiff.spacings`) -> `tinydiff.sampling.sample` (plan, then loop), calling the network
-only through a `tinydiff.denoiser.Denoiser`; the likelihood, the timestep search and
-serialization live in their own modules and reach the model through its public methods.
-
-EMA weights (`DiffusionModel.enable_ema`) live in a `tinydiff.ema.EMA` held as a plain
-attribute: they are not parameters of the model (an optimizer over ``model.parameters()``
-never sees them) and not in ``model.state_dict()``; they follow ``model.to(...)`` and are
-saved through `DiffusionModel.ema_state_dict`.
+The network contract: ``nn_module(x_t, t, **cond) -> out`` with x_t (bsz, *input_shape) and t
+a float tensor (bsz,) on the [0, T] scale; ``out`` has x_t's shape (times
+``channel_multiplier`` channels on dim 1 for ``learned_range``); ``cond`` is an optional dict
+of keyword arguments (`tinydiff.conditioning`). The model composes the process, target,
+variance type and loss of its config; `DiffusionModel.sample` resolves the times
+(`tinydiff.spacings`) and runs `tinydiff.sampling.sample`. The likelihood, the timestep
+search and serialization live in their own modules. EMA weights (`enable_ema`) are held
+outside ``parameters()`` and ``state_dict()`` and saved through ``ema_state_dict()``.
 """
 
 from __future__ import annotations
@@ -180,12 +170,10 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     ) -> Tensor:
         """Unreduced training loss; ``.mean()`` is the objective.
 
-        Draws t from the configured training-time distribution (`tinydiff.time_sampling`)
-        and eps ~ N(0, I), forms x_t = alpha(t) x + sigma(t) eps, and compares the network
-        output with the target, weighted by min-SNR-gamma where configured, plus the variance
-        type's extra term (``learned_range``'s VLB). With ``cond`` and ``cond_drop_prob`` p > 0
-        each sample's condition is dropped with probability p (classifier-free guidance
-        training, Ho & Salimans 2022).
+        Draws t (`tinydiff.time_sampling`) and eps ~ N(0, I), forms x_t = alpha(t) x +
+        sigma(t) eps, and compares the network output with the target, weighted by
+        min-SNR-gamma where configured, plus the variance type's extra (VLB) term; with
+        ``cond_drop_prob`` p each condition is dropped with probability p (Ho & Salimans 2022).
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
@@ -327,23 +315,17 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     ) -> DiffusionModel:
         """Configure compiled sampling (``sample(..., compile=True)``); drops compiled steps.
 
-        Each sampler's step is compiled once per (sampler options, batch shape, dtype, device,
-        guidance) with ``fullgraph=True`` and reused for every step and every number of steps.
+        A step is compiled once per (sampler options, batch shape, dtype, device, guidance)
+        and reused for every step and number of steps (`tinydiff._compile`).
 
         Args:
-            mode: ``"default"``, ``"reduce-overhead"`` (on CUDA: each step replays one CUDA
-                graph) or ``"max-autotune"``.
-            compile_network: also compile the network into the step graph (it must compile
-                without graph breaks); by default the network runs eagerly, as one opaque
-                operator inside the compiled step.
+            mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
+            compile_network: also trace the network (no graph breaks allowed); by default it
+                runs eagerly as one opaque operator inside the compiled step.
             backend: a `torch.compile` backend (``mode`` applies to inductor only).
 
         Returns:
-            the model itself.
-
-        Raises:
-            ValueError: unknown mode.
-            TypeError: compile_network not a bool, or a bad backend.
+            the model itself. Raises ValueError (unknown mode) or TypeError (bad options).
         """
         self._compile_options = CompileOptions(mode, compile_network, backend)
         self._step_cache = None
@@ -387,26 +369,21 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             sampling_timesteps: S, the number of steps in 1..T (default T).
             sampler: a name in `tinydiff.samplers` (default: the config's sampler_type).
             sampler_kwargs: the sampler's options (default: the config's, for its sampler).
-            timestep_spacing: a name or explicit times; default: the config's
-                ``timestep_spacing``, or the sampler's ``default_spacing``.
-            init_noise: x_T to start from, (bsz, *input_shape) (default: N(0, I) times
-                ``process.prior_std()``, which is 1 for variance-preserving processes).
-            generator: a torch.Generator on ``device`` for the initial and per-step noise; the
-                same seed gives bitwise-identical samples.
-            device: where to sample (default: the network's parameters' device).
+            timestep_spacing: a spacing name or explicit times (default: the config's, else
+                the sampler's ``default_spacing``).
+            init_noise: x_T, (bsz, *input_shape) (default: N(0, prior_std^2 I)).
+            generator: source of all noise, on ``device``; a seed repeats bitwise.
+            device: where to sample (default: the network's device).
             return_trajectory: return all iterates, (S + 1, bsz, *input_shape), noise first.
             progress: show a progress bar.
-            cond: keyword arguments of the network, tensors with leading dim bsz (moved to
-                ``device``), e.g. ``{"class_labels": y}`` with y (bsz,).
-            guidance_scale: w; classifier-free guidance (uncond + w (cond - uncond) on the x0
-                and eps estimates) unless ``guidance`` names another method. Needs ``cond``
-                and a network with a null condition; doubles the batch of each network call.
+            cond: keyword arguments of the network, tensors with leading dim bsz.
+            guidance_scale: w: classifier-free guidance (Ho & Salimans 2022) unless
+                ``guidance`` names another method; needs ``cond`` and a null condition.
             guidance_rescale: phi in [0, 1] of Lin et al. 2024 (sec. 3.4); 0 disables.
             use_ema: sample with the EMA weights (`enable_ema`).
             compile: run the compiled step (see `compile_sampler`).
-            check_finite: refuse non-finite results: the samples are checked once after the
-                loop (one host sync) and init_noise on the CPU, unless False; True also
-                checks init_noise on an accelerator.
+            check_finite: check the samples (one host sync) and a CPU init_noise for NaN and
+                inf, unless False; True also checks init_noise on an accelerator.
             callback: ``callback(i, t_next, x_next, x0_hat)`` after each step; a returned
                 tensor replaces x_next (`tinydiff.sampling.sample`).
             guidance: a guidance method name (`tinydiff.guidance`) or strategy object.
@@ -435,21 +412,16 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         times = self.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler=sampler)
         dtype, param_device = _validation.dtype_device(self.nn_module)
         device = device if device is not None else param_device
-        shape = (bsz, *self.input_shape)
         _validation.check_bsz(bsz, self.input_shape, dtype, device)
-        if init_noise is None:
-            x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-            if (scale := self.process.prior_std()) != 1.0:
-                x = x * scale
-        else:
-            if not isinstance(init_noise, Tensor) or tuple(init_noise.shape) != shape:
-                got = getattr(init_noise, "shape", type(init_noise).__name__)
-                got = tuple(got) if isinstance(init_noise, Tensor) else got
-                raise ValueError(
-                    f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}"
-                )
-            x = init_noise.to(device=device, dtype=dtype)
-            _validation.check_finite("init_noise", x, check_finite)
+        x = sampling.initial_noise(
+            self.process,
+            (bsz, *self.input_shape),
+            dtype,
+            device,
+            generator,
+            init_noise,
+            check_finite,
+        )
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}

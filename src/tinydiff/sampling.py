@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinydiff import samplers
+from tinydiff import _validation, samplers
 from tinydiff._compile import CompileOptions, StepCache
 from tinydiff.denoiser import Denoiser
 from tinydiff.process import GaussianProcess
 from tinydiff.samplers.base import Callback, Sampler, build_plan, run_sampler
 
-__all__ = ["Callback", "sample"]
+__all__ = ["Callback", "initial_noise", "sample"]
 
 # compiled steps of functional calls, one cache per compile options; the network of a run is
 # read from the cache's slot, so entries serve every denoiser with the same layout
@@ -61,6 +61,36 @@ def _sampler(sampler: str | Sampler, options: Mapping[str, Any] | None) -> Sampl
         f"sampler must be a registered name ({', '.join(samplers.names())}) or a "
         f"tinydiff.samplers.Sampler instance, got {type(sampler).__name__}"
     )
+
+
+def initial_noise(
+    process: GaussianProcess,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    init_noise: Tensor | None = None,
+    check_finite: bool | None = None,
+) -> Tensor:
+    """x_T: N(0, I) times ``process.prior_std()`` (1 on variance-preserving processes), or
+    ``init_noise`` checked and moved to ``device`` and ``dtype``.
+
+    Raises:
+        ValueError: init_noise of another shape, or (on the CPU, or with ``check_finite``)
+            holding NaN or inf.
+    """
+    if init_noise is None:
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        scale = process.prior_std()
+        return x if scale == 1.0 else x * scale
+    if not isinstance(init_noise, Tensor) or tuple(init_noise.shape) != shape:
+        got = (
+            tuple(init_noise.shape) if isinstance(init_noise, Tensor) else type(init_noise).__name__
+        )
+        raise ValueError(f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}")
+    x = init_noise.to(device=device, dtype=dtype)
+    _validation.check_finite("init_noise", x, check_finite)
+    return x
 
 
 @torch.no_grad()

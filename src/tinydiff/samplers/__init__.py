@@ -2,15 +2,20 @@
 
 Every module in this package is imported on first use of the package, so adding a sampler
 means adding one file (or registering one from your own code or plugin). The contract is the
-:class:`~tinydiff.samplers.base.Sampler` base class; :func:`~tinydiff.samplers.base.run_sampler`
+:class:`~tinydiff.samplers.base.Sampler` base class; :func:`~tinydiff.samplers.base.run_loop`
 is the loop that drives any sampler over a precomputed plan.
 
-Register your own::
+Register your own (the plan's coefficients come from the process at the visited times; the
+step only does tensor maths)::
 
-    @tinydiff.samplers.register("my_sampler")
-    class MySampler(tinydiff.samplers.Sampler):
-        def plan(self, timesteps, alpha_bar): ...
-        def step(self, x, state, c, denoise, noise): ...
+    @tinydiff.samplers.register("my_ddim")
+    class MyDDIM(tinydiff.samplers.Sampler):
+        def plan(self, path):  # tinydiff.process.PathValues
+            return {"coef_x0": path.alpha[1:], "coef_eps": path.sigma[1:]}
+
+        def step(self, x, state, c, denoise, noise):
+            pred = denoise(x, c["point"])
+            return c["coef_x0"] * pred.x0 + c["coef_eps"] * pred.eps, state
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tinydiff.samplers.base import (
     get,
     names,
     register,
+    run_loop,
     run_sampler,
 )
 
@@ -37,6 +43,7 @@ __all__ = [
     "get",
     "names",
     "register",
+    "run_loop",
     "run_sampler",
 ]
 
