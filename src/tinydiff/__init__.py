@@ -18,6 +18,7 @@ import importlib
 from typing import Any
 
 from tinydiff import (
+    compat,
     denoiser,
     guidance,
     losses,
@@ -36,6 +37,8 @@ from tinydiff.config import DiffusionModelConfig
 from tinydiff.ema import EMA
 from tinydiff.model import DiffusionModel
 from tinydiff.trainer import Trainer, warmup_cosine
+
+compat.install()  # tinydiff 0.1 components keep working (adapted at registration)
 
 _LAZY = ("nn", "testing", "likelihood", "hub", "metrics", "plotting", "conditioning", "cli")
 

@@ -111,6 +111,18 @@ class Registry(Generic[T]):
         self._check = check
         self._entries: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
+        self._adapters: list[Callable[[Any], Any]] = []
+
+    def add_adapter(self, adapter: Callable[[Any], Any]) -> None:
+        """Install ``adapter``, applied to every entry (those registered already and those to
+        come) after its contract check: it returns the object to store, e.g. a wrapper
+        around a component written for an older contract (`tinydiff.compat`). The object a
+        ``register`` call returns to its caller is never the wrapper. Installing the same
+        adapter twice does nothing."""
+        if adapter in self._adapters:
+            return
+        self._adapters.append(adapter)
+        self._entries = {k: adapter(v) for k, v in self._entries.items()}
 
     # -- registration ----------------------------------------------------------------------
     @overload
@@ -180,7 +192,10 @@ class Registry(Generic[T]):
                         "to replace it"
                     )
         self._aliases = {a: t for a, t in self._aliases.items() if a != key}
-        self._entries[key] = obj
+        stored = obj
+        for adapter in self._adapters:
+            stored = adapter(stored)
+        self._entries[key] = stored
         for a in alias_keys:
             self._entries.pop(a, None)
             self._aliases[a] = key

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from tinydiff import conditioning, variances
 from tinydiff.guidance import CFG, Guidance, GuidanceState, resolve
-from tinydiff.process import Point
+from tinydiff.process import Point, vp_point
 from tinydiff.targets import Prediction, Target
 from tinydiff.variances import Variance
 
@@ -228,16 +228,8 @@ class Denoiser:
         that samplers written for it use; it describes variance-preserving processes only.
         """
         if alpha_bar is not None:
-            point = legacy_point(point, alpha_bar)
+            point = vp_point(point, alpha_bar)
         return self.predict(x, Point.of(point, x), self.init_state(x))[0]
-
-
-def legacy_point(t: Tensor, alpha_bar: Tensor) -> Tensor:
-    """The process point of tinydiff 0.1's ``denoise(x, t, alpha_bar)`` call (a VP process)."""
-    zero = torch.zeros_like(alpha_bar)
-    return torch.stack(
-        [t.to(alpha_bar.dtype), alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), zero, zero]
-    )
 
 
 class BoundDenoiser:
@@ -260,9 +252,7 @@ class BoundDenoiser:
         self.step = step
         self.first_x0: Tensor | None = None
 
-    def __call__(self, x: Tensor, point: Tensor, alpha_bar: Tensor | None = None) -> Prediction:
-        if alpha_bar is not None:
-            point = legacy_point(point, alpha_bar)
+    def __call__(self, x: Tensor, point: Tensor) -> Prediction:
         pred, self.state = self.denoiser.predict(x, Point.of(point, x), self.state, self.step)
         if self.first_x0 is None:
             self.first_x0 = pred.x0

@@ -29,6 +29,7 @@ __all__ = [
     "GaussianProcess",
     "PathValues",
     "Point",
+    "vp_point",
 ]
 
 #: the entries of a process point (the last dim of :meth:`GaussianProcess.points`)
@@ -389,3 +390,13 @@ class Point(NamedTuple):
         ]
         time_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         return cls(t.to(time_dtype), *coefs)
+
+
+def vp_point(t: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The point (`POINT_FIELDS`) of a variance-preserving process given by alpha_bar at time
+    t (0-dim tensors): t, sqrt(alpha_bar), sqrt(1 - alpha_bar) and zero slopes; the form
+    tinydiff 0.1's ``denoise(x, t, alpha_bar)`` call describes."""
+    zero = torch.zeros_like(alpha_bar)
+    return torch.stack(
+        [t.to(alpha_bar.dtype), alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), zero, zero]
+    )

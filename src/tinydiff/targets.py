@@ -33,8 +33,6 @@ processes, with a DeprecationWarning.
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -107,40 +105,10 @@ class Target:
         )
 
 
-class _LegacyTarget(Target):
-    """Adapter for targets written for tinydiff 0.1 (``alpha_bar`` instead of a point); valid
-    on variance-preserving processes, where alpha_bar = alpha^2."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.supports_zero_snr = getattr(inner, "supports_zero_snr", True)  # type: ignore[misc]
-
-    def target(self, x0: Tensor, eps: Tensor, p: Point) -> Tensor:
-        return self.inner.target(x0, eps, p.alpha**2)
-
-    def to_x0_eps(self, out: Tensor, x_t: Tensor, p: Point) -> tuple[Tensor, Tensor]:
-        return self.inner.to_x0_eps(out, x_t, p.alpha**2)
-
-    def x0_error_scale(self, snr: Tensor) -> Tensor:
-        return self.inner.x0_error_scale(snr)
-
-
 def build(name: str, kwargs: dict[str, Any] | None = None) -> Target:
-    """Instantiate a registered target; a 0.1-style one (methods taking ``alpha_bar``) is
-    adapted, with a DeprecationWarning."""
-    cls = get(name)
-    obj = cls(**(kwargs or {}))
-    params = list(inspect.signature(obj.target).parameters)
-    if len(params) >= 3 and params[2] == "alpha_bar":
-        warnings.warn(
-            f"prediction target {name!r} uses the tinydiff 0.1 contract target(x0, eps, "
-            "alpha_bar); write target(x0, eps, p) with p a tinydiff.process.Point "
-            "(p.alpha, p.sigma, ...) to support every process",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return _LegacyTarget(obj)
-    return obj
+    """Instantiate a registered target with its options (a 0.1-style target is adapted at
+    registration, `tinydiff.compat`)."""
+    return get(name)(**(kwargs or {}))  # type: ignore[no-any-return]
 
 
 def _check_target(obj: Any) -> None:

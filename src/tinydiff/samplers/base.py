@@ -20,7 +20,6 @@ The network is reached only through a :class:`tinydiff.denoiser.Denoiser`, calle
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -174,40 +173,14 @@ get = REGISTRY.get
 names = REGISTRY.names
 
 
-def _is_legacy(sampler: Sampler) -> bool:
-    params = list(inspect.signature(sampler.plan).parameters)
-    return len(params) == 2 and params[1] == "alpha_bar"
-
-
 def build_plan(sampler: Sampler, path: PathValues) -> dict[str, Tensor]:
     """The sampler's plan plus the shared columns ``t``, ``t_next`` and ``point``, float64 on
     the CPU.
 
-    A sampler written for tinydiff 0.1 (``plan(timesteps, alpha_bar)``, calling
-    ``denoise(x, t, alpha_bar)``) still runs on variance-preserving processes, with a
-    DeprecationWarning; it also gets the ``alpha_bar`` and ``alpha_bar_next`` columns.
+    A sampler written for tinydiff 0.1 is adapted when it is registered (`tinydiff.compat`).
     """
     timesteps = path.t
-    legacy = _is_legacy(sampler)
-    if legacy:
-        if not path.process.variance_preserving:
-            raise ValueError(
-                f"sampler {type(sampler).__name__} uses the tinydiff 0.1 contract "
-                "plan(timesteps, alpha_bar), which only describes variance-preserving "
-                f"processes, not {path.process!r}; write plan(self, path) with path.alpha, "
-                "path.sigma, path.lam"
-            )
-        warnings.warn(
-            f"sampler {type(sampler).__name__} uses the tinydiff 0.1 contract plan(timesteps, "
-            "alpha_bar); write plan(self, path) (tinydiff.process.PathValues) and call "
-            "denoise(x, c['point']) to support every process",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        alpha_bar = path.alpha**2
-        plan = dict(sampler.plan(timesteps, alpha_bar))  # type: ignore[call-arg, arg-type]
-    else:
-        plan = dict(sampler.plan(path))
+    plan = dict(sampler.plan(path))
     num_steps = timesteps.numel() - 1
     for key, value in plan.items():
         if value.shape[:1] != (num_steps,):
@@ -216,8 +189,6 @@ def build_plan(sampler: Sampler, path: PathValues) -> dict[str, Tensor]:
                 f"expected leading dimension {num_steps} (one row per step)"
             )
     plan.update(t=timesteps[:-1], t_next=timesteps[1:], point=path.process.points(timesteps[:-1]))
-    if legacy:
-        plan.update(alpha_bar=alpha_bar[:-1], alpha_bar_next=alpha_bar[1:])
     return plan
 
 
@@ -235,8 +206,8 @@ class _Recorder:
         self.variance = denoise.variance
         self.first_x0: Tensor | None = None
 
-    def __call__(self, x: Tensor, point: Tensor, *args: Tensor) -> Prediction:
-        pred = self.denoise(x, point, *args)
+    def __call__(self, x: Tensor, point: Tensor) -> Prediction:
+        pred = self.denoise(x, point)
         if self.first_x0 is None:
             self.first_x0 = pred.x0
         return pred
