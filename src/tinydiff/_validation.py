@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tinydiff import spacings
+
 __all__ = [
     "check_bsz",
     "check_device",
@@ -298,17 +300,7 @@ def check_finite_samples(samples: Tensor, trajectory: bool, enabled: bool | None
 
 
 def check_spacing(spacing: Any) -> None:
-    """An explicit timestep list must hold real numbers (names and tensors pass through)."""
-    if spacing is None or isinstance(spacing, (str, Tensor)):
-        return
-    if not isinstance(spacing, Sequence):
-        raise TypeError(
-            "timestep_spacing must be a spacing name, a sequence of times or a tensor, got "
-            f"{type(spacing).__name__}"
-        )
-    bad = [v for v in spacing if isinstance(v, bool) or not isinstance(v, (int, float))]
-    if bad:
-        raise TypeError(
-            f"an explicit timestep_spacing must hold numbers (decreasing times ending at 0), "
-            f"got {bad[0]!r} ({type(bad[0]).__name__}); e.g. [999, 500, 0]"
-        )
+    """The kind of a ``timestep_spacing`` argument (names and None pass): a delegate of
+    :func:`tinydiff.spacings.check_spec`, where the rule lives (:func:`tinydiff.spacings.resolve`
+    applies it too)."""
+    spacings.check_spec(spacing)
