@@ -167,7 +167,7 @@ class Heun(Sampler):
             ratio = s_n / s_h
             q = k_n / k_h  # 0 at the last step and after an infinite-noise start
             h = -math.log(q) if q > 0 else math.inf
-            node = None  # log-SNR of the second call, when it is a Gauss node
+            node = None  # lambda of the second call, when it is a Gauss node
             if i == num_steps - 1 and to_zero:
                 node = -math.log(k_h) + 1.0  # Gauss-Laguerre: tau = 1
             elif q > 0 and h > MAX_MULTISTEP_H:
