@@ -63,3 +63,29 @@ def test_default_spacing_is_the_samplers() -> None:
         assert default in spacings.names()
         want = spacings.make_timesteps(default, 1000, 7, ab)
         assert torch.equal(model.sampling_timesteps(7, sampler=name), want)
+
+
+@pytest.mark.parametrize(
+    "times",
+    [
+        torch.tensor([True, False]),
+        torch.tensor([500.0 + 0j, 0j]),
+        torch.tensor([[500.0, 100.0, 0.0]]),
+        (500.0, float("nan"), 0.0),
+        (500.0, float("inf"), 0.0),
+        5.0,
+    ],
+)
+def test_tensors_of_the_wrong_kind_are_refused_not_flattened(times) -> None:
+    with pytest.raises(ValidationError, match="timestep_spacing"):
+        DiffusionModelConfig(input_shape=(2,), timestep_spacing=times)
+
+
+def test_the_config_and_the_model_share_one_rule() -> None:
+    """The config checks explicit times without a process; sampling resolves the same times."""
+    cfg = DiffusionModelConfig(input_shape=(2,), timestep_spacing=torch.tensor(TIMES))
+    assert torch.equal(
+        spacings.explicit_times(torch.tensor(TIMES), 1000), torch.tensor(TIMES).double()
+    )
+    model = DiffusionModel(MLP(2, hidden_dim=8, num_layers=1), cfg)
+    assert torch.equal(model.sampling_timesteps(), spacings.resolve(TIMES, model.process, 4))

@@ -64,6 +64,97 @@ def test_time_at_lam_inverts_lam(schedule: str) -> None:
     torch.testing.assert_close(process.time_at_lam(process.lam(t)), t, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "schedule, options",
+    [("linear", {}), ("cosine", {"zero_terminal_snr": True}), ("rectified_flow", {}), ("edm", {})],
+)
+def test_time_at_lam_is_the_inverse_of_lambda_on_every_kind(schedule: str, options: dict) -> None:
+    """lambda = log(alpha / sigma) (half the log-SNR) and its one inverse: t -> lam -> t on a
+    table (also under zero terminal SNR: lam(T) = -inf maps to T) and on paths with a closed
+    form inverse; and lam -> t -> lam on a lambda grid."""
+    process = build_process(schedule, T, **options)
+    t = torch.tensor([0.5, 1.0, 3.25, 100.0, 517.5, 999.0, 999.75], dtype=torch.float64)
+    alpha, sigma = process.alpha_sigma(t)
+    torch.testing.assert_close(process.lam(t), torch.log(alpha / sigma), rtol=1e-14, atol=0)
+    torch.testing.assert_close(process.time_at_lam(process.lam(t)), t, rtol=1e-9, atol=1e-9)
+    lo, hi = process.lam(torch.tensor([999.0, 1.0], dtype=torch.float64)).tolist()
+    lam = torch.linspace(lo, hi, 50, dtype=torch.float64)
+    torch.testing.assert_close(process.lam(process.time_at_lam(lam)), lam, rtol=1e-9, atol=1e-9)
+    if math.isinf(process.lam(float(T))):
+        assert float(process.time_at_lam(torch.tensor(-math.inf))) == T
+
+
+def test_time_at_lam_of_a_table_is_exact_per_segment() -> None:
+    """Inside [k, k + 1], lambda is linear in t: t = k + (lam - lam_k) / (lam_{k+1} - lam_k)."""
+    table = build_alphas_cumprod("linear", 100)
+    lam_k = 0.5 * (torch.log(table) - torch.log1p(-table))  # lambda at the integers, closed form
+    k = torch.tensor([3, 40, 98])
+    frac = torch.tensor([0.25, 0.5, 0.875], dtype=torch.float64)
+    lam = lam_k[k] + frac * (lam_k[k + 1] - lam_k[k])
+    process = DiscreteVP(table)
+    torch.testing.assert_close(process.time_at_lam(lam), k + frac, rtol=0, atol=1e-12)
+    torch.testing.assert_close(process.lam(k + frac), lam, rtol=1e-12, atol=1e-12)
+
+
+def test_t_min_is_the_smallest_trained_time() -> None:
+    assert DiscreteVP(build_alphas_cumprod("cosine", 100)).t_min == 1.0
+    for schedule in ("rectified_flow", "edm", *PATHS):
+        assert build_process(schedule, T).t_min == 0.0
+
+
+class _LateStartPath(ContinuousProcess):
+    """A user's process trained only from t = 40 on."""
+
+    @property
+    def t_min(self) -> float:
+        return 40.0
+
+
+def test_spacings_and_heun_read_t_min() -> None:
+    process = _LateStartPath(cosine_path, T, name="late")
+    for name in ("karras", "logsnr", "logsnr_trailing"):
+        ts = spacings.resolve(name, process, 8)
+        assert ts[-2] == 40.0 and ts[-1] == 0.0, name
+    # heun's last step to t = 0 puts its second call no lower than t_min
+    plan = samplers.get("heun")().plan(process.path_values(spacings.resolve("karras", process, 8)))
+    assert float(plan["point_2"][-1, 0]) == pytest.approx(40.0)
+    ts = spacings.resolve("trailing", process, 4)
+    plan = samplers.get("heun")().plan(process.path_values(ts))
+    node = float(plan["point_2"][-1, 0])  # the Gauss-Laguerre node lambda(t_3) + 1, above 40
+    expect = float(process.time_at_lam(process.lam(ts[-2]) + 1))
+    assert node == pytest.approx(max(expect, 40.0))
+
+
+def test_the_table_is_cached_once_per_device() -> None:
+    process = DiscreteVP(build_alphas_cumprod("cosine", 100))
+    assert process.table("cpu") is process.table(torch.device("cpu"))
+    calls: list[torch.device] = []
+
+    def build(device: torch.device) -> Tensor:
+        calls.append(device)
+        return torch.zeros(3, device=device)
+
+    first = process.on_device("mine", "cpu", build)
+    assert process.on_device("mine", "cpu", build) is first and len(calls) == 1
+
+
+def test_process_imports_nothing_from_schedules() -> None:
+    """The process is the bottom of the core: no import of schedules, even inside functions."""
+    import ast
+    import inspect
+
+    import tinydiff.process
+
+    tree = ast.parse(inspect.getsource(tinydiff.process))
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not {m for m in imported if m and m.startswith("tinydiff")}, imported
+
+
 @pytest.mark.parametrize("schedule", ["cosine", *PATHS])
 def test_derivatives_match_finite_differences(schedule: str) -> None:
     """d alpha / ds and d sigma / ds (s = t / T) against central differences inside segments."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tinydiff import schedules
-from tinydiff.schedules import alpha_bar_at, build_alphas_cumprod, log_snr
+from tinydiff.process import DiscreteVP
+from tinydiff.schedules import build_alphas_cumprod
 
 
 @pytest.mark.parametrize("name", [n for n in schedules.names() if not schedules.is_path(n)])
@@ -94,7 +95,18 @@ def test_schedule_kwargs_reach_the_function() -> None:
         build_alphas_cumprod("linear", 1000, {"nope": 1})
 
 
+def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The full log-SNR log(alpha_bar / (1 - alpha_bar)) = 2 lambda, in closed form."""
+    return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+
+def alpha_bar_at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return DiscreteVP(table).alpha_bar(t)
+
+
 class TestAlphaBarAt:
+    """DiscreteVP's interpolation of its table (what schedules.alpha_bar_at was)."""
+
     table = build_alphas_cumprod("cosine", 100)
 
     def test_exact_at_integers(self) -> None:

@@ -29,7 +29,6 @@ __all__ = [
     "check_kwargs_dict",
     "check_loss_times",
     "check_number",
-    "check_spacing",
     "dtype_device",
 ]
 
@@ -328,20 +327,3 @@ def check_finite_samples(samples: Tensor, trajectory: bool, enabled: bool | None
         "option out of range, a network that diverged in training (NaN weights), or a "
         "half-precision overflow; pass check_finite=False to return them anyway"
     )
-
-
-def check_spacing(spacing: Any) -> None:
-    """An explicit timestep list must hold real numbers (names and tensors pass through)."""
-    if spacing is None or isinstance(spacing, (str, Tensor)):
-        return
-    if not isinstance(spacing, Sequence):
-        raise TypeError(
-            "timestep_spacing must be a spacing name, a sequence of times or a tensor, got "
-            f"{type(spacing).__name__}"
-        )
-    bad = [v for v in spacing if isinstance(v, bool) or not isinstance(v, (int, float))]
-    if bad:
-        raise TypeError(
-            f"an explicit timestep_spacing must hold numbers (decreasing times ending at 0), "
-            f"got {bad[0]!r} ({type(bad[0]).__name__}); e.g. [999, 500, 0]"
-        )

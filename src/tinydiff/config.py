@@ -166,21 +166,17 @@ class DiffusionModelConfig(BaseModel):
             return None
         if isinstance(v, str):
             return _registry_name(spacings.REGISTRY, v)
-        if isinstance(v, torch.Tensor):
-            v = v.detach().cpu().flatten().tolist()
-        if not isinstance(v, (list, tuple)) or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) for t in v
-        ):
+        try:  # the kind of the times (no process needed); TypeError -> ValueError for pydantic
+            spacings.check_spec(v)
+        except TypeError as err:
             raise ValueError(
                 "timestep_spacing must be a spacing name, an explicit sequence of times "
-                f"(numbers), or None; got {v!r}"
-            )
+                f"(numbers), or None; got {v!r:.80} ({err})"
+            ) from err
         num_timesteps = info.data.get("num_timesteps")
         if num_timesteps is None:  # num_timesteps itself failed validation
             raise ValueError("timestep_spacing needs a valid num_timesteps to check times against")
-        times = spacings.make_timesteps(
-            tuple(float(t) for t in v), num_timesteps, None, torch.zeros(0)
-        )
+        times = spacings.explicit_times(v, num_timesteps)
         return tuple(times.tolist())
 
     @model_validator(mode="after")

@@ -280,26 +280,11 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             ValueError: an unknown spacing, invalid explicit times, or explicit times for a
                 different number of steps than ``sampling_timesteps``.
         """
-        if sampling_timesteps is not None and (
-            isinstance(sampling_timesteps, bool) or not isinstance(sampling_timesteps, int)
-        ):
-            raise TypeError(f"sampling_timesteps must be an int, got {sampling_timesteps!r}")
-        _validation.check_spacing(timestep_spacing)
-        spacing = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
-        if spacing is None:
-            name = self.config.sampler_type if sampler is None else sampler
-            spacing = samplers.get(name).default_spacing
-        if isinstance(spacing, str):
-            num_steps = self.num_timesteps if sampling_timesteps is None else sampling_timesteps
-            return spacings.make_timesteps(spacing, self.num_timesteps, num_steps, self.process)
-        times = spacings.make_timesteps(spacing, self.num_timesteps, None, self.process)
-        if sampling_timesteps is not None and sampling_timesteps != times.numel() - 1:
-            raise ValueError(
-                f"the explicit timestep list has {times.numel() - 1} steps but "
-                f"sampling_timesteps={sampling_timesteps}; pass sampling_timesteps="
-                f"{times.numel() - 1} (or None), or a spacing name"
-            )
-        return times
+        spec = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
+        name = self.config.sampler_type if sampler is None else sampler
+        return spacings.resolve(
+            spec, self.process, sampling_timesteps, samplers.get(name).default_spacing
+        )
 
     def optimize_timesteps(self, num_steps: int, **kwargs: Any) -> Any:
         """Sampling times chosen for this model and a sampler; see
@@ -400,7 +385,7 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         """
         generator = _validation.check_generator(generator)
         sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
-        _validation.check_spacing(timestep_spacing)
+        spacings.check_spec(timestep_spacing)
         device = _validation.check_device(device)
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")

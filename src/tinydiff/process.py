@@ -5,7 +5,11 @@ One :class:`GaussianProcess` answers, in float64 and at any real network time t 
 
 * :math:`\alpha(t)`, :math:`\sigma(t)` and their derivatives in :math:`s = t/T`;
 * the half log-SNR :math:`\lambda(t) = \log(\alpha/\sigma)` (+inf where sigma = 0, -inf where
-  alpha = 0) and its inverse :math:`t(\lambda)`.
+  alpha = 0) and its one inverse :math:`t(\lambda)` (:meth:`GaussianProcess.time_at_lam`);
+  "lambda" and ``lam`` mean this half log-SNR everywhere in tinydiff (the full log-SNR
+  :math:`\log(\alpha^2/\sigma^2)` is :math:`2\lambda`);
+* :attr:`GaussianProcess.t_min`, the smallest trained time, where samplers and spacings stop
+  asking the network for a less noisy level.
 
 Samplers, spacings, the loss and the likelihood read the process only; nothing else knows
 whether it came from a discrete variance-preserving table (:class:`DiscreteVP`, DDPM-style:
@@ -17,7 +21,7 @@ Data flows one way: config -> process -> sampling plan -> loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +40,7 @@ __all__ = [
 POINT_FIELDS = ("t", "alpha", "sigma", "d_alpha", "d_sigma")
 
 _F64 = torch.float64
+_V = TypeVar("_V")
 
 
 class PathValues(NamedTuple):
@@ -76,6 +81,31 @@ class GaussianProcess:
 
     def __init__(self, num_timesteps: int) -> None:
         self.num_timesteps = int(num_timesteps)
+
+    @property
+    def t_min(self) -> float:
+        """The smallest trained time: the least noisy level the network has learnt.
+
+        0 on a continuous path (trained at real times in (0, T]); a discrete table overrides
+        it with 1 (:class:`DiscreteVP`: its training times are the integers 1..T). Heun's
+        last node is kept at or above it, the noise-level spacings end at
+        ``max(t_min, 1)`` (:mod:`tinydiff.spacings`), and
+        :func:`~tinydiff.timestep_search.optimize_timesteps` searches no lower by default.
+        """
+        return 0.0
+
+    def on_device(
+        self, key: str, device: torch.device | str, build: Callable[[torch.device], _V]
+    ) -> _V:
+        """A value built once per (``key``, device) and kept with the process: the one
+        per-device cache for tables derived from the process (``build(device)`` makes it)."""
+        device = torch.device(device)
+        cache: dict[tuple[str, torch.device], Any] = self.__dict__.setdefault("_device_cache", {})
+        value = cache.get((key, device))
+        if value is None:
+            value = build(device)
+            cache[(key, device)] = value
+        return value  # type: ignore[no-any-return]
 
     # -- what a subclass implements ---------------------------------------------------------------
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,13 +232,72 @@ class GaussianProcess:
         return f"{type(self).__name__}(num_timesteps={self.num_timesteps})"
 
 
+def _logit(alpha_bar: Tensor) -> Tensor:
+    r""":math:`\log(\bar\alpha / (1 - \bar\alpha)) = 2\lambda` on a variance-preserving table
+    (+inf at alpha_bar = 1, -inf at alpha_bar = 0)."""
+    return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+
+def _interpolate(table: Tensor, t: Tensor) -> Tensor:
+    """alpha_bar at real times t in [0, T] from the table (T + 1,): see :class:`DiscreteVP`."""
+    num_timesteps = table.numel() - 1
+    t = t.to(device=table.device, dtype=_F64)
+    if (t < 0).any() or (t > num_timesteps).any():
+        raise ValueError(
+            f"times must lie in [0, {num_timesteps}], got min {t.min().item()}, "
+            f"max {t.max().item()}"
+        )
+    lo = t.floor().clamp(max=num_timesteps - 1).long()
+    frac = t - lo
+    a0, a1 = table[lo], table[lo + 1]
+    l0, l1 = _logit(a0), _logit(a1)
+    finite = torch.isfinite(l0) & torch.isfinite(l1)
+    logit = torch.where(finite, l0 + frac * (l1 - l0), torch.zeros_like(l0))
+    out = torch.where(finite, torch.sigmoid(logit), a0 + frac * (a1 - a0))
+    # exact table values at the integers (sigmoid(logit(a)) may differ in the last bit)
+    return torch.where(frac == 0, a0, torch.where(frac == 1, a1, out))
+
+
+def _invert(table: Tensor, lam: Tensor) -> Tensor:
+    """The time t in [0, T] with lambda(t) = lam on the interpolated table (T + 1,)."""
+    num_timesteps = table.numel() - 1
+    logit = 2 * torch.as_tensor(lam, dtype=_F64, device=table.device)
+    logit_table = _logit(table)
+    lo_l, hi_l = logit_table[-1], logit_table[0]
+    if torch.isnan(logit).any() or (logit < lo_l).any() or (logit > hi_l).any():
+        raise ValueError(
+            f"log-SNR values lambda = log(alpha/sigma) must lie in [{lo_l.item() / 2:.6g}, "
+            f"{hi_l.item() / 2:.6g}] (the schedule's range), got min "
+            f"{logit.min().item() / 2:.6g}, max {logit.max().item() / 2:.6g}"
+        )
+    flat = logit.reshape(-1)
+    # k: the segment [k, k + 1] with logit_table[k] >= logit >= logit_table[k + 1]
+    above = (logit_table[None, :] > flat[:, None]).sum(dim=1)
+    k = (above - 1).clamp(min=0, max=num_timesteps - 1)
+    l0, l1 = logit_table[k], logit_table[k + 1]
+    a0, a1 = table[k], table[k + 1]
+    finite = torch.isfinite(l0) & torch.isfinite(l1)
+    safe_den = torch.where(finite, l1 - l0, torch.ones_like(l0))
+    frac_log = torch.where(finite, (flat - torch.where(finite, l0, 0.0)) / safe_den, 0.0)
+    frac_lin = (torch.sigmoid(flat) - a0) / (a1 - a0)
+    frac = torch.where(finite, frac_log, frac_lin)
+    # exact ends: lam equal to a table value maps to its integer time
+    frac = torch.where(flat == l0, torch.zeros_like(frac), frac)
+    frac = torch.where(flat == l1, torch.ones_like(frac), frac)
+    t = (k.to(_F64) + frac.clamp(0.0, 1.0)).clamp(0.0, float(num_timesteps))
+    return t.reshape(logit.shape)
+
+
 class DiscreteVP(GaussianProcess):
     r"""A variance-preserving process from a table :math:`\bar\alpha_t`, t = 0..T (DDPM).
 
     :math:`\alpha = \sqrt{\bar\alpha}`, :math:`\sigma = \sqrt{1-\bar\alpha}`. Between
-    consecutive integers the log-SNR is interpolated linearly (alpha_bar itself on a segment
-    with an infinite end); integers return the table exactly
-    (:func:`tinydiff.schedules.alpha_bar_at`).
+    consecutive integers :math:`\lambda` is interpolated linearly, so that
+    :meth:`time_at_lam` is exact and closed-form per segment. On a segment with an infinite
+    end (t in [0, 1] when alpha_bar_0 = 1, or [T - 1, T] under zero terminal SNR) lambda
+    cannot be interpolated, and alpha_bar itself is interpolated linearly instead, which keeps
+    the path continuous and monotone. Integer times return the table exactly. The smallest
+    trained time :attr:`t_min` is 1 (training times are the integers 1..T).
 
     Args:
         alphas_cumprod: float64 (T + 1,), strictly decreasing, in [0, 1].
@@ -219,22 +308,20 @@ class DiscreteVP(GaussianProcess):
     def __init__(self, alphas_cumprod: Tensor) -> None:
         super().__init__(alphas_cumprod.numel() - 1)
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", _F64)
-        self._tables: dict[torch.device, Tensor] = {}
+
+    @property
+    def t_min(self) -> float:
+        """1: the network is trained at the integer times 1..T."""
+        return 1.0
 
     def table(self, device: torch.device | str = "cpu") -> Tensor:
-        """The alpha_bar table on ``device`` (cached)."""
-        device = torch.device(device)
-        tab = self._tables.get(device)
-        if tab is None:
-            tab = self.alphas_cumprod.to(device)
-            self._tables[device] = tab
-        return tab
+        """The alpha_bar table (T + 1,) on ``device`` (cached by :meth:`on_device`)."""
+        return self.on_device("alphas_cumprod", device, self.alphas_cumprod.to)
 
     def alpha_bar(self, t: Tensor | float) -> Tensor:
-        from tinydiff.schedules import alpha_bar_at
-
+        """alpha_bar(t) interpolated as in the class docstring, float64, t's shape."""
         t = self._as_time(t)
-        return alpha_bar_at(self.table(t.device), t)
+        return _interpolate(self.table(t.device), t)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         ab = self.alpha_bar(t)
@@ -248,18 +335,24 @@ class DiscreteVP(GaussianProcess):
         k = t.floor().clamp(max=self.num_timesteps - 1).long()
         a0, a1 = tab[k], tab[k + 1]
         ab = self.alpha_bar(t)
-        dlam = torch.log(a1) - torch.log1p(-a1) - torch.log(a0) + torch.log1p(-a0)
-        finite = torch.isfinite(dlam)
-        d_ab = torch.where(finite, ab * (1 - ab) * torch.where(finite, dlam, 0.0), a1 - a0)
+        dlogit = torch.log(a1) - torch.log1p(-a1) - torch.log(a0) + torch.log1p(-a0)
+        finite = torch.isfinite(dlogit)
+        d_ab = torch.where(finite, ab * (1 - ab) * torch.where(finite, dlogit, 0.0), a1 - a0)
         d_ab = d_ab * self.num_timesteps  # per unit s
         alpha, sigma = ab.sqrt(), (1 - ab).clamp_min(0).sqrt()
         return d_ab / (2 * alpha), -d_ab / (2 * sigma)
 
     def time_at_lam(self, lam: Tensor) -> Tensor:
-        from tinydiff.schedules import time_at_log_snr
+        r"""The exact inverse of :meth:`lam` (float64, lam's shape): on a segment with finite
+        lambda at both ends t = k + (lam - lam_k) / (lam_{k+1} - lam_k); on a segment with an
+        infinite end it is linear in alpha_bar = sigmoid(2 lam). ``lam = +inf`` gives the first
+        time with alpha_bar = 1 (t = 0 on the built-in schedules), ``-inf`` gives T under zero
+        terminal SNR. Meant for plan time (it searches the table).
 
-        lam = torch.as_tensor(lam, dtype=_F64)
-        return time_at_log_snr(self.alphas_cumprod, 2 * lam)
+        Raises:
+            ValueError: a value outside the schedule's lambda range, or NaN.
+        """
+        return _invert(self.alphas_cumprod, lam)
 
     def __repr__(self) -> str:
         return f"DiscreteVP(num_timesteps={self.num_timesteps})"

@@ -31,6 +31,7 @@ Register your own::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -365,94 +366,49 @@ def build_alphas_cumprod(
     return table
 
 
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"tinydiff.schedules.{old} is deprecated and will be removed in tinydiff 1.0; use {new} "
+        "(tinydiff.process; lambda = log(alpha / sigma) is half the log-SNR)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
-    r"""Log signal-to-noise ratio :math:`\lambda = \log(\bar\alpha / (1 - \bar\alpha))`
-    (+inf at alpha_bar = 1, -inf at alpha_bar = 0)."""
+    r"""Deprecated: the full log-SNR :math:`\log(\bar\alpha / (1 - \bar\alpha)) = 2\lambda`
+    (+inf at alpha_bar = 1, -inf at alpha_bar = 0).
+
+    Use ``2 * process.lam(t)`` of a :class:`~tinydiff.process.GaussianProcess` instead.
+    """
+    _deprecated("log_snr", "2 * process.lam(t)")
     return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
 
 
 def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    r"""alpha_bar at real times t in [0, T], interpolating the table.
+    """Deprecated: alpha_bar at real times t in [0, T] on an interpolated table, float64.
 
-    Between consecutive integers the log-SNR is interpolated linearly. On a segment with an
-    infinite endpoint (t in [0, 1] when alpha_bar_0 = 1, or [T - 1, T] under zero terminal SNR)
-    the log-SNR cannot be interpolated, and alpha_bar itself is interpolated linearly instead,
-    which keeps the function continuous and monotone. Integer t returns the table exactly.
+    Use ``DiscreteVP(alphas_cumprod).alpha_bar(t)`` (:class:`~tinydiff.process.DiscreteVP`
+    documents the interpolation).
 
-    Args:
-        alphas_cumprod: float64 table (T + 1,).
-        t: tensor of any shape, values in [0, T].
-
-    Returns:
-        tensor of t's shape, float64.
+    Raises:
+        ValueError: a time outside [0, T].
     """
-    table = alphas_cumprod.to(torch.float64)
-    num_timesteps = table.numel() - 1
-    t = t.to(device=table.device, dtype=torch.float64)
-    if (t < 0).any() or (t > num_timesteps).any():
-        raise ValueError(
-            f"times must lie in [0, {num_timesteps}], got min {t.min().item()}, "
-            f"max {t.max().item()}"
-        )
-    lo = t.floor().clamp(max=num_timesteps - 1).long()
-    frac = t - lo
-    a0, a1 = table[lo], table[lo + 1]
-    l0, l1 = log_snr(a0), log_snr(a1)
-    finite = torch.isfinite(l0) & torch.isfinite(l1)
-    lam = torch.where(finite, l0 + frac * (l1 - l0), torch.zeros_like(l0))
-    interp_log = torch.sigmoid(lam)
-    interp_lin = a0 + frac * (a1 - a0)
-    out = torch.where(finite, interp_log, interp_lin)
-    # exact table values at the integers (sigmoid(logit(a)) may differ in the last bit)
-    return torch.where(frac == 0, a0, torch.where(frac == 1, a1, out))
+    _deprecated("alpha_bar_at", "DiscreteVP(alphas_cumprod).alpha_bar(t)")
+    return DiscreteVP(alphas_cumprod).alpha_bar(t)
 
 
 def time_at_log_snr(alphas_cumprod: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    r"""Invert :func:`alpha_bar_at`: the real time t in [0, T] whose log-SNR is ``lam``.
+    """Deprecated: the real time t in [0, T] whose FULL log-SNR log(alpha_bar / (1 - alpha_bar))
+    is ``lam``, the inverse of :func:`alpha_bar_at`, float64, lam's shape.
 
-    On a segment [k, k + 1] with finite log-SNR at both ends, :func:`alpha_bar_at` is linear
-    in log-SNR, so t = k + (lam - lam_k) / (lam_{k+1} - lam_k); on a segment with an infinite
-    end it is linear in alpha_bar, and so is the inverse. ``lam = +inf`` gives the first time
-    with alpha_bar = 1 (t = 0 for the built-in schedules) and ``lam = -inf`` gives T when
-    alpha_bar_T = 0. Meant for plan time (it searches the table).
-
-    Args:
-        alphas_cumprod: float64 table (T + 1,), strictly decreasing.
-        lam: log-SNR values, any shape, within [log_snr(table[-1]), log_snr(table[0])].
-
-    Returns:
-        float64 tensor of lam's shape: times with ``alpha_bar_at(table, t) == sigmoid(lam)`` (up
-        to rounding; table values are hit exactly at integer times).
+    Use ``DiscreteVP(alphas_cumprod).time_at_lam(lam / 2)`` (lambda is half the log-SNR).
 
     Raises:
-        ValueError: a value of ``lam`` outside the schedule's log-SNR range, or NaN.
+        ValueError: a value outside the schedule's range, or NaN.
     """
-    table = alphas_cumprod.to(torch.float64)
-    num_timesteps = table.numel() - 1
-    lam = torch.as_tensor(lam, dtype=torch.float64, device=table.device)
-    lam_table = log_snr(table)
-    lo_lam, hi_lam = lam_table[-1], lam_table[0]
-    if torch.isnan(lam).any() or (lam < lo_lam).any() or (lam > hi_lam).any():
-        raise ValueError(
-            f"log-SNR values must lie in [{lo_lam.item():.6g}, {hi_lam.item():.6g}] (the "
-            f"schedule's range), got min {lam.min().item():.6g}, max {lam.max().item():.6g}"
-        )
-    flat = lam.reshape(-1)
-    # k: the segment [k, k + 1] with lam_table[k] >= lam >= lam_table[k + 1]
-    above = (lam_table[None, :] > flat[:, None]).sum(dim=1)
-    k = (above - 1).clamp(min=0, max=num_timesteps - 1)
-    l0, l1 = lam_table[k], lam_table[k + 1]
-    a0, a1 = table[k], table[k + 1]
-    finite = torch.isfinite(l0) & torch.isfinite(l1)
-    safe_den = torch.where(finite, l1 - l0, torch.ones_like(l0))
-    frac_log = torch.where(finite, (flat - torch.where(finite, l0, 0.0)) / safe_den, 0.0)
-    frac_lin = (torch.sigmoid(flat) - a0) / (a1 - a0)
-    frac = torch.where(finite, frac_log, frac_lin)
-    # exact ends: lam equal to a table value maps to its integer time
-    frac = torch.where(flat == l0, torch.zeros_like(frac), frac)
-    frac = torch.where(flat == l1, torch.ones_like(frac), frac)
-    t = (k.to(torch.float64) + frac.clamp(0.0, 1.0)).clamp(0.0, float(num_timesteps))
-    return t.reshape(lam.shape)
+    _deprecated("time_at_log_snr", "DiscreteVP(alphas_cumprod).time_at_lam(lam / 2)")
+    return DiscreteVP(alphas_cumprod).time_at_lam(torch.as_tensor(lam, dtype=torch.float64) / 2)
 
 
 # -- explicit tables (diffusers' ``trained_betas``) ----------------------------------------------

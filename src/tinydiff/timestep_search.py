@@ -18,15 +18,19 @@ GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sam
 which both fit the time steps to a teacher trajectory; GITS does it by dynamic programming
 over a candidate grid with a *local* (one-step) cost, which is exact only for single-step
 solvers. Scoring the full S-step run instead works for multistep solvers too, at the price
-of a derivative-free search: a coordinate pattern search in log-SNR,
+of a derivative-free search: a coordinate pattern search in
+:math:`\lambda = \log(\alpha/\sigma)` (half the log-SNR, read from the model's process),
 
 1. start from the best registered spacing on this batch (so the result is never worse on
    it than any built-in spacing);
-2. for each interior time in turn, try moving its log-SNR
-   :math:`\lambda = \log(\bar\alpha/(1-\bar\alpha))` up and down by its own step size,
-   staying between its neighbours; keep a move that lowers the error and enlarge that
-   step (x 1.5), otherwise halve it;
-3. stop when every step size is below ``tol`` (in lambda) or after ``max_evals`` runs.
+2. for each interior time in turn, try moving its lambda up and down by its own step size,
+   staying between its neighbours and within [lambda(T), lambda(t_min)] (times come back
+   through the process's exact inverse
+   :meth:`~tinydiff.process.GaussianProcess.time_at_lam`); keep a move that lowers the error
+   and enlarge that step (x 1.5), otherwise halve it;
+3. stop when every step size is below ``tol`` or after ``max_evals`` runs; ``tol`` is stated
+   in full log-SNR :math:`\log(\alpha^2/\sigma^2) = 2\lambda`, so the search stops at steps
+   below ``tol / 2`` in lambda.
 
 Stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``, ``dpmpp_2m_sde``) have no
 pathwise limit to compare with, so for them the error is the sliced Wasserstein-2 distance
@@ -57,6 +61,7 @@ from tinydiff._validation import dtype_device
 
 if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike as DiffusionModel
+    from tinydiff.process import GaussianProcess
 
 __all__ = ["TimestepSearchResult", "optimize_timesteps"]
 
@@ -90,44 +95,26 @@ class TimestepSearchResult:
     history: list[float] = field(repr=False)
 
 
-def _log_snr(model: DiffusionModel, t: Tensor) -> Tensor:
-    """The model's log-SNR log(alpha^2 / sigma^2) at times t (float64), from its process (any
-    Gaussian path): the one place the noise level is read."""
-    return 2 * model.process.lam(torch.as_tensor(t, dtype=torch.float64))
-
-
-class _TimeOfLogSnr:
-    """Inverse of :func:`_log_snr` on [t_min, T] by interpolation on a dense time grid."""
-
-    def __init__(self, model: DiffusionModel, t_min: float, t_max: float) -> None:
-        grid = torch.linspace(0, 1, 4097, dtype=torch.float64)
-        # dense near both ends, where log-SNR moves fastest
-        u = 0.5 - 0.5 * torch.cos(math.pi * grid)
-        self.t = t_min + (t_max - t_min) * u
-        lam = _log_snr(model, self.t)
-        finite = torch.isfinite(lam)
-        self.t, self.lam = self.t[finite], lam[finite]
-        # strictly decreasing in t; keep the points where it strictly decreases
-        keep = torch.ones_like(self.lam, dtype=torch.bool)
-        keep[1:] = self.lam[1:] < self.lam[:-1]
-        self.t, self.lam = self.t[keep], self.lam[keep]
-
-    @property
-    def lam_range(self) -> tuple[float, float]:
-        """(lowest, highest) log-SNR on the grid: at t_max and at t_min."""
-        return float(self.lam[-1]), float(self.lam[0])
-
-    def __call__(self, lam: Tensor) -> Tensor:
-        import numpy as np
-
-        # np.interp wants increasing x: flip the (decreasing in t) table
-        out = np.interp(lam.numpy(), self.lam.flip(0).numpy(), self.t.flip(0).numpy())
-        return torch.from_numpy(out).to(torch.float64)
-
+#: the smallest gap in lambda between neighbouring times that a move may leave (5e-7: 1e-6 in
+#: full log-SNR)
+_MIN_GAP = 5e-7
 
 #: the error of a run is the power mean (mean of d^p)^(1/p) of the per-sample distances d:
 #: "mean" (p = 1) is robust (a few samples that switch modes do not dominate), "rms" is p = 2
 _OBJECTIVES = {"mean": 1, "rms": 2}
+
+
+def _lam_at_t_min(process: GaussianProcess, t_min: float) -> float:
+    """lambda(t_min), checking that t_min is a time in (0, T) with finite lambda."""
+    T = process.num_timesteps
+    ok = isinstance(t_min, (int, float)) and not isinstance(t_min, bool) and 0 < t_min < T
+    lam = float(process.lam(float(t_min))) if ok else math.nan
+    if not math.isfinite(lam):
+        raise ValueError(
+            f"t_min must be a time in (0, {T}) with a finite noise level lambda = log(alpha / "
+            f"sigma), got t_min={t_min!r}; leave it None for the default"
+        )
+    return lam
 
 
 def _sliced_w2(x: Tensor, y: Tensor, num_proj: int = 64) -> float:
@@ -186,7 +173,8 @@ def optimize_timesteps(
         reference_sampler: the sampler of the reference solution (a deterministic one).
         reference_spacing: its spacing.
         max_evals: the most S-step runs the search may make (the run budget).
-        tol: stop when every step of the pattern search is below this, in log-SNR.
+        tol: stop when every step of the pattern search is below this, in full log-SNR
+            log(alpha^2 / sigma^2) (= 2 lambda).
         objective: how per-sample distances d_k to the reference are pooled: ``"mean"``
             (default; robust: on sharp multi-modal data a few samples near a boundary
             between modes switch modes under any small error and would dominate a mean of
@@ -198,7 +186,8 @@ def optimize_timesteps(
             stopping; without it the search fits the mode switches of its own samples on
             sharp multi-modal data). 0 scores and selects on the whole batch.
         t_min: the smallest nonzero time allowed (default: the smallest last nonzero time
-            of the registered spacings, e.g. t = 1 for discrete VP).
+            of the registered spacings, but not below the process's smallest trained time
+            :attr:`~tinydiff.process.GaussianProcess.t_min`; t = 1 for discrete VP).
         use_ema: score the EMA weights.
         progress: show a tqdm bar over the runs.
         return_info: return a :class:`TimestepSearchResult` instead of the times.
@@ -217,6 +206,8 @@ def optimize_timesteps(
             f"need num_samples >= 1, max_evals >= 1 and reference_steps >= num_steps; got "
             f"{num_samples}, {max_evals}, {reference_steps}"
         )
+    if t_min is not None:
+        _lam_at_t_min(model.process, t_min)  # before the costly runs
     solver = model.make_sampler(sampler, sampler_kwargs)
     if sampler_kwargs is None:
         sampler_kwargs = model.config.sampler_kwargs if sampler is None else {}
@@ -313,14 +304,13 @@ def optimize_timesteps(
     if not candidates:
         raise ValueError("no registered spacing starts at t = T to start the search from")
     start = min(spacing_errors, key=lambda k: spacing_errors[k])
+    process = model.process
     if t_min is None:
-        t_min = min(float(times[-2]) for times in candidates.values())
-    t_min = float(t_min)
-    inverse = _TimeOfLogSnr(model, t_min, float(T))
-    lam_lo, lam_hi = inverse.lam_range  # lam(T) (may be -inf: clipped to the grid), lam(t_min)
-    lam_top = float(_log_snr(model, torch.tensor([float(T)], dtype=torch.float64))[0])
-    if not math.isfinite(lam_top):
-        lam_top = lam_lo
+        t_min = max(process.t_min, min(float(times[-2]) for times in candidates.values()))
+    lam_hi = _lam_at_t_min(model.process, t_min)
+    tol_lam = tol / 2  # tol is in full log-SNR, 2 lambda
+    lam_top = float(process.lam(float(T)))  # lambda(T): -inf when alpha(T) = 0
+    # lam_hi = lambda(t_min) is the least noisy level allowed
 
     best_times = candidates[start]
     best = spacing_errors[start]
@@ -329,17 +319,17 @@ def optimize_timesteps(
     chosen_times, chosen, chosen_fit = best_times, held_errors[start], best
     start_terms = held_terms[start]
     history = [best]
-    lam = _log_snr(model, best_times[1:-1]).clamp(lam_lo, lam_hi)
+    lam = process.lam(best_times[1:-1]).clamp(max=lam_hi)
     gaps = torch.diff(torch.cat([lam.new_tensor([lam_top]), lam, lam.new_tensor([lam_hi])]))
-    step = (0.5 * torch.minimum(gaps[:-1], gaps[1:])).clamp_min(4 * tol)
+    step = (0.5 * torch.minimum(gaps[:-1], gaps[1:])).clamp_min(4 * tol_lam)
 
     def times_of(lam_vec: Tensor) -> Tensor:
-        t = inverse(lam_vec)
+        t = process.time_at_lam(lam_vec).clamp(t_min, float(T))
         return torch.cat([t.new_tensor([float(T)]), t, t.new_zeros(1)])
 
     def feasible(lam_vec: Tensor) -> bool:
         full = torch.cat([lam_vec.new_tensor([lam_top]), lam_vec, lam_vec.new_tensor([lam_hi])])
-        if not bool((torch.diff(full[:-1]) > 1e-6).all()) or float(lam_vec[-1]) > lam_hi:
+        if not bool((torch.diff(full[:-1]) > _MIN_GAP).all()) or float(lam_vec[-1]) > lam_hi:
             return False
         t = times_of(lam_vec)
         return bool((t[1:] < t[:-1]).all())
@@ -347,11 +337,11 @@ def optimize_timesteps(
     evals = 0
     bar = tqdm(total=max_evals, disable=not progress, desc="optimizing timesteps", leave=False)
     try:
-        while evals < max_evals and bool((step > tol).any()):
+        while evals < max_evals and bool((step > tol_lam).any()):
             for i in range(lam.numel()):
                 if evals >= max_evals:
                     break
-                if float(step[i]) <= tol:
+                if float(step[i]) <= tol_lam:
                     continue
                 improved = False
                 for sign in (1.0, -1.0):

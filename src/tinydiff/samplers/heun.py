@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tinydiff._validation import check_number
-from tinydiff.process import DiscreteVP, PathValues
+from tinydiff.process import PathValues
 from tinydiff.samplers._exp import MAX_MULTISTEP_H, exp_moments, first_order_between
 from tinydiff.samplers.base import Denoiser, Sampler, State, register
 
@@ -51,8 +51,8 @@ class Heun(Sampler):
     :math:`\tau = 1`, so :math:`x_S = D_1 = D(x', \lambda_t + 1)` with :math:`x'` the DDIM
     step to :math:`\lambda_t + 1`; exact when D is linear in :math:`\lambda`, where Euler is
     exact only for constant D. The node is kept no lower than the least noisy level the
-    network was trained on (t = 1 on a discrete table), and the step is Euler when the last
-    time is already there.
+    network was trained on (:attr:`~tinydiff.process.GaussianProcess.t_min`: t = 1 on a
+    discrete table), and the step is Euler when the last time is already there.
 
     **Long steps** (h > :data:`~tinydiff.samplers._exp.MAX_MULTISTEP_H` = 1.5) use the same
     rule at finite h: the second call is made at the weighted mean of lambda,
@@ -151,7 +151,7 @@ class Heun(Sampler):
         a_hat = torch.where(churned, a_hat, path.alpha[:-1])
         s_hat = torch.where(churned, s_hat, path.sigma[:-1])
         to_zero = bool(ksig[-1] == 0)
-        floor = 1.0 if isinstance(process, DiscreteVP) else 0.0  # least noisy trained level
+        floor = process.t_min  # the least noisy trained level
         names = "churn_scale churn_noise e_x e_d c_x c_0 c_1".split()
         rows, t2 = [], []
         for i in range(num_steps):
@@ -167,7 +167,7 @@ class Heun(Sampler):
             ratio = s_n / s_h
             q = k_n / k_h  # 0 at the last step and after an infinite-noise start
             h = -math.log(q) if q > 0 else math.inf
-            node = None  # log-SNR of the second call, when it is a Gauss node
+            node = None  # lambda of the second call, when it is a Gauss node
             if i == num_steps - 1 and to_zero:
                 node = -math.log(k_h) + 1.0  # Gauss-Laguerre: tau = 1
             elif q > 0 and h > MAX_MULTISTEP_H:
