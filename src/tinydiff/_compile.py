@@ -43,6 +43,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from tinydiff.denoiser import Denoiser
 from tinydiff.samplers.base import Sampler, State
@@ -50,6 +51,7 @@ from tinydiff.samplers.base import Sampler, State
 __all__ = [
     "CPU_EAGER_BELOW_NUMEL",
     "MODES",
+    "CompileMixin",
     "CompileOptions",
     "CompiledStep",
     "NetworkSlot",
@@ -491,3 +493,39 @@ class StepCache:
         self.slot.network = denoiser.network
         self.slot.cond = denoiser.network_cond
         return entry.stepper(plan, x)
+
+
+class CompileMixin:
+    """Compiled sampling's configuration on a model: `compile_sampler` and the model's cache
+    of compiled steps (`compiled_steps`), which ``sample(..., compile=True)`` uses."""
+
+    _compile_options: CompileOptions = CompileOptions()
+    _step_cache: StepCache | None = None
+
+    def compile_sampler(
+        self,
+        mode: str = "default",
+        *,
+        compile_network: bool = False,
+        backend: str | Callable[..., Any] = "inductor",
+    ) -> Self:
+        """Configure compiled sampling (``sample(..., compile=True)``) and drop compiled steps;
+        returns the model. A step compiles once per (sampler options, batch shape, dtype,
+        device, guidance) and serves every step and step count (`tinydiff._compile`).
+
+        Args:
+            mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
+            compile_network: also trace the network (no graph breaks allowed); by default it
+                runs eagerly as one opaque operator inside the compiled step.
+            backend: a `torch.compile` backend (``mode`` applies to inductor only).
+        """
+        self._compile_options = CompileOptions(mode, compile_network, backend)
+        self._step_cache = None
+        return self
+
+    @property
+    def compiled_steps(self) -> StepCache:
+        """The cache of compiled sampling steps (``len()`` counts the compiled entries)."""
+        if self._step_cache is None:
+            self._step_cache = StepCache(self._compile_options)
+        return self._step_cache

@@ -28,6 +28,7 @@ __all__ = [
     "check_int",
     "check_kwargs_dict",
     "check_loss_times",
+    "check_noise",
     "check_number",
     "dtype_device",
 ]
@@ -267,6 +268,20 @@ def check_data(x: Any, input_shape: Sequence[int], name: str = "x") -> Tensor:
     if x.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one sample, got batch size 0")
     return x
+
+
+def check_noise(
+    noise: Tensor | None, x: Tensor, generator: torch.Generator | None, enabled: bool | None
+) -> Tensor:
+    """The loss's eps: a draw of N(0, I) like x from ``generator``, or ``noise`` checked for
+    x's shape and (see `check_finite`) finite values."""
+    if noise is None:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if not isinstance(noise, Tensor) or noise.shape != x.shape:
+        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {got}")
+    check_finite("noise", noise, enabled)
+    return noise
 
 
 def check_dtype_matches(x: Tensor, param_dtype: torch.dtype, name: str = "x") -> None:

@@ -12,7 +12,7 @@ outside ``parameters()`` and ``state_dict()`` and saved through ``ema_state_dict
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from tinydiff import (
     timestep_search,
     variances,
 )
-from tinydiff._compile import CompileOptions, StepCache
+from tinydiff._compile import CompileMixin
 from tinydiff.config import DiffusionModelConfig, merge_config
 from tinydiff.denoiser import Denoiser
 from tinydiff.diffusers_compat import DiffusersMixin
@@ -45,28 +45,18 @@ from tinydiff.samplers.base import Callback, Sampler
 __all__ = ["DiffusionModel"]
 
 
-class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
-    """A denoising diffusion model around any network.
+class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module):
+    """A denoising diffusion model around any network: ``model.loss(x).mean()`` trains it,
+    ``model.sample(bsz, sampling_timesteps)`` draws from it.
 
     Args:
         nn_module: the network, called as ``nn_module(x_t, t)`` (see the module docstring).
         config: a `DiffusionModelConfig` or a dict of its fields.
-        **config_fields: config fields given directly (``num_timesteps=500,
-            input_shape=(1, 32, 32)``), merged into ``config``; setting a field both here and
-            (to another value) in ``config`` is an error.
+        **config_fields: config fields given directly (``input_shape=(1, 32, 32)``), merged
+            into ``config``; a field set here and (to another value) in ``config`` is an error.
 
     Attributes:
-        nn_module: the wrapped network.
-        config: the validated configuration.
-        process: the `tinydiff.process.GaussianProcess` (alpha(t), sigma(t)).
-        target, variance: the configured prediction target and variance type instances.
-
-    Example:
-        ```python
-        model = DiffusionModel(net, DiffusionModelConfig(input_shape=(2,)))
-        loss = model.loss(x).mean()
-        x0 = model.sample(bsz=64, sampling_timesteps=50)
-        ```
+        nn_module, config, process (`tinydiff.process.GaussianProcess`), target, variance.
     """
 
     def __init__(
@@ -89,8 +79,7 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             )
         self.nn_module = nn_module
         self.input_shape: tuple[int, ...] = tuple(cfg.input_shape)
-        # float64 process tables live outside the state dict: they follow from the config, and
-        # module.to(dtype) must never round them
+        # float64, outside the state dict: module.to(dtype) must never round the process
         self.process: GaussianProcess = cfg.process()
         self.target = targets.build(cfg.target_type, cfg.target_kwargs)
         self.variance = variances.get(cfg.variance_type)(**cfg.variance_kwargs)
@@ -98,8 +87,6 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         # a plain attribute (object.__setattr__ bypasses Module's registration): the EMA
         # weights stay out of parameters() and state_dict(); _apply/train forward to it
         object.__setattr__(self, "_ema", None)
-        self._compile_options = CompileOptions()
-        self._step_cache: StepCache | None = None
 
     # -- the process and the network -------------------------------------------------------------
     @property
@@ -138,18 +125,9 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         guidance: str | Guidance | None = None,
         guidance_kwargs: dict[str, Any] | None = None,
     ) -> Denoiser:
-        """The model as samplers see it (`tinydiff.denoiser.Denoiser`).
-
-        Args:
-            cond: keyword arguments of the network (tensors with leading dim bsz).
-            guidance_scale: the guidance scale w (classifier-free guidance unless
-                ``guidance`` names another method), or None.
-            guidance_rescale: phi in [0, 1] of classifier-free guidance.
-            use_ema: use the EMA weights.
-            network: another network to call (default: the live or EMA one).
-            guidance: a registered guidance method (`tinydiff.guidance`) or strategy.
-            guidance_kwargs: the method's options.
-        """
+        """The model as samplers see it (`tinydiff.denoiser.Denoiser`): the live or EMA
+        network (or ``network``) with the run's ``cond`` and guidance (the options of
+        `sample`, checked by `tinydiff.guidance.resolve`)."""
         net = self.network(use_ema) if network is None else network
         strategy = resolve_guidance(
             guidance, guidance_scale, guidance_rescale, guidance_kwargs, cond=cond
@@ -180,20 +158,14 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             t: optional times (bsz,): integers in 1..T or real times in (0, T].
             noise: optional eps, x's shape.
             cond: optional keyword arguments of the network; tensors have leading dim bsz.
-            cond_drop_mask: optional bool (bsz,), True where the condition is dropped
-                (overrides the random draw with ``cond_drop_prob``).
+            cond_drop_mask: optional bool (bsz,), True where the condition is dropped.
             generator: source of t, eps and the dropout draw, on x's device.
-            check_finite: refuse NaN / inf in x and noise: True always, False never, None
-                (default) only for CPU tensors, where the check costs no host sync.
+            check_finite: refuse NaN / inf in x and noise: True, False, or None (default:
+                CPU tensors only, where the check costs no host sync).
 
         Returns:
-            (bsz, *input_shape) per-element losses.
-
-        Raises:
-            ValueError: a cond key the network does not accept; cond_drop_prob > 0 but the
-                network has no null condition; t outside 1..T; non-finite x or noise.
-            TypeError: t not integer or real, x's dtype not the network's, a generator that
-                is not a torch.Generator.
+            (bsz, *input_shape) per-element losses. Bad input raises ValueError or TypeError
+            naming the argument (a cond key, t out of range, non-finite data, a dtype).
         """
         x = self.check_data(x)
         _validation.check_dtype_matches(x, _validation.dtype_device(self.nn_module)[0])
@@ -209,13 +181,7 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             )
         else:
             t = _validation.check_loss_times(t, T, bsz, x.device, allow_real=True)
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        elif noise.shape != x.shape:
-            raise ValueError(
-                f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
-            )
-        _validation.check_finite("noise", noise, check_finite)
+        noise = _validation.check_noise(noise, x, generator, check_finite)
         p = Point.at(self.process, t, x, derivatives=self.target.uses_derivatives)
         x_t = p.alpha * x + p.sigma * noise
         cond = conditioning.dropout(
@@ -248,12 +214,8 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
     def make_sampler(
         self, sampler: str | None = None, sampler_kwargs: dict[str, Any] | None = None
     ) -> Sampler:
-        """Instantiate a registered sampler (default: the config's, with its options).
-
-        Raises:
-            ValueError: unknown sampler name or bad option value.
-            TypeError: unknown option name.
-        """
+        """Instantiate a registered sampler (default: the config's, with its options);
+        unknown names or option values raise ValueError, unknown options TypeError."""
         name = self.config.sampler_type if sampler is None else samplers.REGISTRY.canonical(sampler)
         if sampler_kwargs is None:
             sampler_kwargs = self.config.sampler_kwargs if sampler is None else {}
@@ -266,20 +228,9 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         *,
         sampler: str | None = None,
     ) -> Tensor:
-        """The times a sampler visits: float64 (S + 1,), decreasing to 0
-        (`tinydiff.spacings.resolve`).
-
-        Args:
-            sampling_timesteps: S in 1..T (default T; for explicit times, their count).
-            timestep_spacing: a name in `tinydiff.spacings`, or explicit decreasing times;
-                default: the config's ``timestep_spacing``, else the sampler's
-                ``default_spacing``.
-            sampler: the sampler whose default spacing applies (default: the config's).
-
-        Raises:
-            ValueError: an unknown spacing, invalid explicit times, or explicit times for a
-                different number of steps than ``sampling_timesteps``.
-        """
+        """The times a sampler visits, float64 (S + 1,) decreasing to 0: ``timestep_spacing``
+        (a name or explicit times), else the config's, else ``sampler``'s default spacing,
+        resolved by `tinydiff.spacings.resolve` (which raises on anything invalid)."""
         spec = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
         name = self.config.sampler_type if sampler is None else sampler
         return spacings.resolve(
@@ -290,38 +241,6 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         """Sampling times chosen for this model and a sampler; see
         `tinydiff.timestep_search.optimize_timesteps` for the arguments."""
         return timestep_search.optimize_timesteps(self, num_steps, **kwargs)
-
-    def compile_sampler(
-        self,
-        mode: str = "default",
-        *,
-        compile_network: bool = False,
-        backend: str | Callable[..., Any] = "inductor",
-    ) -> DiffusionModel:
-        """Configure compiled sampling (``sample(..., compile=True)``); drops compiled steps.
-
-        A step is compiled once per (sampler options, batch shape, dtype, device, guidance)
-        and reused for every step and number of steps (`tinydiff._compile`).
-
-        Args:
-            mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
-            compile_network: also trace the network (no graph breaks allowed); by default it
-                runs eagerly as one opaque operator inside the compiled step.
-            backend: a `torch.compile` backend (``mode`` applies to inductor only).
-
-        Returns:
-            the model itself. Raises ValueError (unknown mode) or TypeError (bad options).
-        """
-        self._compile_options = CompileOptions(mode, compile_network, backend)
-        self._step_cache = None
-        return self
-
-    @property
-    def compiled_steps(self) -> StepCache:
-        """The cache of compiled sampling steps (``len()`` counts the compiled entries)."""
-        if self._step_cache is None:
-            self._step_cache = StepCache(self._compile_options)
-        return self._step_cache
 
     @torch.no_grad()
     def sample(
@@ -375,13 +294,8 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
             guidance_kwargs: options of the guidance method.
 
         Returns:
-            samples (bsz, *input_shape), in the network's parameter dtype.
-
-        Raises:
-            ValueError: bad bsz or init_noise; a cond key the network does not accept;
-                guidance without cond; use_ema without EMA; a device that does not exist here;
-                NaN or inf in init_noise or in the samples.
-            TypeError: generator, sampler_kwargs or explicit times of the wrong type.
+            samples (bsz, *input_shape), in the network's parameter dtype. Bad arguments raise
+            ValueError or TypeError naming them, before any network call.
         """
         generator = _validation.check_generator(generator)
         sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
@@ -398,15 +312,9 @@ class DiffusionModel(EMAMixin, HubMixin, DiffusersMixin, nn.Module):
         dtype, param_device = _validation.dtype_device(self.nn_module)
         device = device if device is not None else param_device
         _validation.check_bsz(bsz, self.input_shape, dtype, device)
-        x = sampling.initial_noise(
-            self.process,
-            (bsz, *self.input_shape),
-            dtype,
-            device,
-            generator,
-            init_noise,
-            check_finite,
-        )
+        shape = (bsz, *self.input_shape)
+        x = sampling.initial_noise(self.process, shape, dtype, device, generator, init_noise)
+        _validation.check_finite("init_noise", None if init_noise is None else x, check_finite)
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz)
             cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}

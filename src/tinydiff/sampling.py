@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinydiff import _validation, samplers
+from tinydiff import samplers
 from tinydiff._compile import CompileOptions, StepCache
 from tinydiff.denoiser import Denoiser
 from tinydiff.process import GaussianProcess
@@ -70,14 +70,12 @@ def initial_noise(
     device: torch.device,
     generator: torch.Generator | None = None,
     init_noise: Tensor | None = None,
-    check_finite: bool | None = None,
 ) -> Tensor:
     """x_T: N(0, I) times ``process.prior_std()`` (1 on variance-preserving processes), or
-    ``init_noise`` checked and moved to ``device`` and ``dtype``.
+    ``init_noise`` checked for its shape and moved to ``device`` and ``dtype``.
 
     Raises:
-        ValueError: init_noise of another shape, or (on the CPU, or with ``check_finite``)
-            holding NaN or inf.
+        ValueError: init_noise of another shape.
     """
     if init_noise is None:
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -88,9 +86,7 @@ def initial_noise(
             tuple(init_noise.shape) if isinstance(init_noise, Tensor) else type(init_noise).__name__
         )
         raise ValueError(f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}")
-    x = init_noise.to(device=device, dtype=dtype)
-    _validation.check_finite("init_noise", x, check_finite)
-    return x
+    return init_noise.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
