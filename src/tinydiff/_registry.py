@@ -17,7 +17,7 @@ import importlib.metadata
 import inspect
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 __all__ = ["ENTRY_POINT_GROUP", "Registry", "check_kwargs", "load_plugins", "normalize_name"]
@@ -95,6 +95,36 @@ def check_kwargs(kind: str, name: str, fn: Callable[..., Any], *args: Any, **kwa
             f"invalid options {kwargs} for {kind} {name!r}: {err}. "
             f"Accepted options: {', '.join(params) or 'none'}"
         ) from err
+
+
+def instantiate(cls: type, options: Mapping[str, Any], what: str) -> Any:
+    """``cls(**options)``, with an unknown option turned into a ``TypeError`` that names
+    ``what`` (e.g. ``"sampler_kwargs ... for sampler DDIM"``) and lists the accepted options."""
+    try:
+        return cls(**dict(options))
+    except TypeError as err:
+        accepted = [
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        raise TypeError(
+            f"invalid {what}: {err}. Accepted options: {', '.join(accepted) or 'none'}"
+        ) from err
+
+
+def class_check(
+    contract: str, *, methods: tuple[str, ...] = (), base: type | None = None
+) -> Callable[[Any], None]:
+    """A registry's check: the object must be a class (a subclass of ``base``, with callable
+    ``methods``), else a ``TypeError`` stating the ``contract``."""
+
+    def check(obj: Any) -> None:
+        ok = isinstance(obj, type) and (base is None or issubclass(obj, base))
+        if not ok or not all(callable(getattr(obj, m, None)) for m in methods):
+            raise TypeError(f"{contract}; got {obj!r}")
+
+    return check
 
 
 class Registry(Generic[T]):

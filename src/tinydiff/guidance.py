@@ -33,13 +33,12 @@ guidance_kwargs={"scale": 2.0})`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from tinydiff._registry import Registry
+from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff._validation import check_number
 from tinydiff.conditioning import apply_guidance
 
@@ -110,14 +109,12 @@ class Guidance:
         return f"{type(self).__name__}({opts})"
 
 
-def _check_guidance(obj: Any) -> None:
-    if not (isinstance(obj, type) and issubclass(obj, Guidance)):
-        raise TypeError(
-            f"a guidance method must be a subclass of tinydiff.guidance.Guidance, got {obj!r}"
-        )
-
-
-REGISTRY: Registry[type[Guidance]] = Registry("guidance method", _check_guidance)
+REGISTRY: Registry[type[Guidance]] = Registry(
+    "guidance method",
+    class_check(
+        "a guidance method must be a subclass of tinydiff.guidance.Guidance", base=Guidance
+    ),
+)
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names
@@ -166,19 +163,8 @@ def build(name: str, options: Mapping[str, Any] | None = None) -> Guidance:
         ValueError: unknown name (with close matches) or a bad option value.
         TypeError: an unknown option name; the message lists the accepted ones.
     """
-    cls = get(name)
-    try:
-        return cls(**dict(options or {}))
-    except TypeError as err:
-        accepted = [
-            q.name
-            for q in inspect.signature(cls.__init__).parameters.values()
-            if q.name != "self" and q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD)
-        ]
-        raise TypeError(
-            f"invalid guidance_kwargs {dict(options or {})} for guidance {name!r}: {err}. "
-            f"Accepted options: {', '.join(accepted) or 'none'}"
-        ) from err
+    options = dict(options or {})
+    return instantiate(get(name), options, f"guidance_kwargs {options} for guidance {name!r}")  # type: ignore[no-any-return]
 
 
 def resolve(

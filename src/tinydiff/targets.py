@@ -38,7 +38,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from tinydiff._registry import Registry
+from tinydiff._registry import Registry, class_check
 from tinydiff.process import GaussianProcess, Point
 
 __all__ = [
@@ -111,17 +111,14 @@ def build(name: str, kwargs: dict[str, Any] | None = None) -> Target:
     return get(name)(**(kwargs or {}))  # type: ignore[no-any-return]
 
 
-def _check_target(obj: Any) -> None:
-    if not isinstance(obj, type) or not all(
-        callable(getattr(obj, m, None)) for m in ("target", "to_x0_eps")
-    ):
-        raise TypeError(
-            "a prediction target must be a class with target(x0, eps, p) and "
-            f"to_x0_eps(out, x_t, p) methods (subclass tinydiff.targets.Target); got {obj!r}"
-        )
-
-
-REGISTRY: Registry[type[Target]] = Registry("prediction target", _check_target)
+REGISTRY: Registry[type[Target]] = Registry(
+    "prediction target",
+    class_check(
+        "a prediction target must be a class with target(x0, eps, p) and to_x0_eps(out, x_t, p) "
+        "methods (subclass tinydiff.targets.Target)",
+        methods=("target", "to_x0_eps"),
+    ),
+)
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names

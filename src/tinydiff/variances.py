@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tinydiff._registry import Registry
+from tinydiff._registry import Registry, class_check
 from tinydiff.process import GaussianProcess, Point
 
 __all__ = [
@@ -262,15 +262,14 @@ class Variance:
         return None
 
 
-def _check_variance(obj: Any) -> None:
-    if not isinstance(obj, type) or not callable(getattr(obj, "log_variance", None)):
-        raise TypeError(
-            "a variance type must be a class with log_variance(log_beta, log_beta_tilde, var_out)"
-            f" (subclass tinydiff.variances.Variance); got {obj!r}"
-        )
-
-
-REGISTRY: Registry[type[Variance]] = Registry("variance type", _check_variance)
+REGISTRY: Registry[type[Variance]] = Registry(
+    "variance type",
+    class_check(
+        "a variance type must be a class with log_variance(log_beta, log_beta_tilde, var_out) "
+        "(subclass tinydiff.variances.Variance)",
+        methods=("log_variance",),
+    ),
+)
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names

@@ -19,7 +19,6 @@ The network is reached only through a :class:`tinydiff.denoiser.Denoiser`, calle
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -28,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tinydiff import denoiser as _denoiser
-from tinydiff._registry import Registry
+from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff.denoiser import Prediction
 from tinydiff.process import PathValues
 from tinydiff.variances import Variance
@@ -37,10 +36,14 @@ __all__ = [
     "LOWER_ORDER_FINAL_STEPS",
     "REGISTRY",
     "Denoiser",
+    "Noise",
     "PathValues",
     "Prediction",
+    "Row",
     "Sampler",
+    "State",
     "StepLoop",
+    "StepResult",
     "get",
     "names",
     "register",
@@ -48,7 +51,14 @@ __all__ = [
     "run_sampler",
 ]
 
+#: a sampler's history carried between steps
 State = tuple[Tensor, ...]
+#: one row of a plan: the step's coefficients, ``t``, ``t_next`` and ``point``
+Row = Mapping[str, Tensor]
+#: the fresh Gaussian noise of a stochastic step (None for deterministic ones)
+Noise = Tensor | None
+#: what a step returns: (x_next, state)
+StepResult = tuple[Tensor, State]
 
 #: multistep samplers with ``lower_order_final`` lower the order of their final steps when a
 #: plan has fewer steps than this (Lu et al. 2022, sec. 4)
@@ -117,18 +127,8 @@ class Sampler:
             TypeError: an unknown option name; the message lists the accepted ones.
             ValueError: an option value out of range (raised by the sampler).
         """
-        try:
-            return cls(**dict(options))
-        except TypeError as err:
-            accepted = [
-                p.name
-                for p in inspect.signature(cls.__init__).parameters.values()
-                if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            ]
-            raise TypeError(
-                f"invalid sampler_kwargs {dict(options)} for sampler {cls.__name__}: {err}. "
-                f"Accepted options: {', '.join(accepted) or 'none'}"
-            ) from err
+        what = f"sampler_kwargs {dict(options)} for sampler {cls.__name__}"
+        return instantiate(cls, options, what)  # type: ignore[no-any-return]
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations for ``num_steps`` sampling steps."""
@@ -150,24 +150,15 @@ class Sampler:
         """Solver history carried between steps (bounded by the method's order)."""
         return ()
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         """One step from ``c["t"]`` to ``c["t_next"]``; returns (x_next, state)."""
         raise NotImplementedError
 
 
-def _check_sampler(obj: Any) -> None:
-    if not (isinstance(obj, type) and issubclass(obj, Sampler)):
-        raise TypeError(f"a sampler must be a subclass of tinydiff.samplers.Sampler, got {obj!r}")
-
-
-REGISTRY: Registry[type[Sampler]] = Registry("sampler", _check_sampler)
+REGISTRY: Registry[type[Sampler]] = Registry(
+    "sampler",
+    class_check("a sampler must be a subclass of tinydiff.samplers.Sampler", base=Sampler),
+)
 register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
 from tinydiff._validation import check_number
 from tinydiff.process import PathValues
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 from tinydiff.variances import gaussian_posterior
 
 
@@ -49,14 +47,7 @@ class DDIM(Sampler):
             "sigma": noise,
         }
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         pred = denoise(x, c["point"])
         x_next = c["coef_x0"] * pred.x0 + c["coef_eps"] * pred.eps
         if noise is not None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 from tinydiff.variances import clipped_log_beta_tilde, gaussian_posterior
 
 
@@ -38,14 +36,7 @@ class DDPM(Sampler):
             "noise_mask": noise_mask,
         }
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         assert noise is not None  # stochastic sampler: the loop always passes noise
         pred = denoise(x, c["point"])
         mean = c["coef_x0"] * pred.x0 + c["coef_xt"] * x

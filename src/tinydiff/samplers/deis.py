@@ -5,14 +5,13 @@ with the noise prediction interpolated in :math:`\lambda` ("logrho"))."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import exp_moments, solve_vandermonde, step_orders
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 
 
 def _eps_adams_weights(lam: list[float], order: int) -> list[float]:
@@ -101,14 +100,7 @@ class DEIS(Sampler):
     def init_state(self, x: Tensor) -> State:
         return tuple(torch.zeros_like(x) for _ in range(self.order - 1))
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         pred = denoise(x, c["point"])
         history = (pred.eps, *state)
         x_next = c["coef_x"] * x + c["coef_x0"] * pred.x0

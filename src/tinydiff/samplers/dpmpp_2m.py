@@ -3,14 +3,12 @@ Diffusion Probabilistic Models", Alg. 2)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import first_order, step_orders
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 
 
 def midpoint_weight(v: PathValues, i: int) -> float:
@@ -55,14 +53,7 @@ class DPMSolverPP2M(Sampler):
     def init_state(self, x: Tensor) -> State:
         return (torch.zeros_like(x),)
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         (d_prev,) = state
         d = denoise(x, c["point"]).x0
         x_next = c["coef_x"] * x + c["coef_d"] * d + c["coef_prev"] * d_prev

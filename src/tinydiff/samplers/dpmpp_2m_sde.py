@@ -4,7 +4,6 @@ multistep form popularised by k-diffusion's ``sample_dpmpp_2m_sde``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -12,7 +11,7 @@ from torch import Tensor
 from tinydiff._validation import check_number
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import first_order, step_orders
-from tinydiff.samplers.base import Denoiser, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, State, StepResult, register
 from tinydiff.samplers.dpmpp_2m import DPMSolverPP2M, midpoint_weight
 
 
@@ -75,14 +74,7 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
             "coef_noise": cols[:, 3],
         }
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         x_next, state = super().step(x, state, c, denoise, noise)
         if noise is not None:
             x_next = x_next + c["coef_noise"] * noise

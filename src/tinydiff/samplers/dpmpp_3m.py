@@ -3,14 +3,12 @@ App. B, the multistep generalisation of Alg. 2)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import exponential_adams_weights, step_orders
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 
 
 @register("dpmpp_3m", aliases=("dpm_solver_pp_3m", "dpmsolver++_3m"))
@@ -57,14 +55,7 @@ class DPMSolverPP3M(Sampler):
     def init_state(self, x: Tensor) -> State:
         return tuple(torch.zeros_like(x) for _ in range(self.order - 1))
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         d = denoise(x, c["point"]).x0
         history = (d, *state)
         x_next = c["coef_x"] * x

@@ -2,14 +2,12 @@ r"""Euler's method for the probability-flow ODE (Karras et al. 2022, sec. 3)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import first_order
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 
 
 @register("euler")
@@ -40,13 +38,6 @@ class Euler(Sampler):
             "coef_x0": torch.tensor([c[1] for c in coefs], dtype=torch.float64),
         }
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         pred = denoise(x, c["point"])
         return c["coef_x"] * x + c["coef_x0"] * pred.x0, state

@@ -6,7 +6,6 @@ stays bounded on steps with a large noise-level ratio."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -14,7 +13,7 @@ from torch import Tensor
 from tinydiff._validation import check_number
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import MAX_MULTISTEP_H, exp_moments, first_order_between
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 
 
 @register("heun", aliases=("karras_heun", "edm"))
@@ -202,14 +201,7 @@ class Heun(Sampler):
         plan["point_2"] = process.points(torch.cat(t2))
         return plan
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         if noise is not None:
             x = c["churn_scale"] * x + c["churn_noise"] * noise
         d0 = denoise(x, c["point_hat"]).x0

@@ -5,14 +5,13 @@ Predictor-Corrector Framework for Fast Sampling of Diffusion Models"), B(h) = e^
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import solve_vandermonde, step_orders
-from tinydiff.samplers.base import Denoiser, Sampler, State, register
+from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
 
 
 def _unipc_weights(
@@ -169,14 +168,7 @@ class UniPC(Sampler):
     def init_state(self, x: Tensor) -> State:
         return tuple(torch.zeros_like(x) for _ in range(self.order + 1))
 
-    def step(
-        self,
-        x: Tensor,
-        state: State,
-        c: Mapping[str, Tensor],
-        denoise: Denoiser,
-        noise: Tensor | None,
-    ) -> tuple[Tensor, State]:
+    def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         x_base, *hist = state  # x^c_{i-1}; m_{i-1}, ..., m_{i-p}
         m = denoise(x, c["point"]).x0
         corr, pred = c["corr"], c["pred"]
