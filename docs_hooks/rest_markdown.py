@@ -125,23 +125,24 @@ def convert_blocks(text: str) -> str:
     return "\n".join(out).rstrip("\n") if not text.endswith("\n") else "\n".join(out)
 
 
-def convert_inline(text: str, resolve: Resolver) -> str:
-    """Roles to links or code spans, ``:math:`` to ``$...$``; leaves code blocks alone."""
+def convert_inline(text: str, resolve: Resolver, *, short: bool = False) -> str:
+    """Roles to links or code spans, ``:math:`` to ``$...$``; leaves code blocks alone.
+    ``short`` shows every role's last component (as ``~`` does), for narrow table cells."""
     parts = re.split(r"(^[ \t]*```.*?^[ \t]*```[ \t]*$)", text, flags=re.M | re.S)
     for k in range(0, len(parts), 2):
         parts[k] = _MATH_ROLE.sub(lambda m: "$" + m["tex"].strip() + "$", parts[k])
-        parts[k] = _ROLE.sub(lambda m: _role(m["text"], resolve), parts[k])
+        parts[k] = _ROLE.sub(lambda m: _role(m["text"], resolve, short), parts[k])
     return "".join(parts)
 
 
-def _role(text: str, resolve: Resolver) -> str:
+def _role(text: str, resolve: Resolver, short: bool = False) -> str:
     text = text.strip()
     title = None
     if m := _TITLED.match(text):
         title, text = m["title"], m["target"].strip()
     if text.startswith("!"):
         return f"`{title or text[1:]}`"
-    short = text.startswith("~")
+    short = short or text.startswith("~")
     target = text.lstrip("~").lstrip(".")
     if title is None:
         title = target.rsplit(".", 1)[-1] if short else target
@@ -183,9 +184,9 @@ def split_grouped_args(text: str) -> str:
     return "\n".join(out)
 
 
-def rest_to_markdown(text: str, resolve: Resolver) -> str:
-    """The whole translation of one docstring."""
-    return convert_inline(convert_blocks(split_grouped_args(text)), resolve)
+def rest_to_markdown(text: str, resolve: Resolver, *, short: bool = False) -> str:
+    """The whole translation of one docstring (``short``: see `convert_inline`)."""
+    return convert_inline(convert_blocks(split_grouped_args(text)), resolve, short=short)
 
 
 # ----------------------------------------------------------------------------- Griffe
@@ -202,11 +203,65 @@ def _documented(obj: Any) -> bool:
     return bool(target.is_module or target.docstring)
 
 
+def doc_comment(lines: list[str], lineno: int) -> str | None:
+    """The Sphinx-style ``#:`` comment of the assignment at ``lineno`` (1-based): the
+    ``#:`` lines right above it, or a ``#:`` comment on the line itself."""
+    block = []
+    i = lineno - 2
+    while i >= 0 and lines[i].strip().startswith("#:"):
+        block.append(lines[i].strip()[2:].strip())
+        i -= 1
+    if block:
+        return "\n".join(reversed(block))
+    _, sep, after = lines[lineno - 1].partition("#: ")
+    return after.strip() if sep and after.strip() else None
+
+
+def runtime_doc(module_path: str, name: str) -> str | None:
+    """The docstring a public module attribute inherits at run time: the function's for a
+    function or bound method (``get = REGISTRY.get``), the class's for an instance of a
+    class of the same package (``REGISTRY = Registry(...)``); None otherwise."""
+    import importlib
+    import inspect
+
+    try:
+        value = getattr(importlib.import_module(module_path), name)
+    except Exception:
+        return None
+    if inspect.isroutine(value):
+        return inspect.getdoc(value)
+    cls = type(value)
+    if cls.__module__.split(".")[0] == module_path.split(".")[0] and cls.__doc__:
+        first = inspect.cleandoc(cls.__doc__).split("\n\n")[0]
+        return f"A `{cls.__qualname__}`: {first[:1].lower()}{first[1:]}"
+    return None
+
+
+def _set_doc(obj: griffe.Object, text: str, loader: griffe.GriffeLoader) -> None:
+    # a borrowed function docstring documents parameters the attribute has no signature for
+    options = {
+        **loader.docstring_options,
+        "warn_unknown_params": False,
+        "warn_missing_types": False,
+    }
+    obj.docstring = griffe.Docstring(
+        text,
+        lineno=obj.lineno,
+        endlineno=obj.lineno,
+        parent=obj,
+        parser=loader.docstring_parser,
+        parser_options=options,  # type: ignore[arg-type]
+    )
+
+
 class RestToMarkdown(griffe.Extension):
     """Griffe extension: every docstring of a loaded package, reST to Markdown.
 
     Runs once the package is loaded (names resolve in each object's scope, as in Python)
-    and before mkdocstrings parses the Google sections.
+    and before mkdocstrings parses the Google sections. Attributes without a docstring get
+    their ``#:`` comment as one (the Sphinx convention older modules use), and every name of
+    a module's ``__all__`` gets an entry: a bound method or a package class's instance its
+    run-time docstring, a constant a line that names it public.
     """
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
@@ -227,9 +282,30 @@ class RestToMarkdown(griffe.Extension):
 
             return resolve
 
+        objects: list[griffe.Object] = []
         stack: list[griffe.Object] = [pkg]
         while stack:
             obj = stack.pop()
+            objects.append(obj)
+            stack.extend(m for m in obj.members.values() if not m.is_alias)  # type: ignore[misc]
+
+        for obj in objects:
+            if obj.is_attribute and not obj.docstring and obj.lineno:
+                if comment := doc_comment(obj.module.lines, obj.lineno):
+                    _set_doc(obj, comment, loader)
+        for obj in objects:
+            if not obj.is_module or not obj.exports:
+                continue
+            for name in map(str, obj.exports):
+                member = obj.members.get(name)
+                if member is None or member.is_alias or not member.is_attribute:
+                    continue
+                if not member.docstring:
+                    text = runtime_doc(obj.path, name) or f"Public constant of `{obj.path}`."
+                    _set_doc(member, text, loader)  # type: ignore[arg-type]
+
+        for obj in objects:
             if obj.docstring is not None:
                 obj.docstring.value = rest_to_markdown(obj.docstring.value, resolver(obj))
-            stack.extend(m for m in obj.members.values() if not m.is_alias)  # type: ignore[misc]
+
+    on_package_loaded = on_package  # the same event in Griffe 1

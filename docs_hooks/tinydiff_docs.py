@@ -75,7 +75,7 @@ def _summary(cls: type) -> str:
     if not first.endswith("."):
         first += "."
     module = sys.modules[cls.__module__]
-    return rest_to_markdown(first, python_resolver(module)).replace("|", "\\|")
+    return rest_to_markdown(first, python_resolver(module), short=True).replace("|", "\\|")
 
 
 def sampler_table() -> str:
