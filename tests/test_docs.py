@@ -341,3 +341,17 @@ def test_new_docstrings_use_markdown() -> None:
         f"before the Markdown convention: write new docstrings in Markdown (`name`, "
         f"[`Name`][tinydiff.module.Name], $math$; see docs/plugins.md#docstrings). Most: {worst}"
     )
+
+
+def test_install_steps_agree_and_cpu_note_comes_first() -> None:
+    """README and the docs home page give the same install command, and the CPU-only hint
+    comes before it (the command alone downloads PyTorch with its CUDA libraries)."""
+    commands = {}
+    for path in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        text = path.read_text(encoding="utf-8")
+        install = re.search(r"^```bash\n(?P<cmd>[^\n]*pip install -e [^\n]*)\n```", text, re.M)
+        assert install, f"{path.name}: no install command"
+        commands[path.name] = install["cmd"]
+        cpu = text.find("download.pytorch.org/whl/cpu")
+        assert 0 <= cpu < install.start(), f"{path.name}: the CPU-wheel note must come first"
+    assert len(set(commands.values())) == 1, commands
