@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tinydiff import spacings
+from tinydiff._progress import progress_bar
 
 if TYPE_CHECKING:
     from tinydiff.model import DiffusionModel
@@ -350,7 +350,7 @@ def optimize_timesteps(
         return bool((t[1:] < t[:-1]).all())
 
     evals = 0
-    bar = tqdm(total=max_evals, disable=not progress, desc="optimizing timesteps", leave=False)
+    bar = progress_bar(total=max_evals, enabled=progress, desc="optimizing timesteps", leave=False)
     try:
         while evals < max_evals and bool((step > tol).any()):
             for i in range(lam.numel()):
