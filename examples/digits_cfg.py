@@ -17,29 +17,13 @@ import argparse
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
 from tinydiff.nn import UNet
-
-
-def save_grid(images: torch.Tensor, path: Path, title: str) -> None:
-    """images: (10, n, 8, 8) in [-1, 1] -> a PNG grid, one row per class."""
-    rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), dpi=100)
-    for r in range(rows):
-        for c in range(cols):
-            axes[r, c].imshow(images[r, c], cmap="gray_r", vmin=-1, vmax=1)
-            axes[r, c].axis("off")
-    fig.suptitle(title)
-    fig.savefig(path)
-    plt.close(fig)
+from tinydiff.plotting import image_grid
 
 
 def main() -> None:
@@ -107,8 +91,15 @@ def main() -> None:
         pixels = ((samples[:, 0] + 1) * 8.0).reshape(len(labels), 64).numpy()
         accuracy = (classifier.predict(pixels) == labels.numpy()).mean()
         print(f"{w:10.1f} | {accuracy:.3f}")
-        grid = samples[:, 0].reshape(10, args.per_class, 8, 8)[:, :10]
-        save_grid(grid, args.out / f"samples_w{w:g}.png", f"guidance scale {w:g}")
+        # one row per class: the first ten samples of each digit, 4x enlarged
+        first_ten = samples.reshape(10, args.per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)
+        image_grid(
+            first_ten,
+            nrow=min(10, args.per_class),
+            path=args.out / f"samples_w{w:g}.png",
+            padding=1,
+            scale=4,
+        )
     print(f"\nwrote sample grids to {args.out}")
 
 

@@ -71,7 +71,7 @@ def run_demo(
     from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
     from tinydiff.metrics import sliced_wasserstein
     from tinydiff.nn import MLP
-    from tinydiff.plotting import save_gif, save_scatter_png, scatter_frame
+    from tinydiff.plotting import axis_limit, save_gif, save_scatter_png, scatter_frame
 
     _check_count("steps", steps, MAX_STEPS)
     _check_count("sampling_steps", sampling_steps, NUM_TIMESTEPS)
@@ -106,8 +106,8 @@ def run_demo(
         return sliced_wasserstein(x, held_out, generator=torch.Generator().manual_seed(seed))
 
     untrained = draw(use_ema=False)
-    frames = [scatter_frame([("data", held_out), ("step 0", untrained)])]
-    lim = None
+    lim = axis_limit(held_out)  # fixed axes for every frame of the GIF, set by the data
+    frames = [scatter_frame([("data", held_out), ("step 0", untrained)], lim=lim)]
 
     def snapshot(trainer: Any, step: int) -> None:
         frames.append(scatter_frame([("data", held_out), (f"step {step}", draw(True))], lim=lim))

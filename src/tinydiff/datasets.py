@@ -40,6 +40,8 @@ TOY_DATASETS: dict[str, Callable[..., Tensor]] = {
     "eight_gaussians": eight_gaussians,
     "two_moons": two_moons,
 }
+"""The 2-d toy data sets by name, as [`make_toy`][tinydiff.datasets.make_toy] and the demo's
+`--dataset` choose them."""
 
 
 def make_toy(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 DECODERS = ("discrete", "continuous")
+"""The values of the `decoder` argument of [`nll_bound`][tinydiff.likelihood.nll_bound]: the
+data term of the bound for 8-bit data in [-1, 1] or for continuous data."""
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
@@ -226,6 +228,8 @@ def nll_bound(
 # -- the probability-flow ODE likelihood -------------------------------------------------------
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
+"""The values of the `divergence` argument of [`ode_nll`][tinydiff.likelihood.ode_nll]: how the
+divergence of the ODE's field is computed."""
 
 
 def _divergence(field: Tensor, y: Tensor, method: str, probe: Tensor | None) -> Tensor:

@@ -54,9 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tinydiff import spacings
+from tinydiff._progress import progress_bar
 from tinydiff._validation import dtype_device
 
 if TYPE_CHECKING:
@@ -335,7 +335,7 @@ def optimize_timesteps(
         return bool((t[1:] < t[:-1]).all())
 
     evals = 0
-    bar = tqdm(total=max_evals, disable=not progress, desc="optimizing timesteps", leave=False)
+    bar = progress_bar(total=max_evals, enabled=progress, desc="optimizing timesteps", leave=False)
     try:
         while evals < max_evals and bool((step > tol_lam).any()):
             for i in range(lam.numel()):

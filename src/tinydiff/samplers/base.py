@@ -24,9 +24,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tinydiff import denoiser as _denoiser
+from tinydiff._progress import progress_bar
 from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff.denoiser import Prediction
 from tinydiff.process import PathValues
@@ -324,7 +324,7 @@ def run_sampler(
         def record(i: int, t_next: float, x_next: Tensor, x0_hat: Tensor | None) -> None:
             trajectory.append(x_next)
 
-    bar = tqdm(total=plan["t"].shape[0], desc="sampling", leave=False) if progress else None
+    bar = progress_bar(total=plan["t"].shape[0], desc="sampling", leave=False) if progress else None
     if bar is not None:
 
         def tick(i: int, t_next: float, x_next: Tensor, x0_hat: Tensor | None) -> None:
