@@ -1,7 +1,7 @@
 r"""Compiled sampling: one ``torch.compile``-d step, built once and replayed for every step.
 
-The eager loop (:func:`tinydiff.samplers.base.run_sampler`) indexes the plan with a Python int
-and calls :meth:`Sampler.step`. Compiling *that* would specialise on the int and recompile at
+The eager loop (`tinydiff.samplers.base.run_sampler`) indexes the plan with a Python int
+and calls `Sampler.step`. Compiling *that* would specialise on the int and recompile at
 every step. The compiled path instead
 
 1. stacks the plan's columns into one table of shape (S + 1, K) in x's dtype and device (the
@@ -14,14 +14,14 @@ every step. The compiled path instead
    dynamic;
 3. reaches the network through an opaque custom operator unless ``compile_network=True``, so
    only the update math is traced, and any network (graph breaks included) can be used. The
-   step calls the same :class:`tinydiff.denoiser.Denoiser` code as eager sampling (target
+   step calls the same `tinydiff.denoiser.Denoiser` code as eager sampling (target
    conversion, guidance and its rescale are traced); only the raw ``network(x, t, **cond)``
    call is opaque. Which network (live or EMA) and which ``cond`` a run uses is read from the
-   cache's :class:`NetworkSlot`, so one compiled step serves every run.
+   cache's `NetworkSlot`, so one compiled step serves every run.
 
 On CPU, a compiled step costs a fixed ~60 us of dispatch (guards, the AOT wrapper, the custom
 operator), more than eager ATen spends on the update of a small sample; there ``compile=True``
-runs the eager loop instead (:data:`CPU_EAGER_BELOW_NUMEL`, :meth:`CompileOptions.eager_is_faster`),
+runs the eager loop instead (`CPU_EAGER_BELOW_NUMEL`, `CompileOptions.eager_is_faster`),
 so that compiled sampling is never slower than eager.
 
 Nothing on the host depends on device values: no ``.item()``, no ``nonzero``, no CPU tensor
@@ -60,7 +60,7 @@ __all__ = [
     "StepCache",
 ]
 
-#: accepted values of ``mode``, as in :func:`torch.compile`
+#: accepted values of ``mode``, as in `torch.compile`
 MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 
 #: on CPU, with the inductor backend and an opaque network, samples with fewer elements than
@@ -82,7 +82,7 @@ class CompileOptions:
             (autotuned kernels, and CUDA graphs on CUDA); passed to the inductor backend.
         compile_network: also trace the network into the step graph (it must then compile
             without graph breaks); otherwise the network runs eagerly as one opaque operator.
-        backend: a :func:`torch.compile` backend, ``"inductor"`` by default (``mode`` only
+        backend: a `torch.compile` backend, ``"inductor"`` by default (``mode`` only
             applies to inductor). ``"aot_eager"`` or a counting backend are useful in tests.
     """
 
@@ -104,7 +104,7 @@ class CompileOptions:
 
     def eager_is_faster(self, x: Tensor) -> bool:
         """Whether ``compile=True`` runs the eager loop for ``x``: a CPU sample smaller than
-        :data:`CPU_EAGER_BELOW_NUMEL`, with the inductor backend named by its string and the
+        `CPU_EAGER_BELOW_NUMEL`, with the inductor backend named by its string and the
         network not compiled (a custom backend, e.g. a test's counter, always compiles)."""
         return (
             x.device.type == "cpu"
@@ -241,7 +241,7 @@ class PlanLayout:
         return table.to(device=like.device, dtype=like.dtype)
 
     def unpack(self, row: Tensor) -> dict[str, Tensor]:
-        """One table row (K,) back into the plan row ``c`` that :meth:`Sampler.step` expects."""
+        """One table row (K,) back into the plan row ``c`` that `Sampler.step` expects."""
         return {
             name: row[start] if shape == () else row[start:stop].view(shape)
             for name, start, stop, shape in self.columns
@@ -333,7 +333,7 @@ class CompiledStep:
         )
 
     def stepper(self, plan: Mapping[str, Tensor], x: Tensor) -> CompiledLoop:
-        """The per-run driver that :func:`~tinydiff.samplers.base.run_loop` calls once per
+        """The per-run driver that `tinydiff.samplers.base.run_loop` calls once per
         step."""
         table = self.layout.stack(plan, x)
         torch._dynamo.mark_dynamic(table, 0)
@@ -341,7 +341,7 @@ class CompiledStep:
 
 
 class CompiledLoop:
-    """Calls a :class:`CompiledStep` with a device-side step counter (no host sync).
+    """Calls a `CompiledStep` with a device-side step counter (no host sync).
 
     Attributes:
         transient_outputs: outputs live in a CUDA-graph pool that the next replay overwrites;
@@ -392,7 +392,7 @@ def _no_cache() -> None:
 class NetworkSlot:
     """The network and ``cond`` of the current compiled run, behind the opaque operator.
 
-    ``slot(x, t)`` calls ``network(x, t, **cond)``; :meth:`StepCache.loop` fills the slot
+    ``slot(x, t)`` calls ``network(x, t, **cond)``; `StepCache.loop` fills the slot
     before each run.
     """
 
@@ -485,7 +485,7 @@ class StepCache:
     ) -> CompiledLoop | None:
         """The compiled driver of one run: fills the slot with ``denoiser``'s network and
         the keyword arguments it is called with, then returns the (cached) step's per-run
-        loop; None where the eager loop is faster (:meth:`CompileOptions.eager_is_faster`),
+        loop; None where the eager loop is faster (`CompileOptions.eager_is_faster`),
         which the caller then runs."""
         if self.options.eager_is_faster(x):
             return None

@@ -1,14 +1,14 @@
 r"""The denoiser: a network, its prediction target and conditioning, seen as :math:`D(x_t, t)`.
 
-Everything that calls the network goes through :class:`Denoiser`: sampling (eager and
+Everything that calls the network goes through `Denoiser`: sampling (eager and
 compiled alike), the likelihood, the training loss and the tests. It
 
-1. forms the network input with the target's :meth:`~tinydiff.targets.Target.network_input`
+1. forms the network input with the target's `tinydiff.targets.Target.network_input`
    (the raw (x_t, t) for eps / x0 / v; scaled for preconditioned targets), times in float32
    (float64 for float64 x: t up to T must stay exact);
 2. calls ``network(x_in, t_in, **cond)`` and checks the output's shape (``channel_multiplier``
    times the channels for a variance type with extra channels);
-3. converts the output into :class:`Prediction` (x0_hat, eps_hat, variance channels);
+3. converts the output into `Prediction` (x0_hat, eps_hat, variance channels);
 4. hands the conditional (and, where the strategy needs it, the unconditional) prediction to
    a guidance strategy (`tinydiff.guidance`), e.g. classifier-free guidance with rescale;
    the conditional and unconditional rows go through the network in one batch of 2 bsz.
@@ -19,7 +19,7 @@ is what the sampler calls, and it carries the state from call to call and record
 first estimate of x0 for per-step callbacks.
 
 Samplers call ``denoiser(x, point)`` with ``point`` a row of the plan's ``point`` column
-(:func:`tinydiff.process.GaussianProcess.points`): the network time and the process
+(`tinydiff.process.GaussianProcess.points`): the network time and the process
 coefficients there, so they never need to know what the network was trained to predict
 (k-diffusion's denoiser-wrapper idea, Karras et al. 2022).
 """

@@ -55,8 +55,8 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         **config_fields: config fields given directly (``input_shape=(1, 32, 32)``), merged
             into ``config``; a field set here and (to another value) in ``config`` is an error.
 
-    Attributes:
-        nn_module, config, process (`tinydiff.process.GaussianProcess`), target, variance.
+    Its parts are public attributes: ``nn_module``, ``config``, ``process`` (a
+    `tinydiff.process.GaussianProcess`), ``target`` and ``variance``.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 Every module in this package is imported on first use of the package, so adding a sampler
 means adding one file (or registering one from your own code or plugin). The contract is the
-:class:`~tinydiff.samplers.base.Sampler` base class; :func:`~tinydiff.samplers.base.run_loop`
+`tinydiff.samplers.base.Sampler` base class; `tinydiff.samplers.base.run_loop`
 is the loop that drives any sampler over a precomputed plan.
 
 Register your own (the plan's coefficients come from the process at the visited times; the
