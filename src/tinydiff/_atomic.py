@@ -40,7 +40,12 @@ from typing import Any
 
 from torch import Tensor
 
-from tinydiff._safetensors import SerializationError, load_json, read_regular_file
+from tinydiff._safetensors import (
+    SafetensorsFile,
+    SerializationError,
+    load_json,
+    read_regular_file,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -50,6 +55,9 @@ __all__ = [
     "SaveManifest",
     "atomic_write",
     "atomic_write_safetensors",
+    "check_save_id",
+    "open_safetensors_member",
+    "read_json_member",
     "read_manifest",
 ]
 
@@ -201,13 +209,11 @@ def _bytes_writer(data: bytes) -> Callable[[Path], None]:
 def _safetensors_writer(
     tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None
 ) -> Callable[[Path], None]:
-    from safetensors.torch import save_file
+    # serialised in memory and written through our own file: safetensors' save_file makes its
+    # own temporary file with mode 0600 (and leaves it behind when killed)
+    from safetensors.torch import save
 
-    def write(tmp: Path) -> None:
-        # written straight to the file: no model-sized bytes object in between
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
-
-    return write
+    return _bytes_writer(save(dict(tensors), metadata=dict(metadata) if metadata else None))
 
 
 def _atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -236,7 +242,7 @@ def atomic_write_safetensors(
     tensors: Mapping[str, Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a safetensors file atomically, streaming the tensors to disk.
+    """Write a safetensors file atomically.
 
     Args:
         path: the target file; parent folders are created.
@@ -557,6 +563,61 @@ def read_manifest(folder: str | os.PathLike[str]) -> SaveManifest | None:
     except ValueError as err:
         raise SerializationError(f"{where}: {err}") from None
     return SaveManifest(Path(folder), save_id, dict(files), tuple(obsolete))
+
+
+def read_json_member(
+    folder: str | os.PathLike[str],
+    name: str,
+    manifest: SaveManifest | None,
+    *,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+    what: str | None = None,
+) -> Any:
+    """Read the JSON file ``name`` of a saved folder (one open) and check its save id
+    against ``manifest`` (:func:`read_manifest`; None for a folder without one).
+
+    Returns:
+        the document, without :data:`SAVE_ID_KEY`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        SerializationError: not a regular file, too large, not JSON.
+        MixedSaveError: the file belongs to another save than the manifest's.
+    """
+    path = Path(folder) / name
+    doc = load_json(read_regular_file(path, max_bytes, what=what or name), f"{what or name} {path}")
+    found = doc.pop(SAVE_ID_KEY, None) if isinstance(doc, dict) else None
+    check_save_id(manifest, folder, name, found)
+    return doc
+
+
+def open_safetensors_member(
+    folder: str | os.PathLike[str],
+    name: str,
+    manifest: SaveManifest | None,
+    *,
+    max_header_bytes: int,
+    what: str | None = None,
+    device: str = "cpu",
+) -> SafetensorsFile:
+    """Open the safetensors file ``name`` of a saved folder and check the save id in its
+    header against ``manifest``; the tensors read from the returned file are then the ones
+    of that save, whatever happens to the folder meanwhile (one open per read).
+
+    Raises:
+        FileNotFoundError: no such file.
+        SerializationError: see :class:`~tinydiff._safetensors.SafetensorsFile`.
+        MixedSaveError: the file belongs to another save than the manifest's.
+    """
+    file = SafetensorsFile(
+        Path(folder) / name, max_header_bytes=max_header_bytes, what=what or name, device=device
+    )
+    try:
+        check_save_id(manifest, folder, name, file.metadata.get(SAVE_ID_KEY))
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 def iter_temporaries(folder: str | os.PathLike[str]) -> Iterator[Path]:
