@@ -123,35 +123,39 @@ def test_checkpoint_crash_at_every_write_point(tmp_path: Path) -> None:
     assert k >= 4, outcomes  # create, fsync, rename, directory fsync at least
 
 
+def _replace_when_data_is_mapped(monkeypatch, new: Path, path: Path) -> None:
+    """Another process saves right between the header read and the tensor data's mapping
+    (safetensors reads the header, then maps the data by name with ``from_file``)."""
+    real = torch.UntypedStorage.from_file
+
+    def from_file(*args: Any, **kwargs: Any) -> Any:
+        if new.exists():
+            os.replace(new, path)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", from_file)
+
+
 def test_checkpoint_is_read_from_one_open_file(tmp_path: Path, monkeypatch) -> None:
     """Replacing the file between the header and the tensors cannot mix two versions."""
-    import tinydiff.checkpoint as ckpt_mod
-
-    path, other = tmp_path / "c.safetensors", tmp_path / "o.safetensors"
+    path, new = tmp_path / "c.safetensors", tmp_path / "o.safetensors"
     save_checkpoint(path, _net_at(1), step=1)
-    save_checkpoint(other, _net_at(2), step=2)
-    real = ckpt_mod._Checkpoint._parse_meta
-
-    def parse_then_replace(self: Any) -> Any:
-        meta = real(self)
-        if other.exists():
-            os.replace(other, path)  # another process saves right now
-        return meta
-
-    monkeypatch.setattr(ckpt_mod._Checkpoint, "_parse_meta", parse_then_replace)
-    assert _load_step(path) == 1  # the version whose header was read
-    assert read_checkpoint(path)["step"] == 2
+    save_checkpoint(new, _net_at(2), step=2)
+    _replace_when_data_is_mapped(monkeypatch, new, path)
+    assert _load_step(path) == 1  # the version whose header was read, weights included
+    assert not new.exists() and read_checkpoint(path)["step"] == 2
 
 
-def test_safetensors_file_keeps_its_version(tmp_path: Path) -> None:
+def test_safetensors_file_keeps_its_version(tmp_path: Path, monkeypatch) -> None:
     from safetensors.torch import save_file
 
-    path = tmp_path / "w.safetensors"
+    path, new = tmp_path / "w.safetensors", tmp_path / "new"
     save_file({"a": torch.zeros(4)}, str(path), metadata={"v": "old"})
-    save_file({"a": torch.ones(4)}, str(tmp_path / "new"), metadata={"v": "new"})
+    save_file({"a": torch.ones(4)}, str(new), metadata={"v": "new"})
+    _replace_when_data_is_mapped(monkeypatch, new, path)
     with SafetensorsFile(path, max_header_bytes=1 << 16) as f:
-        os.replace(tmp_path / "new", path)
         assert f.metadata["v"] == "old" and f.get("a").eq(0).all()
+    assert not new.exists()
 
 
 def _writer_loop(path: Path, parity: int, seconds: float) -> None:  # pragma: no cover - child

@@ -140,6 +140,10 @@ def save_checkpoint(
         extra: optional nested dict of tensors, numbers, strings, lists.
         generators: named generators whose states are saved (restore them by name).
         save_rng: also save torch's global CPU (and CUDA) RNG states.
+
+    Raises:
+        ValueError: a NaN or infinite number in the optimizer / scheduler / extra state
+            (nothing is written: the file could never be read back).
     """
     tensors: dict[str, Tensor] = {}
     for name, value in model.state_dict().items():
@@ -168,7 +172,15 @@ def save_checkpoint(
         else _Encoder("scheduler", tensors)(scheduler.state_dict()),
         "extra": _Encoder("extra", tensors)(extra or {}),
     }
-    atomic_write_safetensors(Path(path), tensors, {_META_KEY: json.dumps(meta)})
+    try:  # NaN / inf (e.g. an optimizer's lr=inf) would make a file no reader accepts
+        text = json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ValueError(
+            "cannot write a checkpoint: the optimizer / scheduler / extra state holds a NaN "
+            "or infinite number (e.g. a learning rate of inf), which JSON cannot store; fix "
+            "the value (store it as a tensor to keep it)"
+        ) from None
+    atomic_write_safetensors(Path(path), tensors, {_META_KEY: text})
 
 
 class _Checkpoint:
