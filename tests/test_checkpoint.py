@@ -111,7 +111,7 @@ def test_ema_mismatch_and_not_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_non_finite_numbers_in_the_metadata_are_refused_before_writing(tmp_path: Path) -> None:
-    model, opt, sched = _setup(0)
+    model, opt, _ = _setup(0)
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, model, opt, step=1)
     opt.param_groups[0]["lr"] = float("inf")
