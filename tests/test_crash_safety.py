@@ -4,7 +4,7 @@ writers never leave a checkpoint or a saved folder that loads as a mix of two sa
 Children are forked (the parent has imported torch once); a crash is ``os._exit`` just before
 the k-th state-changing system call (create, fsync, rename, unlink) of a save. Every outcome
 must be the old save, the new one, or a clear library error. Bounded: the whole file runs in
-well under 30 s on 2 cores (a longer soak: scripts/soak_crash_safety.py).
+well under 30 s on 2 cores (a longer soak: benchmarks/soak_crash_safety.py).
 """
 
 from __future__ import annotations
