@@ -108,3 +108,16 @@ def test_ema_mismatch_and_not_a_checkpoint(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a tinydiff checkpoint"):
         read_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_non_finite_numbers_in_the_metadata_are_refused_before_writing(tmp_path: Path) -> None:
+    model, opt, _ = _setup(0)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model, opt, step=1)
+    opt.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite number"):
+        save_checkpoint(path, model, opt, step=2)
+    with pytest.raises(ValueError, match="NaN or infinite number"):
+        save_checkpoint(path, model, step=2, extra={"best": float("nan")})
+    assert read_checkpoint(path)["step"] == 1  # the previous file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors"]

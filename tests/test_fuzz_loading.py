@@ -180,3 +180,49 @@ def test_corrupted_checkpoints(tmp_path, originals):
     assert elapsed < 60 * max(1, CASES // 200), (
         f"{CASES} corrupted checkpoints took {elapsed:.1f} s"
     )
+
+
+def test_corrupted_folder_saves(tmp_path):
+    """A folder save (manifest + save ids) with one file corrupted: the manifest-checked
+    readers load it or refuse it with a SerializationError (MixedSaveError included)."""
+    from tinydiff._atomic import (
+        MANIFEST_NAME,
+        FolderWriter,
+        open_safetensors_member,
+        read_json_member,
+        read_manifest,
+    )
+
+    source = tmp_path / "source"
+    with FolderWriter(source) as save:
+        save.write_safetensors("model.safetensors", {"w": torch.randn(16), "b": torch.zeros(2)})
+        save.write_json("config.json", {"step": 3, "layers": [1, 2]})
+    names = ("model.safetensors", "config.json", MANIFEST_NAME)
+    originals = {name: (source / name).read_bytes() for name in names}
+    rng = random.Random(20)
+    counts = {"loaded": 0, "refused": 0}
+
+    def load(folder: Path) -> None:
+        manifest = read_manifest(folder)
+        read_json_member(folder, "config.json", manifest)
+        with open_safetensors_member(
+            folder, "model.safetensors", manifest, max_header_bytes=4096
+        ) as f:
+            for key in f.entries:
+                f.get(key)
+
+    for i in range(CASES // 2):
+        folder = tmp_path / f"f{i}"
+        folder.mkdir()
+        for name, data in originals.items():
+            (folder / name).write_bytes(data)
+        target = rng.choice(names)
+        if target == "model.safetensors":
+            (folder / target).write_bytes(_mutate(originals[target], rng))
+        else:
+            text = originals[target].decode()
+            j = rng.randrange(len(text))
+            edit = rng.choice(["", "0", "f", '"', "{", "]", ",", "x" * 40])
+            (folder / target).write_text(text[:j] + edit + text[j + 1 :])
+        _assert_allowed(lambda f=folder: load(f), counts)
+    assert counts["refused"] > CASES // 8, counts

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _models import draw, mlp_model
+from _nets import TinyNet
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
@@ -599,3 +600,100 @@ def test_failed_from_pretrained_leaves_a_given_network_unchanged(tmp_path):
     with pytest.raises(SerializationError, match=r"net\.0\.bias: shape \(7,\) in the file"):
         DiffusionModel.from_pretrained(tmp_path, nn_module=net)
     assert _same(before, _state(net))
+
+
+# -- issue 20: configs that can sample, JSON and links ----------------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (
+            {
+                "noise_schedule_type": "linear",
+                "schedule_kwargs": {"beta_start": 0.5, "beta_end": 0.1},
+            },
+            "beta_start <= beta_end",
+        ),
+        (
+            {
+                "noise_schedule_type": "scaled_linear",
+                "schedule_kwargs": {"beta_start": 0.1, "beta_end": 0.01},
+            },
+            "beta_start <= beta_end",
+        ),
+        (
+            {"noise_schedule_type": "linear", "schedule_kwargs": {"beta_end": float("nan")}},
+            "beta_end must be a number in \\(0, 1\\)",
+        ),
+        ({"noise_schedule_type": "linear", "schedule_kwargs": {"beta_end": 1.5}}, "in \\(0, 1\\)"),
+        ({"noise_schedule_type": "cosine", "schedule_kwargs": {"s": -1}}, "s .* >= 0"),
+        ({"noise_schedule_type": "cosine", "schedule_kwargs": {"s": float("inf")}}, "s .* >= 0"),
+        ({"noise_schedule_type": "cosine", "schedule_kwargs": {"max_beta": 0}}, "max_beta"),
+        (
+            {
+                "noise_schedule_type": "edm",
+                "target_type": "edm",
+                "target_kwargs": {"sigma_data": float("inf")},
+            },
+            "sigma_data",
+        ),
+        (
+            {
+                "noise_schedule_type": "edm",
+                "target_type": "edm",
+                "target_kwargs": {"sigma_data": 1e30},
+            },
+            "sigma_data",
+        ),
+        (
+            {"noise_schedule_type": "edm", "schedule_kwargs": {"rho": float("inf")}},
+            "rho must be a finite",
+        ),
+    ],
+)
+def test_schedule_parameters_are_checked_by_the_config(fields, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionModelConfig(input_shape=(2,), **fields)
+
+
+def test_constant_betas_and_edge_values_still_sample():
+    for fields in (
+        {
+            "noise_schedule_type": "linear",
+            "schedule_kwargs": {"beta_start": 1e-3, "beta_end": 1e-3},
+        },
+        {"noise_schedule_type": "cosine", "schedule_kwargs": {"s": 0}},
+        {"noise_schedule_type": "edm", "target_type": "edm", "target_kwargs": {"sigma_data": 1e18}},
+    ):
+        model = DiffusionModel(TinyNet(2), DiffusionModelConfig(input_shape=(2,), **fields))
+        assert torch.isfinite(model.sample(4, 3)).all()
+
+
+def test_duplicate_json_keys_are_refused(tmp_path):
+    from tinydiff._safetensors import load_json
+
+    with pytest.raises(SerializationError, match="'a' appears twice"):
+        load_json('{"a": 1, "b": {"c": 2}, "a": 3}', "doc")
+    with pytest.raises(SerializationError, match="appears twice"):
+        load_json('{"b": {"c": 2, "c": 3}}', "doc")
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, torch.nn.Linear(2, 2), step=3)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    meta = header["__metadata__"]["tinydiff"]
+    header["__metadata__"]["tinydiff"] = meta.replace('"step": 3', '"step": 3, "step": 7')
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    with pytest.raises(SerializationError, match="'step' appears twice"):
+        load_checkpoint(path, torch.nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_symlink_loop_is_a_library_error(tmp_path):
+    (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
+    with pytest.raises(SerializationError, match="cannot be opened"):
+        read_checkpoint(tmp_path / "a.safetensors")
+    with pytest.raises(SerializationError, match="cannot be opened"):
+        load_checkpoint(tmp_path / "a.safetensors", torch.nn.Linear(2, 2))

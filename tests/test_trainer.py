@@ -109,3 +109,195 @@ def test_bad_arguments() -> None:
         Trainer(_model(0), x, cond=torch.zeros(3))
     with pytest.raises(TypeError, match="DiffusionModel"):
         Trainer(torch.nn.Linear(2, 2), x)  # type: ignore[arg-type]
+
+
+# -- argument validation -------------------------------------------------------------------------
+def _fn(trainer: Trainer, step: int) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"grad_clip": -1.0}, ValueError, "grad_clip must be a max gradient norm > 0"),
+        ({"grad_clip": 0}, ValueError, "grad_clip must be a max gradient norm > 0"),
+        ({"grad_clip": float("nan")}, ValueError, "grad_clip must be a finite"),
+        ({"grad_clip": True}, TypeError, "grad_clip must be a real number"),
+        (
+            {"checkpoint_every": 0, "checkpoint_path": "c.safetensors"},
+            ValueError,
+            "checkpoint_every >= 1",
+        ),
+        (
+            {"checkpoint_every": -1, "checkpoint_path": "c.safetensors"},
+            ValueError,
+            "checkpoint_every >= 1",
+        ),
+        (
+            {"checkpoint_every": 2.5, "checkpoint_path": "c.safetensors"},
+            TypeError,
+            "checkpoint_every as an int",
+        ),
+        ({"batch_size": 2.5}, TypeError, "batch_size as an int"),
+        ({"batch_size": True}, TypeError, "batch_size as an int"),
+        ({"batch_size": 0}, ValueError, "batch_size >= 1"),
+        ({"batch_size": 201}, ValueError, "exceeds the 200 training samples"),
+        ({"seed": 2**70}, ValueError, "seed in"),
+        ({"seed": 1.5}, TypeError, "seed as an int"),
+        ({"lr": 0}, ValueError, "lr must be > 0"),
+        ({"lr": -1e-3}, ValueError, "lr must be >= 0"),
+        ({"lr": float("inf")}, ValueError, "lr must be a finite number"),
+        ({"lr": "1e-3"}, TypeError, "lr must be a real number"),
+        ({"optimizer": "adam"}, TypeError, "optimizer must be a torch.optim.Optimizer"),
+        ({"lr_scheduler": "cosine"}, TypeError, "lr_scheduler must be None"),
+        ({"callbacks": [(0, _fn)]}, ValueError, "every_n_steps >= 1"),
+        ({"callbacks": [(True, _fn)]}, ValueError, "every_n_steps >= 1"),
+        ({"callbacks": [(5, "fn")]}, ValueError, "every_n_steps >= 1"),
+        ({"device": "nonsense"}, ValueError, "not a device name"),
+        ({"progress": "yes"}, TypeError, "progress must be True or False"),
+        ({"cond_key": 3}, TypeError, "cond_key must be a str"),
+        ({"max_consecutive_skips": -1}, ValueError, "max_consecutive_skips >= 0"),
+    ],
+)
+def test_every_argument_is_checked(kwargs: dict[str, object], error: type, match: str) -> None:
+    x, _ = _data()
+    with pytest.raises(error, match=match):
+        Trainer(_model(0, ema=False), x, progress=kwargs.pop("progress", False), **kwargs)  # type: ignore[arg-type]
+
+
+def test_data_and_fit_arguments(tmp_path: Path) -> None:
+    x, _ = _data()
+    model = _model(0, ema=False)
+    with pytest.raises(ValueError, match="N >= 1 samples"):
+        Trainer(model, x[:0], progress=False)
+    with pytest.raises(TypeError, match="floating-point"):
+        Trainer(model, torch.arange(10), progress=False)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        Trainer(model, 3, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="is a directory"):
+        Trainer(model, x, checkpoint_path=tmp_path, checkpoint_every=1, progress=False)
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0]), batch_size=4)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        Trainer(model, empty, progress=False).fit(1)
+    trainer = Trainer(model, x, batch_size=8, progress=False)
+    for bad, error in ((2.5, TypeError), (True, TypeError), (-1, ValueError), ("3", TypeError)):
+        with pytest.raises(error, match="num_steps"):
+            trainer.fit(bad)  # type: ignore[arg-type]
+    assert trainer.step == 0
+    with pytest.raises(TypeError, match="path must be a str"):
+        trainer.resume(None)  # type: ignore[arg-type]
+
+
+# -- atomic resume -------------------------------------------------------------------------------
+def _snapshot(trainer: Trainer) -> dict[str, object]:
+    return {
+        "params": [p.detach().clone() for p in trainer.model.parameters()],
+        "ema": {k: v.clone() for k, v in trainer.model.ema_state_dict().items()},
+        "opt": repr(trainer.optimizer.state_dict()),
+        "sched": repr(trainer.scheduler.state_dict()) if trainer.scheduler else None,
+        "rng": torch.get_rng_state(),
+        "data": trainer.data_generator.get_state(),
+        "noise": trainer.noise_generator.get_state(),
+        "step": trainer.step,
+        "history": list(trainer.history),
+    }
+
+
+def _assert_unchanged(trainer: Trainer, before: dict[str, object]) -> None:
+    after = _snapshot(trainer)
+    for key, value in before.items():
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            assert all(torch.equal(a, b) for a, b in zip(value, after[key], strict=True)), key  # type: ignore[call-overload]
+        elif isinstance(value, dict):
+            assert all(torch.equal(v, after[key][k]) for k, v in value.items()), key  # type: ignore[index]
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), key  # type: ignore[arg-type]
+        else:
+            assert value == after[key], key
+
+
+def _edited(tmp_path: Path, edit: object) -> Path:
+    """A checkpoint of a trainer at step 6 whose extra section went through ``edit``."""
+    from tinydiff import save_checkpoint
+    from tinydiff.checkpoint import read_checkpoint
+
+    source = _trainer(_model(0))
+    good = tmp_path / "good.safetensors"
+    source.fit(6)
+    source.save(good)
+    extra = read_checkpoint(good)["extra"]
+    edit(extra)  # type: ignore[operator]
+    path = tmp_path / "edited.safetensors"
+    save_checkpoint(
+        path,
+        source.model,
+        source.optimizer,
+        source.scheduler,
+        step=6,
+        extra=extra,
+        generators={"data": source.data_generator, "noise": source.noise_generator},
+    )
+    return path
+
+
+def _set(key: str, value: object) -> object:
+    return lambda extra: extra.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda e: e.pop("history"), "lacks \\['history'\\]"),
+        (lambda e: e.pop("pos"), "lacks \\['pos'\\]"),
+        (_set("history", [1.0] * 6), "history must be a float64 tensor"),
+        (_set("history", torch.zeros(5, dtype=torch.float64)), "one loss per step \\(6\\)"),
+        (_set("perm", torch.arange(199)), "permutation of the 200"),
+        (_set("perm", torch.zeros(200, dtype=torch.int64)), "permutation of the 200"),
+        (_set("pos", 10**6), "pos .* must be an int in 0..200"),
+        (_set("pos", -1), "pos .* must be an int in 0..200"),
+        (_set("pos", "3"), "pos .* must be an int"),
+        (_set("loader_epoch", -1), "loader_epoch must be an int >= 0"),
+        (_set("skipped_steps", [5, 3]), "skipped_steps must be increasing"),
+        (_set("skipped_steps", [99]), "skipped_steps must be increasing"),
+        (_set("world_size", 2), "written by 2 process"),
+        (_set("surprise", 1), "unknown fields \\['surprise'\\]"),
+    ],
+)
+def test_malformed_extra_changes_nothing(tmp_path: Path, edit: object, match: str) -> None:
+    path = _edited(tmp_path, edit)
+    trainer = _trainer(_model(3))
+    trainer.fit(2)
+    before = _snapshot(trainer)
+    with pytest.raises(ValueError, match=match):
+        trainer.resume(path)
+    _assert_unchanged(trainer, before)
+
+
+def test_scheduler_state_must_match(tmp_path: Path) -> None:
+    x, y = _data()
+    with_sched = _trainer(_model(0))
+    with_sched.fit(3)
+    with_sched.save(tmp_path / "sched.safetensors")
+    plain = Trainer(_model(0), x, cond=y, batch_size=32, progress=False)
+    plain.fit(3)
+    plain.save(tmp_path / "plain.safetensors")
+    before = _snapshot(plain)
+    with pytest.raises(ValueError, match="holds scheduler state but no scheduler"):
+        plain.resume(tmp_path / "sched.safetensors")
+    _assert_unchanged(plain, before)
+    with pytest.raises(ValueError, match="holds no scheduler state"):
+        _trainer(_model(0)).resume(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="has LR scheduler state and this Trainer has none"):
+        plain.load_state_dict(with_sched.state_dict())
+
+
+def test_loader_trainer_refuses_a_tensor_data_checkpoint(tmp_path: Path) -> None:
+    x, y = _data()
+    source = Trainer(_model(0), x, cond=y, batch_size=32, progress=False)
+    source.fit(2)
+    source.save(tmp_path / "c.safetensors")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
+    trainer = Trainer(_model(1), loader, progress=False)
+    with pytest.raises(ValueError, match="written by a Trainer on tensor data"):
+        trainer.resume(tmp_path / "c.safetensors")
+    assert trainer.step == 0

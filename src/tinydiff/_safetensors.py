@@ -27,7 +27,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-__all__ = ["MAX_JSON_DEPTH", "SafetensorsFile", "SerializationError", "check_regular_file"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "SafetensorsFile",
+    "SerializationError",
+    "check_regular_file",
+    "read_regular_file",
+]
 
 #: nesting deeper than this in a JSON document is refused (tinydiff writes at most ~8)
 MAX_JSON_DEPTH = 64
@@ -69,13 +75,20 @@ def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path
 
     Raises:
         FileNotFoundError: nothing there.
-        SerializationError: a directory, FIFO, device or socket.
+        SerializationError: a directory, FIFO, device or socket; a symlink loop.
     """
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise
+    except OSError as err:  # a symlink loop (ELOOP), a name too long ...
+        raise SerializationError(
+            f"{what} {path} cannot be opened ({err.strerror or err}); pass the path of a file "
+            "written by tinydiff"
+        ) from None
     if not stat.S_ISREG(mode):
         raise SerializationError(
             f"{what} {path} is {_kind(mode)}, not a regular file; pass the path of a file "
@@ -84,17 +97,79 @@ def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path
     return path
 
 
-def _header_length(path: Path) -> int | None:
-    """The 8-byte little-endian header length, or None if the file is shorter."""
+def _open_regular(path: str | os.PathLike[str], what: str) -> tuple[Path, int]:
+    """``(path, fd)``: ``path`` opened read-only, checked to be a regular file on the open
+    descriptor itself (so a file swapped after the check is still refused)."""
+    path = check_regular_file(path, what)
     # O_NONBLOCK: should the path have been swapped for a FIFO since the check, do not hang
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise
+    except OSError as err:
+        raise SerializationError(f"{what} {path} cannot be opened ({err})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SerializationError(f"{path} is not a regular file")
-        head = os.read(fd, 8)
+            raise SerializationError(f"{what} {path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return path, fd
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer at the end of the file)."""
+    if hasattr(os, "pread"):
+        out = b""
+        while len(out) < n:
+            chunk = os.pread(fd, n - len(out), offset + len(out))
+            if not chunk:
+                break
+            out += chunk
+        return out
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
+    return os.read(fd, n)  # pragma: no cover
+
+
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of a small regular file, read through one open descriptor.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        SerializationError: not a regular file, or larger than ``max_bytes``.
+    """
+    path, fd = _open_regular(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise SerializationError(
+                f"{what} {path} is {size} bytes, more than the {max_bytes} allowed; the file is "
+                "not the one expected"
+            )
+        data = _pread(fd, max_bytes + 1, 0)
     finally:
         os.close(fd)
-    return int.from_bytes(head, "little") if len(head) == 8 else None
+    if len(data) > max_bytes:
+        raise SerializationError(f"{what} {path} grew beyond {max_bytes} bytes while read")
+    return data
+
+
+def _fd_alias(fd: int, path: Path) -> str:
+    """A name that opens the very file behind ``fd``, whatever happened to ``path`` since.
+
+    safetensors opens its argument by name (a header mmap, then the tensor storage); through
+    ``/proc/self/fd/N`` (Linux) or ``/dev/fd/N`` (macOS, BSD) every such open reaches the
+    inode ``fd`` holds, so an ``os.replace`` of ``path`` meanwhile cannot mix two versions.
+    Elsewhere (Windows) a file that is open cannot be replaced at all.
+    """
+    for base in ("/proc/self/fd", "/dev/fd"):
+        alias = f"{base}/{fd}"
+        if os.path.isdir(base) and os.path.exists(alias):
+            return alias
+    return str(path)  # pragma: no cover - Windows
 
 
 class SafetensorsFile:
@@ -123,8 +198,17 @@ class SafetensorsFile:
         what: str = "file",
         device: str = "cpu",
     ) -> None:
-        self.path = check_regular_file(path, what)
-        n = _header_length(self.path)
+        self.path, self._fd = _open_regular(path, what)
+        try:
+            self._open(max_header_bytes, what, device)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.what = what
+
+    def _open(self, max_header_bytes: int, what: str, device: str) -> None:
+        head = _pread(self._fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
         if n is not None and n > max_header_bytes:
             raise SerializationError(
                 f"{what} {self.path}: its safetensors header claims {n} bytes, more than the "
@@ -132,7 +216,7 @@ class SafetensorsFile:
                 "corrupt or is not the one expected"
             )
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device=device)
+            self._handle = safe_open(_fd_alias(self._fd, self.path), framework="pt", device=device)
             self._file = self._handle.__enter__()
             self.metadata: dict[str, str] = self._file.metadata() or {}
             self.entries: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -144,7 +228,6 @@ class SafetensorsFile:
                 f"{what} {self.path} is not a valid safetensors file ({err}); it is truncated "
                 "or corrupt: save it again"
             ) from None
-        self.what = what
 
     def dtype(self, key: str) -> torch.dtype | None:
         """The torch dtype of tensor ``key`` (None for a dtype torch cannot hold)."""
@@ -160,7 +243,13 @@ class SafetensorsFile:
         return tensor
 
     def close(self) -> None:
-        self._handle.__exit__(None, None, None)
+        if self._fd < 0:
+            return
+        try:
+            self._handle.__exit__(None, None, None)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -200,14 +289,29 @@ def _depth(doc: Any) -> int:
     return deepest
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {dup!r:.80} appears twice in one object")
+    return doc
+
+
 def load_json(text: str | bytes, where: str) -> Any:
     """Parse JSON from an untrusted source; every failure is a SerializationError.
 
-    Refuses nesting deeper than :data:`MAX_JSON_DEPTH`, NaN / Infinity literals, and
-    integers too long for Python to parse.
+    Refuses nesting deeper than :data:`MAX_JSON_DEPTH`, NaN / Infinity literals, integers
+    too long for Python to parse, and a key repeated in one object (where JSON parsers
+    disagree on which value wins).
     """
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        doc = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except RecursionError:
         raise SerializationError(
             f"{where} is nested too deeply (more than {MAX_JSON_DEPTH} levels)"

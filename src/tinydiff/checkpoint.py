@@ -12,21 +12,25 @@ Layout of a checkpoint file (a standard ``.safetensors`` file):
   encoded so that they round-trip exactly).
 
 Writes go to a temporary file in the same directory, are flushed to disk, then
-``os.replace``-d onto the target: a run killed mid-write leaves the previous checkpoint intact.
+``os.replace``-d onto the target (:func:`tinydiff._atomic.atomic_write_safetensors`): a run
+killed mid-write leaves the previous checkpoint intact, and the next save removes the
+temporary file it left. Reads open the file once and take the header and every tensor from
+that one open file, so a checkpoint replaced by another process meanwhile is read entirely in
+its old version or entirely in its new one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from tinydiff._atomic import atomic_write, atomic_write_safetensors
 from tinydiff._safetensors import (
     SafetensorsFile,
     SerializationError,
@@ -107,18 +111,8 @@ def _decode(obj: Any, get: Any, where: str) -> Any:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """One file written atomically (kept for callers of tinydiff <= 0.2's private name)."""
+    atomic_write(path, data)
 
 
 def save_checkpoint(
@@ -146,6 +140,10 @@ def save_checkpoint(
         extra: optional nested dict of tensors, numbers, strings, lists.
         generators: named generators whose states are saved (restore them by name).
         save_rng: also save torch's global CPU (and CUDA) RNG states.
+
+    Raises:
+        ValueError: a NaN or infinite number in the optimizer / scheduler / extra state
+            (nothing is written: the file could never be read back).
     """
     tensors: dict[str, Tensor] = {}
     for name, value in model.state_dict().items():
@@ -174,8 +172,15 @@ def save_checkpoint(
         else _Encoder("scheduler", tensors)(scheduler.state_dict()),
         "extra": _Encoder("extra", tensors)(extra or {}),
     }
-    data = st_save(tensors, metadata={_META_KEY: json.dumps(meta)})
-    _atomic_write(Path(path), data)
+    try:  # NaN / inf (e.g. an optimizer's lr=inf) would make a file no reader accepts
+        text = json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ValueError(
+            "cannot write a checkpoint: the optimizer / scheduler / extra state holds a NaN "
+            "or infinite number (e.g. a learning rate of inf), which JSON cannot store; fix "
+            "the value (store it as a tensor to keep it)"
+        ) from None
+    atomic_write_safetensors(Path(path), tensors, {_META_KEY: text})
 
 
 class _Checkpoint:
@@ -380,6 +385,45 @@ def load_checkpoint(
         SerializationError: anything wrong with the file or inconsistent with the objects;
             the message names the file and the mismatch.
     """
+    step, _ = restore_checkpoint(
+        path,
+        model,
+        optimizer,
+        scheduler,
+        ema,
+        generators=generators,
+        restore_rng=restore_rng,
+        strict=strict,
+    )
+    return step
+
+
+def restore_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    ema: Any | None = None,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+    restore_rng: bool = True,
+    strict: bool = True,
+    exact: bool = False,
+    check_extra: Callable[[Any, int], Any] | None = None,
+) -> tuple[int, Any]:
+    """:func:`load_checkpoint` for a caller that also restores the ``extra`` section.
+
+    The file is opened once; ``check_extra(extra, step)`` runs on the decoded ``extra``
+    after every other check and before anything changes, and may raise to refuse the file.
+
+    Args:
+        exact: the file holds optimizer / scheduler state exactly when one is given here
+            (otherwise state the caller does not restore is ignored).
+        check_extra: validates (and converts) ``extra``; its result is returned.
+
+    Returns:
+        ``(step, check_extra(extra, step))`` (``(step, None)`` without ``check_extra``).
+    """
     if ema is None and getattr(model, "ema", None) is not None:
         ema = model.ema
     model_state = model.state_dict()
@@ -396,6 +440,8 @@ def load_checkpoint(
             generators or {},
             restore_rng,
             strict,
+            exact,
+            check_extra,
         )
     finally:
         ckpt.close()
@@ -411,9 +457,19 @@ def _restore(
     generators: dict[str, torch.Generator],
     restore_rng: bool,
     strict: bool,
-) -> int:
+    exact: bool,
+    check_extra: Callable[[Any, int], Any] | None,
+) -> tuple[int, Any]:
     where = f"checkpoint {ckpt.path}"
     meta = ckpt.meta
+    if exact:
+        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+            if obj is None and meta[name] is not None:
+                raise SerializationError(
+                    f"{where} holds {name} state but no {name} was given to restore it into; "
+                    f"pass the same kind of {name} as when saving (its state would otherwise "
+                    "be silently dropped)"
+                )
     # -- validate everything -------------------------------------------------------------
     model_keys = ckpt.section("model/")
     check_entries(
@@ -494,6 +550,7 @@ def _restore(
     cuda_states = (
         [ckpt.get(cuda_keys[str(i)]) for i in range(len(cuda_keys))] if restore_cuda else []
     )
+    extra = check_extra(ckpt.decode("extra"), meta["step"]) if check_extra is not None else None
     # -- mutate ------------------------------------------------------------------------------
     model.load_state_dict(model_tensors, strict=strict)
     if ema is not None:
@@ -509,4 +566,4 @@ def _restore(
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
     step: int = meta["step"]
-    return step
+    return step, extra

@@ -186,6 +186,14 @@ class DiffusionModelConfig(BaseModel):
             schedules.check_schedule_kwargs(
                 self.noise_schedule_type, self.num_timesteps, self.schedule_kwargs
             )
+            if not schedules.is_path(self.noise_schedule_type):  # the table sampling will use
+                schedules.build_alphas_cumprod(
+                    self.noise_schedule_type,
+                    self.num_timesteps,
+                    self.schedule_kwargs,
+                    zero_terminal_snr=self.zero_terminal_snr and self.num_timesteps >= 2,
+                )
+            _check_sigma_data(self.target_type, self.target_kwargs)
             check_kwargs("prediction target", self.target_type, target_cls, **self.target_kwargs)
             check_kwargs(
                 "variance type",
@@ -268,6 +276,22 @@ class DiffusionModelConfig(BaseModel):
                 f"{self.target_type!r} does not define one (its error scale depends on more "
                 "than the SNR). Drop min_snr_gamma or use pred_eps / pred_x_0 / pred_v / edm."
             )
+
+
+#: EDM's sigma_data enters as s_d^2 and 1 / s_d^2 next to float32 tensors: both must be finite
+_SIGMA_DATA_RANGE = (1e-18, 1e18)
+
+
+def _check_sigma_data(target_type: str, kwargs: dict[str, Any]) -> None:
+    if target_type != "edm" or "sigma_data" not in kwargs:
+        return
+    sd, (lo, hi) = kwargs["sigma_data"], _SIGMA_DATA_RANGE
+    if isinstance(sd, bool) or not isinstance(sd, (int, float)) or not lo <= sd <= hi:
+        raise ValueError(
+            f"edm sigma_data (the data's standard deviation) must be a finite number in "
+            f"[{lo:g}, {hi:g}], got {sd!r}: its square enters every float32 sampling step. "
+            "Normalise the data (sigma_data ~ 0.5 for data in [-1, 1])"
+        )
 
 
 def merge_config(config: Any, overrides: dict[str, Any]) -> DiffusionModelConfig:

@@ -203,6 +203,18 @@ def build_process(
     return DiscreteVP(table)
 
 
+def _check_betas(name: str, beta_start: float, beta_end: float) -> None:
+    """Betas that rise monotonically inside (0, 1): 0 < beta_start <= beta_end < 1."""
+    for arg, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{name} {arg} must be a number in (0, 1), got {v!r}")
+    if beta_start > beta_end:
+        raise ValueError(
+            f"{name} needs beta_start <= beta_end (noise that grows with t), got beta_start="
+            f"{beta_start} > beta_end={beta_end}; swap them"
+        )
+
+
 def _from_betas(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar for t = 0..T from betas for t = 1..T (alpha_bar_0 = 1)."""
     return torch.cat([betas.new_ones(1), torch.cumprod(1.0 - betas, dim=0)])
@@ -215,6 +227,7 @@ def linear(
     """DDPM's linear betas (Ho et al. 2020), 1e-4 to 0.02 at T = 1000, scaled by 1000 / T
     (Nichol & Dhariwal 2021) so that any T gives about the same total noise; ``rescale=False``
     uses beta_start and beta_end as given for every T (diffusers' convention)."""
+    _check_betas("linear", beta_start, beta_end)
     scale = 1000.0 / num_timesteps if rescale else 1.0
     betas = torch.linspace(
         beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64
@@ -231,6 +244,7 @@ def scaled_linear(
 ) -> torch.Tensor:
     """Betas linear in their square root (Stable Diffusion, Rombach et al. 2022), scaled by
     1000 / T like ``linear`` (``rescale=False``: as given for every T)."""
+    _check_betas("scaled_linear", beta_start, beta_end)
     scale = 1000.0 / num_timesteps if rescale else 1.0
     betas = (
         torch.linspace(
@@ -249,6 +263,10 @@ def cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> tor
     r"""Cosine schedule (Nichol & Dhariwal 2021): :math:`\bar\alpha_t = f(t)/f(0)`,
     :math:`f(t) = \cos^2\!\big(\frac{t/T + s}{1 + s}\,\frac{\pi}{2}\big)`, betas clipped at
     ``max_beta``."""
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < math.inf:
+        raise ValueError(f"cosine s (the offset at t = 0) must be a finite number >= 0, got {s!r}")
+    if isinstance(max_beta, bool) or not isinstance(max_beta, (int, float)) or not 0 < max_beta < 1:
+        raise ValueError(f"cosine max_beta must be a number in (0, 1), got {max_beta!r}")
     t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
@@ -483,8 +501,8 @@ def rectified_flow(s: torch.Tensor, shift: float = 1.0) -> tuple[torch.Tensor, t
 
 def _check_edm(sigma_min: float, sigma_max: float, rho: float) -> None:
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"edm {name} must be a number > 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"edm {name} must be a finite number > 0, got {v!r}")
     if not sigma_min < sigma_max:
         raise ValueError(
             f"edm needs sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"

@@ -24,11 +24,23 @@ single-process training on the combined batch; a ``DataLoader`` without a
 generator is seeded per rank), the EMA is updated on rank 0 only, and rank 0 alone writes
 checkpoints, which hold every rank's RNG states, so :meth:`Trainer.resume` with the same
 world size continues exactly. ``history`` holds the loss averaged over the ranks.
+
+Non-finite steps. A step whose loss or gradient norm is NaN or inf is *skipped*: the
+optimizer, the LR scheduler and the EMA are not updated, so the weights stay those of the last
+good step (as ``torch.amp.GradScaler`` does). Its loss still goes into ``history`` and its
+number into ``skipped_steps``. After ``max_consecutive_skips`` skipped steps in a row (the run
+has diverged: a NaN weight, an infinite learning rate) :meth:`Trainer.fit` stops with a
+``FloatingPointError``. The check costs no extra host synchronisation: the loss and the
+gradient norm are read back together, once per step, as the loss alone was for the history.
+A checkpoint is never written from non-finite state: :meth:`Trainer.save` first checks the
+weights, the EMA and the optimizer state and raises ``FloatingPointError`` instead of
+replacing the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,13 +54,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from tinydiff.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from tinydiff._safetensors import SerializationError
+from tinydiff._validation import check_device, check_int, check_number
+from tinydiff.checkpoint import restore_checkpoint, save_checkpoint
 from tinydiff.model import DiffusionModel
 
 __all__ = ["Callback", "Trainer", "warmup_cosine"]
 
 #: ``fn(trainer, step)``, called after optimizer step number ``step`` (1-based)
 Callback = Callable[["Trainer", int], None]
+
+#: the fields of a checkpoint's ``extra`` section that :meth:`Trainer.save` writes
+_EXTRA_REQUIRED = ("history", "perm", "pos")
+_EXTRA_OPTIONAL = ("loader_epoch", "skipped_steps", "world_size", "rank_rng", "rank_noise")
 
 
 def warmup_cosine(
@@ -99,14 +117,23 @@ class Trainer:
             that are multiples of ``every_n_steps``.
         checkpoint_path: file for periodic checkpoints (``*.safetensors``).
         checkpoint_every: save every n steps (and at the end of :meth:`fit`).
-        seed: seeds the trainer's ``data`` and ``noise`` generators.
+        seed: seeds the trainer's ``data`` and ``noise`` generators (an int64).
         device: where batches go (default: ``cuda:LOCAL_RANK`` under NCCL, else the
             model's parameters' device).
         progress: tqdm bar with the running loss (rank 0 only).
+        max_consecutive_skips: how many steps in a row may be skipped for a non-finite loss
+            or gradient (module docstring) before :meth:`fit` raises ``FloatingPointError``;
+            0 raises at the first.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range (each is
+            checked here, before anything is built).
 
     Attributes:
-        step: optimizer steps done.
-        history: the loss of every step (floats; the mean over ranks when distributed).
+        step: training steps done (skipped ones included).
+        history: the loss of every step (floats; the mean over ranks when distributed;
+            NaN or inf for skipped steps).
+        skipped_steps: the numbers of the steps skipped for a non-finite loss or gradient.
         rank, world_size: this process's rank and the number of processes (0 and 1 when
             not distributed).
         is_main_process: ``rank == 0``: the process that updates the EMA and writes
@@ -131,9 +158,28 @@ class Trainer:
         seed: int = 0,
         device: torch.device | str | None = None,
         progress: bool = True,
+        max_consecutive_skips: int = 10,
     ) -> None:
         if not isinstance(model, DiffusionModel):
             raise TypeError(f"model must be a tinydiff.DiffusionModel, got {type(model).__name__}")
+        _check_arguments(
+            data,
+            cond,
+            cond_key,
+            batch_size,
+            lr,
+            optimizer,
+            grad_clip,
+            callbacks,
+            checkpoint_path,
+            checkpoint_every,
+            seed,
+            device,
+            progress,
+        )
+        self.max_consecutive_skips = check_int(
+            "max_consecutive_skips", max_consecutive_skips, min=0, owner="Trainer"
+        )
         self.model = model
         self.rank, self.world_size = _join_process_group()
         self.is_main_process = self.rank == 0
@@ -147,8 +193,11 @@ class Trainer:
             model.to(self.device)
         self.cond_key = cond_key
         if isinstance(data, Tensor):
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            if batch_size * self.world_size > data.shape[0]:
+                raise ValueError(
+                    f"batch_size * world_size = {batch_size} * {self.world_size} exceeds the "
+                    f"{data.shape[0]} training samples; lower batch_size"
+                )
             self.data: Tensor | None = data
             self.loader: Iterable[Any] | None = None
             if isinstance(cond, Tensor):
@@ -178,15 +227,19 @@ class Trainer:
             if callable(lr_scheduler) and not hasattr(lr_scheduler, "state_dict")
             else lr_scheduler
         )
+        if self.scheduler is not None and not all(
+            callable(getattr(self.scheduler, m, None))
+            for m in ("step", "state_dict", "load_state_dict")
+        ):
+            raise TypeError(
+                "lr_scheduler must be None, an LR scheduler (with step, state_dict and "
+                "load_state_dict) or a function optimizer -> scheduler; got "
+                f"{type(self.scheduler).__name__}"
+            )
         self.grad_clip = grad_clip
         self.callbacks = list(callbacks)
-        for every, fn in self.callbacks:
-            if not isinstance(every, int) or every < 1 or not callable(fn):
-                raise ValueError("callbacks must be (every_n_steps >= 1, fn(trainer, step)) pairs")
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
-        if checkpoint_every is not None and checkpoint_path is None:
-            raise ValueError("checkpoint_every needs checkpoint_path")
         self.progress = progress and self.is_main_process
         # the data order is shared by all ranks; t and eps are drawn per rank
         self.data_generator = torch.Generator().manual_seed(seed)
@@ -195,6 +248,7 @@ class Trainer:
         )
         self.step = 0
         self.history: list[float] = []
+        self.skipped_steps: list[int] = []
         self._perm: Tensor | None = None
         self._pos = 0
         self._loader_iter: Iterator[Any] | None = None
@@ -225,7 +279,13 @@ class Trainer:
                 batch = next(self._loader_iter)
             except StopIteration:
                 self._loader_iter = self._new_epoch(self.loader)
-                batch = next(self._loader_iter)
+                try:
+                    batch = next(self._loader_iter)
+                except StopIteration:
+                    raise ValueError(
+                        "the data loader yielded no batches (an empty dataset, or drop_last=True "
+                        "with fewer samples than batch_size); give the Trainer data"
+                    ) from None
             x, cond = self._split_batch(batch)
         x = x.to(self.device)
         if cond is not None:
@@ -255,34 +315,71 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def train_step(self) -> float:
-        """One optimizer step; returns the batch loss."""
+        """One training step; returns the batch loss.
+
+        A non-finite loss or gradient norm skips the update (module docstring) and raises
+        ``FloatingPointError`` once more than ``max_consecutive_skips`` steps in a row were
+        skipped.
+        """
         self.model.train()
         x, cond = self._next_batch()
         loss = self._forward(x, cond=cond, generator=self.noise_generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the ranks here
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = _grad_norm(params, loss)
+        # the one host sync of a step (the history needs the loss anyway): the loss and the
+        # gradient norm together; averaged gradients make the norm the same on every rank
+        stats = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+        value, grad_norm = stats.tolist()
+        value /= self.world_size
+        self.step += 1
+        self.history.append(value)
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps.append(self.step)
+            if self._consecutive_skips() > self.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"training diverged: the loss or its gradient was NaN or inf in the last "
+                    f"{self._consecutive_skips()} steps (up to step {self.step}; loss {value}, "
+                    f"gradient norm {grad_norm}), more than max_consecutive_skips="
+                    f"{self.max_consecutive_skips}. The weights are those of the last good step "
+                    "and no checkpoint was written from non-finite state. Check the data for "
+                    "NaN/inf or huge values, lower the learning rate, or set grad_clip."
+                )
+            return value
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         if self.model.ema is not None and self.is_main_process:
             self.model.update_ema()
-        self.step += 1
-        loss = loss.detach()
-        if self.world_size > 1:
-            dist.all_reduce(loss)
-            loss = loss / self.world_size
-        value = float(loss)
-        self.history.append(value)
         return value
+
+    def _consecutive_skips(self) -> int:
+        """How many of the last steps, up to the current one, were skipped."""
+        n = 0
+        for s in reversed(self.skipped_steps):
+            if s != self.step - n:
+                break
+            n += 1
+        return n
 
     def fit(self, num_steps: int) -> list[float]:
         """Train until ``self.step == num_steps`` (a total, so a resumed run continues).
 
         Returns:
             the loss history of all steps so far.
+
+        Raises:
+            FloatingPointError: training diverged (see ``max_consecutive_skips``), or a
+                checkpoint would have been written from non-finite weights.
         """
+        num_steps = check_int("num_steps", num_steps, min=0, max=2**63 - 1, owner="fit")
         bar = tqdm(total=num_steps, initial=self.step, disable=not self.progress, desc="training")
         try:
             while self.step < num_steps:
@@ -308,6 +405,7 @@ class Trainer:
             "perm": self._perm,
             "pos": self._pos,
             "loader_epoch": self._loader_epoch,
+            "skipped_steps": list(self.skipped_steps),
         }
         if self.world_size > 1:  # every rank's own RNG states, rows indexed by rank
             states = [torch.get_rng_state(), self.noise_generator.get_state()]
@@ -318,8 +416,24 @@ class Trainer:
             extra["rank_noise"] = torch.stack([g[1] for g in gathered])
         return extra
 
-    def _check_world_size(self, extra: dict[str, Any]) -> None:
-        saved_world = int(extra.get("world_size", 1))
+    def _parse_extra(self, extra: Any, step: int, where: str) -> dict[str, Any]:
+        """Check every field of a checkpoint's ``extra`` section against this trainer, before
+        anything is restored; returns the values to restore (see :meth:`_apply_extra`)."""
+        if not isinstance(extra, dict):
+            raise SerializationError(f"{where}: extra must be a dict, got {type(extra).__name__}")
+        missing = [k for k in _EXTRA_REQUIRED if k not in extra]
+        unknown = sorted(k for k in extra if k not in _EXTRA_REQUIRED + _EXTRA_OPTIONAL)
+        if missing or unknown:
+            raise SerializationError(
+                f"{where} was not written by Trainer.save: its extra section lacks "
+                f"{missing or 'nothing'} and has unknown fields {unknown or 'none'}; restore "
+                "weights only with tinydiff.load_checkpoint"
+            )
+        saved_world = extra.get("world_size", 1)
+        if not _is_int(saved_world) or saved_world < 1:
+            raise SerializationError(
+                f"{where}: world_size must be an int >= 1, got {saved_world!r}"
+            )
         if saved_world != self.world_size:
             raise ValueError(
                 f"this checkpoint was written by {saved_world} process(es) and this run has "
@@ -327,17 +441,95 @@ class Trainer:
                 f"(relaunch with --nproc_per_node={saved_world}), or load only the weights "
                 "with tinydiff.load_checkpoint"
             )
+        history = extra["history"]
+        if (
+            not isinstance(history, Tensor)
+            or history.dtype != torch.float64
+            or history.dim() != 1
+            or history.numel() != step
+        ):
+            got = (
+                f"{history.dtype} {list(history.shape)}"
+                if isinstance(history, Tensor)
+                else type(history).__name__
+            )
+            raise SerializationError(
+                f"{where}: history must be a float64 tensor of one loss per step ({step}), got "
+                f"{got}; the file is corrupt"
+            )
+        perm, pos = extra["perm"], extra["pos"]
+        n = None if self.data is None else int(self.data.shape[0])
+        if perm is not None:
+            if n is None:
+                raise ValueError(
+                    f"{where} was written by a Trainer on tensor data (it holds the data order); "
+                    "this one reads a data loader: resume it with the same kind of data"
+                )
+            if (
+                not isinstance(perm, Tensor)
+                or perm.dtype != torch.int64
+                or perm.shape != (n,)
+                or not torch.equal(perm.sort().values, torch.arange(n))
+            ):
+                raise SerializationError(
+                    f"{where}: perm must be a permutation of the {n} training samples; the "
+                    "checkpoint was written for other data, or is corrupt"
+                )
+        limit = 0 if perm is None else n
+        if not _is_int(pos) or not 0 <= pos <= limit:  # type: ignore[operator]
+            raise SerializationError(
+                f"{where}: pos (the position in the epoch) must be an int in 0..{limit}, got "
+                f"{pos!r:.40}; the checkpoint was written for other data, or is corrupt"
+            )
+        loader_epoch = extra.get("loader_epoch", 0)
+        if not _is_int(loader_epoch) or loader_epoch < 0:
+            raise SerializationError(
+                f"{where}: loader_epoch must be an int >= 0, got {loader_epoch!r:.40}"
+            )
+        skipped = extra.get("skipped_steps", [])
+        if (
+            not isinstance(skipped, list)
+            or not all(_is_int(s) and 1 <= s <= step for s in skipped)
+            or any(a >= b for a, b in itertools.pairwise(skipped))
+        ):
+            raise SerializationError(
+                f"{where}: skipped_steps must be increasing step numbers in 1..{step}, got "
+                f"{skipped!r:.80}"
+            )
+        out = {
+            "history": [float(v) for v in history.tolist()],
+            "perm": perm,
+            "pos": pos,
+            "loader_epoch": loader_epoch,
+            "skipped_steps": list(skipped),
+        }
+        if self.world_size > 1:
+            for key, like in (
+                ("rank_rng", torch.get_rng_state()),
+                ("rank_noise", self.noise_generator.get_state()),
+            ):
+                value = extra.get(key)
+                if (
+                    not isinstance(value, Tensor)
+                    or value.dtype != torch.uint8
+                    or value.shape != (self.world_size, like.numel())
+                ):
+                    raise SerializationError(
+                        f"{where}: {key} must be a uint8 tensor of one RNG state per rank"
+                    )
+                out[key] = value[self.rank].clone()
+        return out
 
-    def _load_extra(self, extra: dict[str, Any]) -> None:
-        self._check_world_size(extra)
-        self.history = [float(v) for v in extra["history"].tolist()]
-        self._perm = extra["perm"]
-        self._pos = int(extra["pos"])
-        self._loader_epoch = int(extra.get("loader_epoch", 0))
+    def _apply_extra(self, parsed: dict[str, Any]) -> None:
+        self.history = parsed["history"]
+        self.skipped_steps = parsed["skipped_steps"]
+        self._perm = parsed["perm"]
+        self._pos = parsed["pos"]
+        self._loader_epoch = parsed["loader_epoch"]
         self._loader_iter = None
         if self.world_size > 1:
-            torch.set_rng_state(extra["rank_rng"][self.rank].clone())
-            self.noise_generator.set_state(extra["rank_noise"][self.rank].clone())
+            torch.set_rng_state(parsed["rank_rng"])
+            self.noise_generator.set_state(parsed["rank_noise"])
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy) of everything needed to resume: model, EMA, optimizer,
@@ -359,18 +551,35 @@ class Trainer:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output (its data-order fields are checked first)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from Trainer.state_dict(), got {state!r:.60}")
+        if (state.get("scheduler") is None) != (self.scheduler is None):
+            raise ValueError(
+                "the state has "
+                + ("no " if state.get("scheduler") is None else "")
+                + "LR scheduler state and this Trainer has "
+                + ("none" if self.scheduler is None else "one")
+                + "; build the Trainer with the same lr_scheduler as the one that saved it"
+            )
+        step: Any = state.get("step")
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"state['step'] must be an int >= 0, got {step!r:.40}")
+        keys = _EXTRA_REQUIRED + _EXTRA_OPTIONAL
+        parsed = self._parse_extra(
+            {k: v for k, v in state.items() if k in keys}, step, "the trainer state"
+        )
         self.model.load_state_dict(state["model"])
         if state["ema"] is not None:
             self.model.load_ema_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
+        if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
+        self.step = step
         torch.set_rng_state(state["rng"])
         self.data_generator.set_state(state["generators"]["data"])
         self.noise_generator.set_state(state["generators"]["noise"])
-        self._load_extra(state)
+        self._apply_extra(parsed)
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"data": self.data_generator, "noise": self.noise_generator}
@@ -380,7 +589,24 @@ class Trainer:
 
         When distributed, call it on every rank (it gathers their RNG states); rank 0 writes
         the file and the others wait until it is complete.
+
+        Raises:
+            FloatingPointError: the weights, the EMA or the optimizer state hold NaN or inf;
+                nothing is written, so the last good checkpoint stays.
         """
+        _check_path(path, "path")
+        bad = _first_non_finite(self)
+        if self.world_size > 1:  # every rank raises, or none: no rank waits at a barrier
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            if bad is None and flag.item() > 0:
+                bad = "the state of another rank"
+        if bad is not None:
+            raise FloatingPointError(
+                f"refusing to write a checkpoint at step {self.step}: {bad} holds NaN or inf "
+                "(the run diverged; the last checkpoint written stays as it was). Lower the "
+                "learning rate, check the data, or resume from the last checkpoint."
+            )
         extra = self._extra()
         if self.is_main_process:
             save_checkpoint(
@@ -398,16 +624,155 @@ class Trainer:
     def resume(self, path: str | os.PathLike[str]) -> int:
         """Restore a checkpoint written by :meth:`save`; returns the step.
 
+        Atomic: the file (opened once) and every field of it, the data order and loss history
+        included, are checked before the model, optimizer, scheduler, RNG states or step
+        change; on any error nothing was restored. LR scheduler state must be present exactly
+        when this Trainer has a scheduler.
+
         When distributed, every rank reads the file (it must be on a shared file system) and
         restores its own RNG states; the world size must be the one that wrote it.
+
+        Raises:
+            FileNotFoundError: no such file.
+            SerializationError: a file that is not a valid checkpoint, or does not match
+                this trainer (model, EMA, optimizer, scheduler, data); a ValueError.
+            ValueError: another world size.
         """
-        extra = read_checkpoint(path)["extra"]
-        self._check_world_size(extra)  # before anything is overwritten
-        self.step = load_checkpoint(
-            path, self.model, self.optimizer, self.scheduler, generators=self._generators()
+        _check_path(path, "path")
+        where = f"checkpoint {os.fspath(path)}"
+        step, parsed = restore_checkpoint(
+            path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            generators=self._generators(),
+            exact=True,
+            check_extra=lambda extra, step: self._parse_extra(extra, step, where),
         )
-        self._load_extra(extra)
+        self.step = step
+        self._apply_extra(parsed)
         return self.step
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_path(path: Any, name: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+
+
+def _grad_norm(params: list[torch.nn.Parameter], loss: Tensor) -> Tensor:
+    """The 2-norm of all gradients (a tensor: no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return loss.new_zeros(())
+    norms = [torch.linalg.vector_norm(g.detach()).to(loss.device) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _first_non_finite(trainer: Trainer) -> str | None:
+    """The name of the first floating-point tensor of the state a checkpoint would hold
+    (weights, EMA, optimizer state) that has a NaN or inf; None if all are finite."""
+    named: list[tuple[str, Tensor]] = [
+        (f"model weight {k!r}", v) for k, v in trainer.model.state_dict().items()
+    ]
+    if trainer.model.ema is not None:
+        named += [(f"EMA tensor {k!r}", v) for k, v in trainer.model.ema_state_dict().items()]
+    for i, state in enumerate(trainer.optimizer.state.values()):
+        named += [
+            (f"optimizer state {k!r} of parameter {i}", v)
+            for k, v in state.items()
+            if isinstance(v, Tensor)
+        ]
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel() > 0]
+    if not named:
+        return None
+    ok = torch.stack([t.detach().isfinite().all().cpu() for _, t in named])
+    if bool(ok.all()):
+        return None
+    return named[int((~ok).nonzero()[0])][0]
+
+
+def _check_arguments(
+    data: Any,
+    cond: Any,
+    cond_key: Any,
+    batch_size: Any,
+    lr: Any,
+    optimizer: Any,
+    grad_clip: Any,
+    callbacks: Any,
+    checkpoint_path: Any,
+    checkpoint_every: Any,
+    seed: Any,
+    device: Any,
+    progress: Any,
+) -> None:
+    """Every Trainer argument but the model and the scheduler, before anything is built."""
+    owner = "Trainer"
+    if isinstance(data, Tensor):
+        if data.dim() < 1 or data.shape[0] < 1:
+            raise ValueError(
+                f"data must be a tensor (N, *input_shape) with N >= 1 samples, got shape "
+                f"{list(data.shape)}"
+            )
+        if not data.is_floating_point():
+            raise TypeError(f"data must be a floating-point tensor, got {data.dtype}")
+    elif not isinstance(data, Iterable) or isinstance(data, (str, bytes, dict)):
+        raise TypeError(
+            "data must be a tensor (N, *input_shape) or an iterable of batches (e.g. a "
+            f"DataLoader), got {type(data).__name__}"
+        )
+    if not isinstance(cond_key, str):
+        raise TypeError(f"cond_key must be a str, got {type(cond_key).__name__}")
+    if cond is not None and not isinstance(cond, (Tensor, dict)):
+        raise TypeError(
+            f"cond must be None, a tensor or a dict of tensors, got {type(cond).__name__}"
+        )
+    if isinstance(cond, dict) and not all(isinstance(k, str) for k in cond):
+        raise TypeError("cond must have str keys (the network's keyword arguments)")
+    check_int("batch_size", batch_size, min=1, owner=owner)
+    if check_number("lr", lr, min=0.0, owner=owner) == 0.0:
+        raise ValueError(f"{owner} lr must be > 0, got {lr!r}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    if grad_clip is not None and check_number("grad_clip", grad_clip, owner=owner) <= 0:
+        raise ValueError(
+            f"{owner} grad_clip must be a max gradient norm > 0 (or None: no clipping), got "
+            f"{grad_clip!r}; a norm <= 0 would freeze or reverse training"
+        )
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        raise TypeError("callbacks must be a sequence of (every_n_steps, fn) pairs")
+    for item in callbacks:
+        if (
+            not isinstance(item, (tuple, list))
+            or len(item) != 2
+            or not _is_int(item[0])
+            or item[0] < 1
+            or not callable(item[1])
+        ):
+            raise ValueError(
+                f"callbacks must be (every_n_steps >= 1, fn(trainer, step)) pairs, got {item!r:.80}"
+            )
+    if checkpoint_path is not None:
+        _check_path(checkpoint_path, "checkpoint_path")
+        if os.path.isdir(checkpoint_path):
+            raise ValueError(
+                f"checkpoint_path {os.fspath(checkpoint_path)} is a directory; give a file path "
+                "(e.g. run.safetensors)"
+            )
+    if checkpoint_every is not None:
+        check_int("checkpoint_every", checkpoint_every, min=1, owner=owner)
+        if checkpoint_path is None:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+    check_int("seed", seed, min=-(2**63), max=2**63 - 1, owner=owner)
+    check_device(device)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
 
 
 # -- distributed helpers ----------------------------------------------------------------------
