@@ -52,8 +52,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm.auto import tqdm
 
+from tinydiff._progress import progress_bar
 from tinydiff._safetensors import SerializationError
 from tinydiff._validation import check_device, check_int, check_number
 from tinydiff.checkpoint import restore_checkpoint, save_checkpoint
@@ -120,7 +120,7 @@ class Trainer:
         seed: seeds the trainer's ``data`` and ``noise`` generators (an int64).
         device: where batches go (default: ``cuda:LOCAL_RANK`` under NCCL, else the
             model's parameters' device).
-        progress: tqdm bar with the running loss (rank 0 only).
+        progress: a progress bar with the running loss (rank 0 only; throttled in logs).
         max_consecutive_skips: how many steps in a row may be skipped for a non-finite loss
             or gradient (module docstring) before :meth:`fit` raises ``FloatingPointError``;
             0 raises at the first.
@@ -380,7 +380,9 @@ class Trainer:
                 checkpoint would have been written from non-finite weights.
         """
         num_steps = check_int("num_steps", num_steps, min=0, max=2**63 - 1, owner="fit")
-        bar = tqdm(total=num_steps, initial=self.step, disable=not self.progress, desc="training")
+        bar = progress_bar(
+            total=num_steps, initial=self.step, enabled=self.progress, desc="training"
+        )
         try:
             while self.step < num_steps:
                 loss = self.train_step()
