@@ -70,8 +70,9 @@ def accepted_cond_keys(network: nn.Module) -> set[str] | None:
     }
 
 
-def check_cond(network: nn.Module, cond: Any, bsz: int) -> Cond:
-    """Validate ``cond`` for a batch of ``bsz`` samples; returns it as a plain dict.
+def check_cond(network: nn.Module, cond: Any, bsz: int, device: torch.device | None = None) -> Cond:
+    """Validate ``cond`` for a batch of ``bsz`` samples; returns it as a plain dict (its
+    tensors moved to ``device`` when one is given).
 
     Raises:
         TypeError: cond is not a dict with str keys.
@@ -97,6 +98,8 @@ def check_cond(network: nn.Module, cond: Any, bsz: int) -> Cond:
                 f"cond[{key!r}] must have leading dimension bsz = {bsz}, "
                 f"got shape {tuple(value.shape)}"
             )
+    if device is not None:
+        cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
     return cond
 
 

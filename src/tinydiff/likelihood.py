@@ -35,16 +35,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from tinydiff import conditioning
 from tinydiff.process import DiscreteVP
 from tinydiff.variances import clipped_log_beta_tilde, gaussian_kl, gaussian_posterior
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tinydiff.denoiser import ModelLike as DiffusionModel
+    from tinydiff.process import GaussianProcess
 
 __all__ = [
     "DECODERS",
@@ -134,8 +138,6 @@ def vlb_terms(
         ValueError: unknown decoder; data outside [-1, 1] with the discrete decoder; bad
             timesteps.
     """
-    from tinydiff import conditioning
-
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     x = model.check_data(x)
@@ -146,11 +148,58 @@ def vlb_terms(
             "decoder='continuous' for real-valued data"
         )
     bsz = x.shape[0]
+    denoise = _denoiser(model, cond, use_ema, bsz)
+    times = _times(model, timesteps)
+    steps = _reverse_steps(model, times)
+    x64 = x.double()
+
+    a_T, s_T = steps.alpha[0].to(x.device), steps.sigma[0].to(x.device)
+    prior = gaussian_kl(a_T * x64, (2 * torch.log(s_T)).expand_as(x64), 0 * x64, 0 * x64)
+    kls: list[Tensor] = []
+    dec = x64.new_zeros(bsz)
+    for i in range(len(times)):
+        x_t, mean_p, log_var = _reverse_step(model, denoise, steps, i, x, x64, generator)
+        if i < len(times) - 1:
+            cx0, cxt = steps.coef_x0[i].to(x.device), steps.coef_xt[i].to(x.device)
+            mean_q = cx0 * x64 + cxt * x_t
+            kl = gaussian_kl(mean_q, torch.log(steps.beta_tilde[i]).to(x.device), mean_p, log_var)
+            kls.append(kl.reshape(bsz, -1).sum(1))
+        else:
+            dec = _decoder_nll(decoder, x64, mean_p, log_var)
+    return {
+        "prior": prior.reshape(bsz, -1).sum(1),
+        "kl": torch.stack(kls, dim=1) if kls else x64.new_zeros(bsz, 0),
+        "decoder": dec,
+        "times": torch.tensor(times, dtype=torch.int64),
+    }
+
+
+def _denoiser(
+    model: DiffusionModel, cond: dict[str, Any] | None, use_ema: bool, bsz: int
+) -> Callable[..., Any]:
+    """The model's denoiser with its (EMA) network and the checked conditioning."""
     network = model.network(use_ema)
     if cond is not None:
         cond = conditioning.check_cond(network, cond, bsz)
-    denoise = model.denoiser(cond=cond, network=network)
-    times = _times(model, timesteps)
+    return model.denoiser(cond=cond, network=network)
+
+
+class _ReverseSteps(NamedTuple):
+    """The times in sampling order (``desc``: s_K, ..., s_1, 0), float64: alpha and sigma
+    (K + 1,), the network's time points (K,) and, per step s_i -> s_{i-1}, the posterior
+    coefficients of x0 and x_t, beta_tilde, log beta and the clipped log beta_tilde (K,)."""
+
+    alpha: Tensor
+    sigma: Tensor
+    points: Tensor
+    coef_x0: Tensor
+    coef_xt: Tensor
+    beta_tilde: Tensor
+    log_beta: Tensor
+    log_bt: Tensor
+
+
+def _reverse_steps(model: DiffusionModel, times: list[int]) -> _ReverseSteps:
     desc = torch.tensor([*times[::-1], 0], dtype=torch.float64)
     path = model.process.path_values(desc)  # float64 (K + 1,), sampling order
     points = model.process.points(desc[:-1])
@@ -159,42 +208,41 @@ def vlb_terms(
         alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
     )
     log_beta, log_bt = torch.log(beta), clipped_log_beta_tilde(beta, beta_tilde)
-    x64 = x.double()
+    return _ReverseSteps(alpha, sigma, points, coef_x0, coef_xt, beta_tilde, log_beta, log_bt)
 
-    a_T, s_T = alpha[0].to(x.device), sigma[0].to(x.device)
-    prior = gaussian_kl(a_T * x64, (2 * torch.log(s_T)).expand_as(x64), 0 * x64, 0 * x64)
-    kls: list[Tensor] = []
-    dec = x64.new_zeros(bsz)
-    dtype = x.dtype
-    for i in range(len(times)):
-        a_t, s_t = alpha[i].to(x.device), sigma[i].to(x.device)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-        x_t = a_t * x64 + s_t * eps
-        pred = denoise(x_t.to(dtype), points[i].to(x.device))
-        cx0, cxt = coef_x0[i].to(x.device), coef_xt[i].to(x.device)
-        mean_p = cx0 * pred.x0.double() + cxt * x_t
-        var_out = None if pred.var_out is None else pred.var_out.double()
-        log_var = model.variance.log_variance(
-            log_beta[i].to(x.device), log_bt[i].to(x.device), var_out
-        )
-        log_var = torch.as_tensor(log_var, dtype=torch.float64, device=x.device).expand_as(x64)
-        if i < len(times) - 1:
-            mean_q = cx0 * x64 + cxt * x_t
-            kl = gaussian_kl(mean_q, torch.log(beta_tilde[i]).to(x.device), mean_p, log_var)
-            kls.append(kl.reshape(bsz, -1).sum(1))
-        elif decoder == "discrete":
-            dec = -discretized_gaussian_log_likelihood(x64, mean_p, log_var).reshape(bsz, -1).sum(1)
-        else:
-            nll = 0.5 * (
-                math.log(2 * math.pi) + log_var + (x64 - mean_p) ** 2 * torch.exp(-log_var)
-            )
-            dec = nll.reshape(bsz, -1).sum(1)
-    return {
-        "prior": prior.reshape(bsz, -1).sum(1),
-        "kl": torch.stack(kls, dim=1) if kls else x64.new_zeros(bsz, 0),
-        "decoder": dec,
-        "times": torch.tensor(times, dtype=torch.int64),
-    }
+
+def _reverse_step(
+    model: DiffusionModel,
+    denoise: Callable[..., Any],
+    steps: _ReverseSteps,
+    i: int,
+    x: Tensor,
+    x64: Tensor,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One draw x_t ~ q(x_t | x_0) at the i-th time in sampling order and the model's
+    reverse step from it: (x_t, its mean, its log variance), float64, shaped like x."""
+    a_t, s_t = steps.alpha[i].to(x.device), steps.sigma[i].to(x.device)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+    x_t = a_t * x64 + s_t * eps
+    pred = denoise(x_t.to(x.dtype), steps.points[i].to(x.device))
+    cx0, cxt = steps.coef_x0[i].to(x.device), steps.coef_xt[i].to(x.device)
+    mean_p = cx0 * pred.x0.double() + cxt * x_t
+    var_out = None if pred.var_out is None else pred.var_out.double()
+    log_var = model.variance.log_variance(
+        steps.log_beta[i].to(x.device), steps.log_bt[i].to(x.device), var_out
+    )
+    log_var = torch.as_tensor(log_var, dtype=torch.float64, device=x.device).expand_as(x64)
+    return x_t, mean_p, log_var
+
+
+def _decoder_nll(decoder: str, x64: Tensor, mean_p: Tensor, log_var: Tensor) -> Tensor:
+    """-log p(x_0 | x_{s_1}) per sample (bsz,), in nats, under the decoder."""
+    bsz = x64.shape[0]
+    if decoder == "discrete":
+        return -discretized_gaussian_log_likelihood(x64, mean_p, log_var).reshape(bsz, -1).sum(1)
+    nll = 0.5 * (math.log(2 * math.pi) + log_var + (x64 - mean_p) ** 2 * torch.exp(-log_var))
+    return nll.reshape(bsz, -1).sum(1)
 
 
 def nll_bound(
@@ -238,7 +286,7 @@ def _divergence(field: Tensor, y: Tensor, method: str, probe: Tensor | None) -> 
     flat = field.reshape(field.shape[0], -1)
     if method == "hutchinson":
         assert probe is not None
-        (vjp,) = torch.autograd.grad(flat, y, probe, retain_graph=False)
+        (vjp,) = torch.autograd.grad(field, y, probe.view_as(field), retain_graph=False)
         return (vjp * probe).reshape(y.shape[0], -1).sum(1)
     total = y.new_zeros(y.shape[0])
     dim = flat.shape[1]
@@ -297,8 +345,6 @@ def ode_nll(
     Raises:
         ValueError: unknown divergence method, bad num_steps or noise_range.
     """
-    from tinydiff import conditioning
-
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -307,14 +353,41 @@ def ode_nll(
     if not 0 < lo_noise < hi_noise:
         raise ValueError(f"noise_range must be (lo, hi) with 0 < lo < hi, got {noise_range}")
     x = model.check_data(x)
-    bsz = x.shape[0]
-    dim = math.prod(model.input_shape)
+    bsz, dim = x.shape[0], math.prod(model.input_shape)
     method = divergence if divergence != "auto" else ("exact" if dim <= 16 else "hutchinson")
-    network = model.network(use_ema)
-    if cond is not None:
-        cond = conditioning.check_cond(network, cond, bsz)
-    denoise = model.denoiser(cond=cond, network=network)
-    process = model.process
+    denoise = _denoiser(model, cond, use_ema, bsz)
+    u1, du, points = _ode_grid(model.process, lo_noise, hi_noise, noise_range, num_steps)
+    points = points.to(x.device)
+    alphas, dtype = points[:, 1], x.dtype
+    probe = _rademacher(x, generator) if method == "hutchinson" else None
+
+    def f(y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The field y - D(alpha y, t) at node k and its divergence (bsz,)."""
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            field = y - denoise((alphas[k] * y).to(dtype), points[k]).x0.to(torch.float64)
+            div = _divergence(field, y, method, probe)
+        return field.detach(), div.detach()
+
+    a_start = float(alphas[0])
+    y, log_det = _rk4_with_divergence(f, x.to(torch.float64) / a_start, du, num_steps)
+    var_end = 1 + math.exp(2 * u1)
+    flat = y.reshape(bsz, -1)
+    log_prior = -0.5 * (flat**2 / var_end + math.log(2 * math.pi * var_end)).sum(1)
+    log_px = log_prior + log_det - dim * math.log(a_start)
+    return -log_px / (dim * math.log(2.0))
+
+
+def _ode_grid(
+    process: GaussianProcess,
+    lo_noise: float,
+    hi_noise: float,
+    noise_range: tuple[float, float],
+    num_steps: int,
+) -> tuple[float, float, Tensor]:
+    """(u1, du, the process's points at the 2 num_steps + 1 nodes): the RK4 steps' ends and
+    midpoints in u = log(sigma / alpha), uniform from u0 to u1, the ends of ``noise_range``
+    (lo_noise, hi_noise) cut to the process's own range."""
     lam_T, lam_0 = process.lam_range()
     u0 = max(-lam_0, math.log(lo_noise))
     u1 = min(-lam_T, math.log(hi_noise))
@@ -327,27 +400,21 @@ def ode_nll(
     nodes = torch.tensor(
         [u0 + k * du / 2 for k in range(2 * num_steps + 1)], dtype=torch.float64
     ).clamp(u0, u1)  # step ends and midpoints (clamped: rounding at the ends)
-    times = process.time_at_lam(-nodes)
-    points = process.points(times).to(x.device)
-    alphas = points[:, 1]
-    dtype = x.dtype
-    probe = None
-    if method == "hutchinson":
-        probe = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
-        probe = (2 * probe - 1).to(torch.float64)
+    return u1, du, process.points(process.time_at_lam(-nodes))
 
-    def f(y: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        with torch.enable_grad():
-            y = y.detach().requires_grad_(True)
-            a = alphas[k]
-            d0 = denoise((a * y).to(dtype), points[k]).x0.to(torch.float64)
-            field = y - d0
-            div = _divergence(field, y, method, probe)
-        return field.detach(), div.detach()
 
-    a_start = float(alphas[0])
-    y = x.to(torch.float64) / a_start
-    log_det = torch.zeros(bsz, dtype=torch.float64, device=x.device)
+def _rademacher(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A probe of +-1 shaped like x, float64 (Hutchinson's estimator)."""
+    probe = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
+    return (2 * probe - 1).to(torch.float64)
+
+
+def _rk4_with_divergence(
+    f: Callable[[Tensor, int], tuple[Tensor, Tensor]], y: Tensor, du: float, num_steps: int
+) -> tuple[Tensor, Tensor]:
+    """Classical RK4 on dy/du = f over ``num_steps`` steps of ``du`` (f at node 2i, 2i + 1 and
+    2i + 2 in step i), and the integral of the divergence alongside: (y, log_det (bsz,))."""
+    log_det = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
     for i in range(num_steps):
         k = 2 * i
         f1, g1 = f(y, k)
@@ -356,11 +423,7 @@ def ode_nll(
         f4, g4 = f(y + du * f3, k + 2)
         y = y + du / 6 * (f1 + 2 * f2 + 2 * f3 + f4)
         log_det = log_det + du / 6 * (g1 + 2 * g2 + 2 * g3 + g4)
-    var_end = 1 + math.exp(2 * u1)
-    flat = y.reshape(bsz, -1)
-    log_prior = -0.5 * (flat**2 / var_end + math.log(2 * math.pi * var_end)).sum(1)
-    log_px = log_prior + log_det - dim * math.log(a_start)
-    return -log_px / (dim * math.log(2.0))
+    return y, log_det
 
 
 def vlb_applies(model: DiffusionModel) -> str | None:

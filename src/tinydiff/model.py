@@ -266,41 +266,34 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         guidance: str | Guidance | None = None,
         guidance_kwargs: dict[str, Any] | None = None,
     ) -> Tensor:
-        """Draw samples by running a sampler from pure noise to t = 0.
+        """Draw samples by running a sampler from noise at t = T to t = 0.
 
         Args:
             bsz: number of samples, >= 1.
             sampling_timesteps: S, the number of steps in 1..T (default T).
             sampler: a name in `tinydiff.samplers` (default: the config's sampler_type).
             sampler_kwargs: the sampler's options (default: the config's, for its sampler).
-            timestep_spacing: a spacing name or explicit times (default: the config's, else
-                the sampler's ``default_spacing``).
+            timestep_spacing: a spacing name or explicit times (default: config's, sampler's).
             init_noise: x_T, (bsz, *input_shape) (default: N(0, prior_std^2 I)).
             generator: source of all noise, on ``device``; a seed repeats bitwise.
             device: where to sample (default: the network's device).
             return_trajectory: return all iterates, (S + 1, bsz, *input_shape), noise first.
             progress: show a progress bar.
             cond: keyword arguments of the network, tensors with leading dim bsz.
-            guidance_scale: w: classifier-free guidance (Ho & Salimans 2022) unless
-                ``guidance`` names another method; needs ``cond`` and a null condition.
+            guidance_scale: w of classifier-free guidance (or of the ``guidance`` method).
             guidance_rescale: phi in [0, 1] of Lin et al. 2024 (sec. 3.4); 0 disables.
             use_ema: sample with the EMA weights (`enable_ema`).
             compile: run the compiled step (see `compile_sampler`).
-            check_finite: check the samples (one host sync) and a CPU init_noise for NaN and
-                inf, unless False; True also checks init_noise on an accelerator.
-            callback: ``callback(i, t_next, x_next, x0_hat)`` after each step; a returned
-                tensor replaces x_next (`tinydiff.sampling.sample`).
+            check_finite: refuse NaN/inf samples (one host sync) unless False; see `loss`.
+            callback: called after each step, may replace x (`tinydiff.sampling.sample`).
             guidance: a guidance method name (`tinydiff.guidance`) or strategy object.
             guidance_kwargs: options of the guidance method.
 
         Returns:
-            samples (bsz, *input_shape), in the network's parameter dtype. Bad arguments raise
-            ValueError or TypeError naming them, before any network call.
+            samples (bsz, *input_shape) in the network's dtype; bad arguments raise ValueError
+            or TypeError naming them, before any network call.
         """
-        generator = _validation.check_generator(generator)
         sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
-        spacings.check_spec(timestep_spacing)
-        device = _validation.check_device(device)
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
             raise ValueError(f"bsz must be a positive int, got {bsz!r}")
         network = self.network(use_ema)
@@ -309,15 +302,12 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         )
         solver = self.make_sampler(sampler, sampler_kwargs)
         times = self.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler=sampler)
-        dtype, param_device = _validation.dtype_device(self.nn_module)
-        device = device if device is not None else param_device
-        _validation.check_bsz(bsz, self.input_shape, dtype, device)
         shape = (bsz, *self.input_shape)
-        x = sampling.initial_noise(self.process, shape, dtype, device, generator, init_noise)
-        _validation.check_finite("init_noise", None if init_noise is None else x, check_finite)
+        x = sampling.initial_noise(
+            self.process, shape, self.nn_module, device, generator, init_noise, check_finite
+        )
         if cond is not None:
-            cond = conditioning.check_cond(network, cond, bsz)
-            cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}
+            cond = conditioning.check_cond(network, cond, bsz, device=x.device)
         denoiser = Denoiser(network, self.target, self.variance, cond=cond, guidance=strategy)
         out = sampling.sample(
             denoiser,

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from tinydiff import samplers
+from tinydiff import _validation, samplers
 from tinydiff._compile import CompileOptions, StepCache
 from tinydiff.denoiser import Denoiser
 from tinydiff.process import GaussianProcess
@@ -66,17 +66,26 @@ def _sampler(sampler: str | Sampler, options: Mapping[str, Any] | None) -> Sampl
 def initial_noise(
     process: GaussianProcess,
     shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
+    network: nn.Module,
+    device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     init_noise: Tensor | None = None,
+    check_finite: bool | None = None,
 ) -> Tensor:
-    """x_T: N(0, I) times ``process.prior_std()`` (1 on variance-preserving processes), or
-    ``init_noise`` checked for its shape and moved to ``device`` and ``dtype``.
+    """x_T for a batch of ``shape`` = (bsz, *input_shape), in the network's dtype, on
+    ``device`` (default: the network's): N(0, I) times ``process.prior_std()`` (1 on
+    variance-preserving processes), or ``init_noise`` checked and moved there.
 
     Raises:
-        ValueError: init_noise of another shape.
+        TypeError: a batch size that is not an int, a generator that is not a torch.Generator.
+        ValueError: a device that does not exist here; a batch too large for the device's memory; init_noise of another shape,
+            or holding NaN or inf (checked on the CPU, or everywhere with ``check_finite``).
     """
+    generator = _validation.check_generator(generator)
+    dtype, param_device = _validation.dtype_device(network)
+    checked = _validation.check_device(device)
+    device = param_device if checked is None else checked
+    _validation.check_bsz(shape[0], shape[1:], dtype, device)
     if init_noise is None:
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         scale = process.prior_std()
@@ -86,7 +95,9 @@ def initial_noise(
             tuple(init_noise.shape) if isinstance(init_noise, Tensor) else type(init_noise).__name__
         )
         raise ValueError(f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}")
-    return init_noise.to(device=device, dtype=dtype)
+    x = init_noise.to(device=device, dtype=dtype)
+    _validation.check_finite("init_noise", x, check_finite)
+    return x
 
 
 @torch.no_grad()

@@ -189,7 +189,7 @@ def optimize_timesteps(
             of the registered spacings, but not below the process's smallest trained time
             :attr:`~tinydiff.process.GaussianProcess.t_min`; t = 1 for discrete VP).
         use_ema: score the EMA weights.
-        progress: show a tqdm bar over the runs.
+        progress: show a progress bar over the runs.
         return_info: return a :class:`TimestepSearchResult` instead of the times.
 
     Returns:
@@ -198,6 +198,28 @@ def optimize_timesteps(
     Raises:
         ValueError: num_steps < 2 or above T, a stochastic reference sampler, bad budgets.
     """
+    _check_args(
+        model, num_steps, num_samples, max_evals, reference_steps, t_min, objective, holdout
+    )
+    common = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
+    ref, solver = (reference_sampler, reference_spacing, reference_steps), (sampler, sampler_kwargs)
+    runs = _Runs.prepare(model, num_steps, solver, ref, generator, num_samples, common)
+    search = _PatternSearch.start(_Scorer.of(runs, objective, holdout), t_min, tol / 2)  # 2 lambda
+    result = search.run(max_evals, progress)
+    return result if return_info else result.timesteps
+
+
+def _check_args(
+    model: DiffusionModel,
+    num_steps: int,
+    num_samples: int,
+    max_evals: int,
+    reference_steps: int,
+    t_min: float | None,
+    objective: str,
+    holdout: float,
+) -> None:
+    """The checks of :func:`optimize_timesteps` that need no sampler run."""
     T = model.num_timesteps
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= T:
         raise ValueError(f"num_steps must be an int in 2..{T}, got {num_steps!r}")
@@ -208,39 +230,13 @@ def optimize_timesteps(
         )
     if t_min is not None:
         _lam_at_t_min(model.process, t_min)  # before the costly runs
-    solver = model.make_sampler(sampler, sampler_kwargs)
-    if sampler_kwargs is None:
-        sampler_kwargs = model.config.sampler_kwargs if sampler is None else {}
-    sampler = model.config.sampler_type if sampler is None else sampler
-    ref_solver = model.make_sampler(reference_sampler, {})
-    if ref_solver.is_stochastic:
-        raise ValueError(f"reference_sampler must be deterministic, got {reference_sampler!r}")
-    stochastic = solver.is_stochastic
+    _check_scoring(objective, holdout, num_samples)
 
-    dtype, device = dtype_device(model.nn_module)
-    z = torch.randn(
-        (num_samples, *model.input_shape), generator=generator, device=device, dtype=dtype
-    )
-    noise_seed = int(
-        torch.randint(0, 2**62, (1,), generator=generator, device=device).item()
-        if generator is not None
-        else torch.randint(0, 2**62, (1,)).item()
-    )
-    common: dict[str, Any] = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
-    calls = ref_solver.nfe(reference_steps)
-    reference = model.sample(
-        num_samples,
-        reference_steps,
-        sampler=reference_sampler,
-        sampler_kwargs={},
-        timestep_spacing=reference_spacing,
-        init_noise=z,
-        **common,
-    ).to(torch.float64)
-    per_run = solver.nfe(num_steps)
+
+def _check_scoring(objective: str, holdout: float, num_samples: int) -> int:
+    """Check ``objective`` and ``holdout``; the number of held-out samples."""
     if objective not in _OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)}, got {objective!r}")
-    power = _OBJECTIVES[objective]
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
         raise ValueError(f"holdout must be a float in [0, 1), got {holdout!r}")
     num_held = round(holdout * num_samples)
@@ -248,132 +244,295 @@ def optimize_timesteps(
         raise ValueError(
             f"holdout={holdout} of num_samples={num_samples} leaves no sample on one side"
         )
-    fit = slice(0, num_samples - num_held)
-    held = slice(num_samples - num_held, num_samples) if num_held else fit
+    return num_held
 
-    def error_of(times: Tensor) -> tuple[float, float, Tensor | None]:
+
+@dataclass
+class _Runs:
+    """S-step runs of one sampler from one batch of noise ``z``, and the reference solution
+    from the same noise; ``calls`` counts the network calls made, the reference's included."""
+
+    model: DiffusionModel
+    num_steps: int
+    sampler: str
+    sampler_kwargs: dict[str, Any] | None
+    stochastic: bool
+    common: dict[str, Any]
+    device: torch.device
+    z: Tensor
+    noise_seed: int
+    reference: Tensor
+    per_run: int
+    calls: int
+
+    @classmethod
+    def prepare(
+        cls,
+        model: DiffusionModel,
+        num_steps: int,
+        sampler: tuple[str | None, dict[str, Any] | None],
+        reference: tuple[str, str, int],
+        generator: torch.Generator | None,
+        num_samples: int,
+        common: dict[str, Any],
+    ) -> _Runs:
+        """Check the samplers, draw the batch of noise (then the seed of the per-step noise of
+        stochastic samplers) and run the reference (sampler, spacing, steps) from it."""
+        name, kwargs = sampler
+        solver = model.make_sampler(name, kwargs)
+        if kwargs is None:
+            kwargs = model.config.sampler_kwargs if name is None else {}
+        name = model.config.sampler_type if name is None else name
+        ref_sampler, ref_spacing, ref_steps = reference
+        ref_solver = model.make_sampler(ref_sampler, {})
+        if ref_solver.is_stochastic:
+            raise ValueError(f"reference_sampler must be deterministic, got {ref_sampler!r}")
+        dtype, device = dtype_device(model.nn_module)
+        z = torch.randn(
+            (num_samples, *model.input_shape), generator=generator, device=device, dtype=dtype
+        )
+        noise_seed = int(
+            torch.randint(0, 2**62, (1,), generator=generator, device=device).item()
+            if generator is not None
+            else torch.randint(0, 2**62, (1,)).item()
+        )
+        calls = ref_solver.nfe(ref_steps)
+        ref = model.sample(
+            num_samples,
+            ref_steps,
+            sampler=ref_sampler,
+            sampler_kwargs={},
+            timestep_spacing=ref_spacing,
+            init_noise=z,
+            **common,
+        ).to(torch.float64)
+        per_run = solver.nfe(num_steps)
+        return cls(
+            model=model,
+            num_steps=num_steps,
+            sampler=name,
+            sampler_kwargs=kwargs,
+            stochastic=solver.is_stochastic,
+            common=common,
+            device=device,
+            z=z,
+            noise_seed=noise_seed,
+            reference=ref,
+            per_run=per_run,
+            calls=calls,
+        )
+
+    def run(self, times: Tensor) -> Tensor:
+        """The S-step solution on ``times`` from ``z``, float64 (stochastic samplers draw the
+        same per-step noise in every run: common random numbers)."""
+        run_gen = None
+        if self.stochastic:
+            run_gen = torch.Generator(device=self.device).manual_seed(self.noise_seed)
+        self.calls += self.per_run
+        return self.model.sample(
+            self.z.shape[0],
+            self.num_steps,
+            sampler=self.sampler,
+            sampler_kwargs=self.sampler_kwargs,
+            timestep_spacing=times,
+            init_noise=self.z,
+            generator=run_gen,
+            **self.common,
+        ).to(torch.float64)
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """The error of a run: its per-sample distances to the reference pooled by ``objective``
+    (sliced W2 for stochastic samplers) on the search part ``fit`` of the batch and on the
+    held-out part ``held`` (the whole batch when nothing is held out)."""
+
+    runs: _Runs
+    power: int
+    fit: slice
+    held: slice
+    num_held: int
+
+    @classmethod
+    def of(cls, runs: _Runs, objective: str, holdout: float) -> _Scorer:
+        """Split the batch by ``holdout`` (checked by `_check_scoring`)."""
+        num_samples = runs.z.shape[0]
+        num_held = _check_scoring(objective, holdout, num_samples)
+        fit = slice(0, num_samples - num_held)
+        held = slice(num_samples - num_held, num_samples) if num_held else fit
+        return cls(runs, _OBJECTIVES[objective], fit, held, num_held)
+
+    def error_of(self, times: Tensor) -> tuple[float, float, Tensor | None]:
         """(error on the search part, error on the held-out part, the held-out per-sample
         terms the error averages: distances, or squared distances for "rms"; None for
         stochastic samplers) of one run."""
-        run_gen = None
-        if stochastic:
-            run_gen = torch.Generator(device=device).manual_seed(noise_seed)
-        out = model.sample(
-            num_samples,
-            num_steps,
-            sampler=sampler,
-            sampler_kwargs=sampler_kwargs,
-            timestep_spacing=times,
-            init_noise=z,
-            generator=run_gen,
-            **common,
-        ).to(torch.float64)
+        out, reference = self.runs.run(times), self.runs.reference
         terms = None
-        if stochastic:
-            values = [_sliced_w2(out[part], reference[part]) for part in (fit, held)]
+        if self.runs.stochastic:
+            values = [_sliced_w2(out[part], reference[part]) for part in (self.fit, self.held)]
         else:
-            per_sample = (out - reference).reshape(num_samples, -1).norm(dim=1) ** power
-            values = [float(per_sample[part].mean() ** (1 / power)) for part in (fit, held)]
-            terms = per_sample[held]
+            per_sample = (out - reference).reshape(out.shape[0], -1).norm(dim=1) ** self.power
+            values = [
+                float(per_sample[part].mean() ** (1 / self.power)) for part in (self.fit, self.held)
+            ]
+            terms = per_sample[self.held]
         fit_err, held_err = (v if math.isfinite(v) else math.inf for v in values)
         return fit_err, held_err, terms
 
-    def significantly_better(terms: Tensor | None, than: Tensor | None) -> bool:
+    def significantly_better(self, terms: Tensor | None, than: Tensor | None) -> bool:
         """A paired test on the held-out samples: the mean change of the per-sample terms
         is below zero by two standard errors (no test without a held-out part, or for
         stochastic samplers, whose samples do not pair)."""
-        if not num_held or terms is None or than is None or num_held < 2:
+        if not self.num_held or terms is None or than is None or self.num_held < 2:
             return True
         diff = terms - than
         if not bool(torch.isfinite(diff).all()):
             return False
-        return float(diff.mean() + 2 * diff.std() / math.sqrt(num_held)) < 0
+        return float(diff.mean() + 2 * diff.std() / math.sqrt(self.num_held)) < 0
 
-    # 1. the registered spacings, as starting points
-    spacing_errors: dict[str, float] = {}
-    held_errors: dict[str, float] = {}
-    held_terms: dict[str, Tensor | None] = {}
-    candidates: dict[str, Tensor] = {}
+
+@dataclass(frozen=True)
+class _Scored:
+    """One candidate times: its error on the search part, on the held-out part, and the
+    held-out per-sample terms (:meth:`_Scorer.error_of`)."""
+
+    times: Tensor
+    fit: float
+    held: float
+    terms: Tensor | None
+
+
+def _score_spacings(scorer: _Scorer) -> dict[str, _Scored]:
+    """Every registered spacing that starts at T, scored (the starting points)."""
+    model, T = scorer.runs.model, scorer.runs.model.num_timesteps
+    scored: dict[str, _Scored] = {}
     for name in spacings.names():
-        times = model.sampling_timesteps(num_steps, name)
+        times = model.sampling_timesteps(scorer.runs.num_steps, name)
         if float(times[0]) != float(T):  # starts below T: x_T would be at the wrong level
             continue
-        candidates[name] = times
-        spacing_errors[name], held_errors[name], held_terms[name] = error_of(times)
-        calls += per_run
-    if not candidates:
+        scored[name] = _Scored(times, *scorer.error_of(times))
+    if not scored:
         raise ValueError("no registered spacing starts at t = T to start the search from")
-    start = min(spacing_errors, key=lambda k: spacing_errors[k])
-    process = model.process
-    if t_min is None:
-        t_min = max(process.t_min, min(float(times[-2]) for times in candidates.values()))
-    lam_hi = _lam_at_t_min(model.process, t_min)
-    tol_lam = tol / 2  # tol is in full log-SNR, 2 lambda
-    lam_top = float(process.lam(float(T)))  # lambda(T): -inf when alpha(T) = 0
-    # lam_hi = lambda(t_min) is the least noisy level allowed
+    return scored
 
-    best_times = candidates[start]
-    best = spacing_errors[start]
-    # the returned times: the start, or the accepted move with the lowest held-out error
-    # among those significantly better than the start there
-    chosen_times, chosen, chosen_fit = best_times, held_errors[start], best
-    start_terms = held_terms[start]
-    history = [best]
-    lam = process.lam(best_times[1:-1]).clamp(max=lam_hi)
-    gaps = torch.diff(torch.cat([lam.new_tensor([lam_top]), lam, lam.new_tensor([lam_hi])]))
-    step = (0.5 * torch.minimum(gaps[:-1], gaps[1:])).clamp_min(4 * tol_lam)
 
-    def times_of(lam_vec: Tensor) -> Tensor:
-        t = process.time_at_lam(lam_vec).clamp(t_min, float(T))
-        return torch.cat([t.new_tensor([float(T)]), t, t.new_zeros(1)])
+@dataclass(frozen=True)
+class _Box:
+    """Where the interior lambdas may move: decreasing in time, strictly between
+    lam_top = lambda(T) (-inf when alpha(T) = 0) and lam_hi = lambda(t_min) (the least noisy
+    level allowed), neighbours at least _MIN_GAP apart."""
 
-    def feasible(lam_vec: Tensor) -> bool:
-        full = torch.cat([lam_vec.new_tensor([lam_top]), lam_vec, lam_vec.new_tensor([lam_hi])])
-        if not bool((torch.diff(full[:-1]) > _MIN_GAP).all()) or float(lam_vec[-1]) > lam_hi:
+    process: GaussianProcess
+    T: float
+    t_min: float
+    lam_top: float
+    lam_hi: float
+
+    def with_ends(self, lam: Tensor) -> Tensor:
+        """lam with lam_top before it and lam_hi after it."""
+        return torch.cat([lam.new_tensor([self.lam_top]), lam, lam.new_tensor([self.lam_hi])])
+
+    def times_of(self, lam: Tensor) -> Tensor:
+        """The S + 1 times from T to 0 with these interior lambdas."""
+        t = self.process.time_at_lam(lam).clamp(self.t_min, self.T)
+        return torch.cat([t.new_tensor([self.T]), t, t.new_zeros(1)])
+
+    def feasible(self, lam: Tensor) -> bool:
+        full = self.with_ends(lam)
+        if not bool((torch.diff(full[:-1]) > _MIN_GAP).all()) or float(lam[-1]) > self.lam_hi:
             return False
-        t = times_of(lam_vec)
+        t = self.times_of(lam)
         return bool((t[1:] < t[:-1]).all())
 
-    evals = 0
-    bar = progress_bar(total=max_evals, enabled=progress, desc="optimizing timesteps", leave=False)
-    try:
-        while evals < max_evals and bool((step > tol_lam).any()):
-            for i in range(lam.numel()):
-                if evals >= max_evals:
-                    break
-                if float(step[i]) <= tol_lam:
-                    continue
-                improved = False
-                for sign in (1.0, -1.0):
-                    trial = lam.clone()
-                    trial[i] = trial[i] + sign * step[i]
-                    if not feasible(trial):
-                        continue
-                    times = times_of(trial)
-                    value, value_held, terms = error_of(times)
-                    evals += 1
-                    calls += per_run
-                    bar.update(1)
-                    if value < best:
-                        best, best_times, lam, improved = value, times, trial, True
-                        if value_held <= chosen and significantly_better(terms, start_terms):
-                            chosen_times, chosen, chosen_fit = times, value_held, value
-                    history.append(best)
-                    if improved or evals >= max_evals:
+
+class _PatternSearch:
+    """Steps 2 and 3 of the module docstring: the coordinate pattern search in lambda from the
+    best registered spacing, and the choice of the times to return (``holdout``)."""
+
+    def __init__(
+        self, scorer: _Scorer, scored: dict[str, _Scored], start: str, box: _Box, tol_lam: float
+    ) -> None:
+        self.scorer, self.box, self.tol_lam = scorer, box, tol_lam
+        self.scored, self.start_spacing = scored, start
+        first = scored[start]
+        self.best_times, self.best = first.times, first.fit
+        # the returned times: the start, or the accepted move with the lowest held-out error
+        # among those significantly better than the start there
+        self.chosen_times, self.chosen, self.chosen_fit = first.times, first.held, first.fit
+        self.start_terms = first.terms
+        self.history = [self.best]
+        self.evals = 0
+        self.lam = box.process.lam(first.times[1:-1]).clamp(max=box.lam_hi)
+        gaps = torch.diff(box.with_ends(self.lam))
+        self.step = (0.5 * torch.minimum(gaps[:-1], gaps[1:])).clamp_min(4 * tol_lam)
+
+    @classmethod
+    def start(cls, scorer: _Scorer, t_min: float | None, tol_lam: float) -> _PatternSearch:
+        """Step 1: start from the best registered spacing, in the box above ``t_min`` (default:
+        the smallest last nonzero time of the spacings, but not below the process's smallest
+        trained time)."""
+        scored = _score_spacings(scorer)
+        start = min(scored, key=lambda k: scored[k].fit)
+        model = scorer.runs.model
+        process, T = model.process, model.num_timesteps
+        if t_min is None:
+            t_min = max(process.t_min, min(float(s.times[-2]) for s in scored.values()))
+        lam_hi = _lam_at_t_min(model.process, t_min)
+        lam_top = float(process.lam(float(T)))
+        return cls(scorer, scored, start, _Box(process, float(T), t_min, lam_top, lam_hi), tol_lam)
+
+    def run(self, max_evals: int, progress: bool) -> TimestepSearchResult:
+        """Sweep the interior times until every step is below tol or the budget is spent."""
+        bar = progress_bar(
+            total=max_evals, enabled=progress, desc="optimizing timesteps", leave=False
+        )
+        try:
+            while self.evals < max_evals and bool((self.step > self.tol_lam).any()):
+                for i in range(self.lam.numel()):
+                    if self.evals >= max_evals:
                         break
-                step[i] = step[i] * (1.5 if improved else 0.5)
-    finally:
-        bar.close()
-    chosen_times = model.sampling_timesteps(None, chosen_times)  # validated, float64
-    if not return_info:
-        return chosen_times
-    return TimestepSearchResult(
-        timesteps=chosen_times,
-        error=chosen,
-        search_error=chosen_fit,
-        start_spacing=start,
-        spacing_errors=spacing_errors,
-        evaluations=evals,
-        network_calls=calls,
-        history=history,
-    )
+                    if float(self.step[i]) <= self.tol_lam:
+                        continue
+                    improved = self._move(i, max_evals, bar)
+                    self.step[i] = self.step[i] * (1.5 if improved else 0.5)
+        finally:
+            bar.close()
+        return self.result()
+
+    def _move(self, i: int, max_evals: int, bar: Any) -> bool:
+        """Try lambda_i up, then down, by its step; keep the first move that lowers the error."""
+        for sign in (1.0, -1.0):
+            trial = self.lam.clone()
+            trial[i] = trial[i] + sign * self.step[i]
+            if not self.box.feasible(trial):
+                continue
+            times = self.box.times_of(trial)
+            value, value_held, terms = self.scorer.error_of(times)
+            self.evals += 1
+            bar.update(1)
+            improved = value < self.best
+            if improved:
+                self.best, self.best_times, self.lam = value, times, trial
+                start_terms = self.start_terms
+                if value_held <= self.chosen and self.scorer.significantly_better(
+                    terms, start_terms
+                ):
+                    self.chosen_times, self.chosen, self.chosen_fit = times, value_held, value
+            self.history.append(self.best)
+            if improved or self.evals >= max_evals:
+                return improved
+        return False
+
+    def result(self) -> TimestepSearchResult:
+        """The chosen times (validated, float64) and what the search cost."""
+        model = self.scorer.runs.model
+        return TimestepSearchResult(
+            timesteps=model.sampling_timesteps(None, self.chosen_times),
+            error=self.chosen,
+            search_error=self.chosen_fit,
+            start_spacing=self.start_spacing,
+            spacing_errors={name: s.fit for name, s in self.scored.items()},
+            evaluations=self.evals,
+            network_calls=self.scorer.runs.calls,
+            history=self.history,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -157,52 +158,18 @@ class UNet(nn.Module):
         num_groups: int = 8,
     ) -> None:
         super().__init__()
-        for name, seq in (
-            ("channel_mults", channel_mults),
-            ("attention_resolutions", attention_resolutions),
-        ):
-            if isinstance(seq, (str, bytes)) or not isinstance(seq, (tuple, list)):
-                raise TypeError(f"UNet needs {name} as a tuple of ints, got {seq!r}")
-        channel_mults = tuple(channel_mults)
-        attention_resolutions = tuple(attention_resolutions)
-        num_levels = len(channel_mults)
-        for name, value, low, high in (
-            ("in_channels", in_channels, 1, MAX_WIDTH),
-            ("base_channels", base_channels, 2, MAX_WIDTH),
-            ("num_res_blocks", num_res_blocks, 1, MAX_DEPTH),
-            ("out_mult", out_mult, 1, 16),
-            ("num_groups", num_groups, 1, MAX_WIDTH),
-        ):
-            check_int(name, value, min=low, max=high, owner="UNet")
-        if num_levels == 0 or num_levels > 32:
-            raise ValueError(
-                f"UNet needs 1..32 channel_mults (one per level), got {len(channel_mults)}."
-            )
-        for m in channel_mults:
-            check_int("each of channel_mults", m, min=1, max=MAX_WIDTH, owner="UNet")
-        for a in attention_resolutions:
-            check_int("each of attention_resolutions", a, min=-num_levels, owner="UNet")
-        bad_levels = [a for a in attention_resolutions if not -num_levels <= a < num_levels]
-        if bad_levels:
-            raise ValueError(
-                f"attention_resolutions are level indices into channel_mults, so they must "
-                f"lie in [{-num_levels}, {num_levels - 1}]; got {list(attention_resolutions)}."
-            )
-        bad_widths = [base_channels * m for m in channel_mults if base_channels * m % num_groups]
-        if bad_widths:
-            raise ValueError(
-                f"GroupNorm with num_groups={num_groups} needs every level width "
-                f"base_channels * mult divisible by it; {bad_widths} are not. "
-                f"Change base_channels or num_groups."
-            )
-        if time_embed_dim is not None:
-            check_int("time_embed_dim", time_embed_dim, min=1, max=MAX_WIDTH, owner="UNet")
-        if num_classes is not None:
-            check_int("num_classes", num_classes, min=1, max=MAX_WIDTH, owner="UNet")
-        check_number("dropout", dropout, min=0.0, owner="UNet")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"UNet needs 0 <= dropout < 1, got dropout={dropout}.")
-
+        channel_mults, attention_resolutions = _check_arguments(
+            in_channels,
+            base_channels,
+            channel_mults,
+            num_res_blocks,
+            attention_resolutions,
+            time_embed_dim,
+            out_mult,
+            num_classes,
+            dropout,
+            num_groups,
+        )
         self._config: dict[str, Any] = {
             "in_channels": int(in_channels),
             "base_channels": int(base_channels),
@@ -215,6 +182,7 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "num_groups": int(num_groups),
         }
+        num_levels = len(channel_mults)
         self.in_channels = in_channels
         self.out_mult = out_mult
         self.null_class: int | None = num_classes
@@ -226,42 +194,20 @@ class UNet(nn.Module):
         def block(in_ch: int, out_ch: int, level: int) -> _Block:
             return _Block(in_ch, out_ch, emb_dim, num_groups, dropout, level in attn_levels)
 
+        # keep both orders: creation draws the initial weights, assignment orders state_dict
         self.condition = ConditionEmbedding(base_channels, emb_dim, num_classes)
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-
-        ch = base_channels
-        skip_channels = [ch]
-        self.down_blocks = nn.ModuleList()
-        self.downsamplers = nn.ModuleList()
-        for level, mult in enumerate(channel_mults):
-            blocks = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                blocks.append(block(ch, base_channels * mult, level))
-                ch = base_channels * mult
-                skip_channels.append(ch)
-            self.down_blocks.append(blocks)
-            if level < num_levels - 1:
-                self.downsamplers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-                skip_channels.append(ch)
-
+        widths = [base_channels * m for m in channel_mults]
+        self.down_blocks, self.downsamplers, skip_channels = _down_path(
+            block, base_channels, widths, num_res_blocks
+        )
+        ch = widths[-1]
         self.mid_blocks = nn.ModuleList(
             [block(ch, ch, num_levels - 1), _Block(ch, ch, emb_dim, num_groups, dropout, False)]
         )
-
-        self.up_blocks = nn.ModuleList()  # lowest resolution first
-        self.upsamplers = nn.ModuleList()
-        for level in reversed(range(num_levels)):
-            blocks = nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                out_ch = base_channels * channel_mults[level]
-                blocks.append(block(ch + skip_channels.pop(), out_ch, level))
-                ch = out_ch
-            self.up_blocks.append(blocks)
-            if level > 0:
-                self.upsamplers.append(_Upsample(ch))
-
-        self.output_norm = nn.GroupNorm(num_groups, ch)
-        self.output_conv = nn.Conv2d(ch, in_channels * out_mult, 3, padding=1)
+        self.up_blocks, self.upsamplers = _up_path(block, widths, num_res_blocks, skip_channels)
+        self.output_norm = nn.GroupNorm(num_groups, widths[0])
+        self.output_conv = nn.Conv2d(widths[0], in_channels * out_mult, 3, padding=1)
         for p in self.output_conv.parameters():
             nn.init.zeros_(p)
 
@@ -349,3 +295,112 @@ class UNet(nn.Module):
                 h = self.upsamplers[level](h)
         out: Tensor = self.output_conv(F.silu(self.output_norm(h)))
         return out
+
+
+def _check_arguments(
+    in_channels: int,
+    base_channels: int,
+    channel_mults: tuple[int, ...],
+    num_res_blocks: int,
+    attention_resolutions: tuple[int, ...],
+    time_embed_dim: int | None,
+    out_mult: int,
+    num_classes: int | None,
+    dropout: float,
+    num_groups: int,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check the arguments of :class:`UNet`; channel_mults and attention_resolutions as tuples."""
+    for name, seq in (
+        ("channel_mults", channel_mults),
+        ("attention_resolutions", attention_resolutions),
+    ):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (tuple, list)):
+            raise TypeError(f"UNet needs {name} as a tuple of ints, got {seq!r}")
+    channel_mults = tuple(channel_mults)
+    attention_resolutions = tuple(attention_resolutions)
+    num_levels = len(channel_mults)
+    for name, value, low, high in (
+        ("in_channels", in_channels, 1, MAX_WIDTH),
+        ("base_channels", base_channels, 2, MAX_WIDTH),
+        ("num_res_blocks", num_res_blocks, 1, MAX_DEPTH),
+        ("out_mult", out_mult, 1, 16),
+        ("num_groups", num_groups, 1, MAX_WIDTH),
+    ):
+        check_int(name, value, min=low, max=high, owner="UNet")
+    if num_levels == 0 or num_levels > 32:
+        raise ValueError(
+            f"UNet needs 1..32 channel_mults (one per level), got {len(channel_mults)}."
+        )
+    for m in channel_mults:
+        check_int("each of channel_mults", m, min=1, max=MAX_WIDTH, owner="UNet")
+    for a in attention_resolutions:
+        check_int("each of attention_resolutions", a, min=-num_levels, owner="UNet")
+    bad_levels = [a for a in attention_resolutions if not -num_levels <= a < num_levels]
+    if bad_levels:
+        raise ValueError(
+            f"attention_resolutions are level indices into channel_mults, so they must "
+            f"lie in [{-num_levels}, {num_levels - 1}]; got {list(attention_resolutions)}."
+        )
+    bad_widths = [base_channels * m for m in channel_mults if base_channels * m % num_groups]
+    if bad_widths:
+        raise ValueError(
+            f"GroupNorm with num_groups={num_groups} needs every level width "
+            f"base_channels * mult divisible by it; {bad_widths} are not. "
+            f"Change base_channels or num_groups."
+        )
+    if time_embed_dim is not None:
+        check_int("time_embed_dim", time_embed_dim, min=1, max=MAX_WIDTH, owner="UNet")
+    if num_classes is not None:
+        check_int("num_classes", num_classes, min=1, max=MAX_WIDTH, owner="UNet")
+    check_number("dropout", dropout, min=0.0, owner="UNet")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"UNet needs 0 <= dropout < 1, got dropout={dropout}.")
+    return channel_mults, attention_resolutions
+
+
+def _down_path(
+    block: Callable[[int, int, int], _Block],
+    base_channels: int,
+    widths: list[int],
+    num_res_blocks: int,
+) -> tuple[nn.ModuleList, nn.ModuleList, list[int]]:
+    """The residual blocks of each level and the stride-2 convolutions between levels, and
+    the channels of every skip connection they leave (input convolution first)."""
+    ch = base_channels
+    skip_channels = [ch]
+    down_blocks = nn.ModuleList()
+    downsamplers = nn.ModuleList()
+    for level, width in enumerate(widths):
+        blocks = nn.ModuleList()
+        for _ in range(num_res_blocks):
+            blocks.append(block(ch, width, level))
+            ch = width
+            skip_channels.append(ch)
+        down_blocks.append(blocks)
+        if level < len(widths) - 1:
+            downsamplers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            skip_channels.append(ch)
+    return down_blocks, downsamplers, skip_channels
+
+
+def _up_path(
+    block: Callable[[int, int, int], _Block],
+    widths: list[int],
+    num_res_blocks: int,
+    skip_channels: list[int],
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The mirrored up path, lowest resolution first: num_res_blocks + 1 blocks per level, each
+    fed the last skip connection not yet used (``skip_channels`` is consumed), and the
+    upsamplers between levels."""
+    ch = widths[-1]
+    up_blocks = nn.ModuleList()
+    upsamplers = nn.ModuleList()
+    for level in reversed(range(len(widths))):
+        blocks = nn.ModuleList()
+        for _ in range(num_res_blocks + 1):
+            blocks.append(block(ch + skip_channels.pop(), widths[level], level))
+            ch = widths[level]
+        up_blocks.append(blocks)
+        if level > 0:
+            upsamplers.append(_Upsample(ch))
+    return up_blocks, upsamplers
