@@ -171,6 +171,12 @@ def test_bad_arguments() -> None:
         optimize_timesteps(model, 3, reference_sampler="ddpm")
     with pytest.raises(ValueError, match="objective"):
         optimize_timesteps(model, 3, objective="max", num_samples=4, reference_steps=10)
+    calls = []
+    model.nn_module.register_forward_hook(lambda *args: calls.append(1))
+    for bad in ({"objective": "max"}, {"holdout": 1.0}):  # refused before the reference run
+        with pytest.raises(ValueError, match="objective|holdout"):
+            optimize_timesteps(model, 3, num_samples=4, reference_steps=10, **bad)
+    assert not calls
     for holdout in (-0.1, 1.0, True, "0.5"):
         with pytest.raises(ValueError, match="holdout"):
             optimize_timesteps(model, 3, holdout=holdout, num_samples=4, reference_steps=10)
