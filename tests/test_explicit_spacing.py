@@ -89,3 +89,20 @@ def test_the_config_and_the_model_share_one_rule() -> None:
     )
     model = DiffusionModel(MLP(2, hidden_dim=8, num_layers=1), cfg)
     assert torch.equal(model.sampling_timesteps(), spacings.resolve(TIMES, model.process, 4))
+
+
+def test_explicit_times_below_T_without_a_start_sample_warn() -> None:
+    """x_T is drawn at the level of t = T: explicit times that start lower need the sample at
+    their first time (a FutureWarning in 0.3); a start sample, times from T and named
+    spacings (``leading`` starts below T by design) do not warn."""
+    import warnings
+
+    model = DiffusionModel(MLP(2, hidden_dim=8, num_layers=1), input_shape=(2,))
+    with pytest.warns(FutureWarning, match="start at t = 500 < T = 1000"):
+        model.sample(2, timestep_spacing=[500, 200, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.sample(2, timestep_spacing=[500, 200, 0], init_noise=torch.randn(2, 2))
+        model.sample(2, timestep_spacing=[1000, 200, 0])
+        model.sample(2, 7, timestep_spacing="leading")
+        model.sampling_timesteps(None, [500, 200, 0])  # only the times: nothing is drawn

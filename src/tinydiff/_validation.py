@@ -166,13 +166,11 @@ def check_bsz(
     """A positive int batch size whose (bsz, *sample_shape) tensor fits in half the memory.
 
     Raises:
-        TypeError: not an int (bools refused).
-        ValueError: < 1, or one batch tensor would need more than half the device's memory.
+        ValueError: not an int (bools refused) or < 1, or one batch tensor would need more than
+            half the device's memory.
     """
-    if isinstance(bsz, bool) or not isinstance(bsz, int):
-        raise TypeError(f"{name} must be a positive int, got {bsz!r} ({type(bsz).__name__})")
-    if bsz < 1:
-        raise ValueError(f"{name} must be a positive int, got {bsz!r}")
+    if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
+        raise ValueError(f"{name} must be a positive int, got {bsz!r} ({type(bsz).__name__})")
     nbytes = bsz * math.prod(sample_shape) * torch.empty((), dtype=dtype).element_size()
     total = _memory_bytes(device)
     limit = int(total * _MEMORY_FRACTION) if total is not None else 2**62

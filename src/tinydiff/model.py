@@ -217,6 +217,7 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         """Instantiate a registered sampler (default: the config's, with its options);
         unknown names or option values raise ValueError, unknown options TypeError."""
         name = self.config.sampler_type if sampler is None else samplers.REGISTRY.canonical(sampler)
+        sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
         if sampler_kwargs is None:
             sampler_kwargs = self.config.sampler_kwargs if sampler is None else {}
         return samplers.get(name).check_options(sampler_kwargs)
@@ -227,14 +228,17 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         timestep_spacing: str | Sequence[float] | Tensor | None = None,
         *,
         sampler: str | None = None,
+        start_given: bool = True,
     ) -> Tensor:
         """The times a sampler visits, float64 (S + 1,) decreasing to 0: ``timestep_spacing``
         (a name or explicit times), else the config's, else ``sampler``'s default spacing,
-        resolved by `tinydiff.spacings.resolve` (which raises on anything invalid)."""
+        resolved by `tinydiff.spacings.resolve` (which raises on anything invalid; it warns
+        about explicit times starting below T unless ``start_given``)."""
         spec = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
         name = self.config.sampler_type if sampler is None else sampler
+        default = samplers.get(name).default_spacing
         return spacings.resolve(
-            spec, self.process, sampling_timesteps, samplers.get(name).default_spacing
+            spec, self.process, sampling_timesteps, default, start_given=start_given
         )
 
     def optimize_timesteps(self, num_steps: int, **kwargs: Any) -> Any:
@@ -266,7 +270,8 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         guidance: str | Guidance | None = None,
         guidance_kwargs: dict[str, Any] | None = None,
     ) -> Tensor:
-        """Draw samples by running a sampler from noise at t = T to t = 0.
+        """Draw samples (bsz, *input_shape), in the network's dtype, by running a sampler from
+        noise at t = T to t = 0. Bad arguments raise ValueError or TypeError before sampling.
 
         Args:
             bsz: number of samples, >= 1.
@@ -288,20 +293,18 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
             callback: called after each step, may replace x (`tinydiff.sampling.sample`).
             guidance: a guidance method name (`tinydiff.guidance`) or strategy object.
             guidance_kwargs: options of the guidance method.
-
-        Returns:
-            samples (bsz, *input_shape) in the network's dtype; bad arguments raise ValueError
-            or TypeError naming them, before any network call.
         """
-        sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
-        if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
-            raise ValueError(f"bsz must be a positive int, got {bsz!r}")
         network = self.network(use_ema)
         strategy = resolve_guidance(
             guidance, guidance_scale, guidance_rescale, guidance_kwargs, cond=cond
         )
         solver = self.make_sampler(sampler, sampler_kwargs)
-        times = self.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler=sampler)
+        times = self.sampling_timesteps(
+            sampling_timesteps,
+            timestep_spacing,
+            sampler=sampler,
+            start_given=init_noise is not None,
+        )
         shape = (bsz, *self.input_shape)
         x = sampling.initial_noise(
             self.process, shape, self.nn_module, device, generator, init_noise, check_finite

@@ -77,8 +77,9 @@ def initial_noise(
     variance-preserving processes), or ``init_noise`` checked and moved there.
 
     Raises:
-        TypeError: a batch size that is not an int, a generator that is not a torch.Generator.
-        ValueError: a device that does not exist here; a batch too large for the device's memory; init_noise of another shape,
+        TypeError: a generator that is not a torch.Generator.
+        ValueError: a batch size that is not a positive int; a device that does not exist
+            here; a batch too large for the device's memory; init_noise of another shape,
             or holding NaN or inf (checked on the CPU, or everywhere with ``check_finite``).
     """
     generator = _validation.check_generator(generator)

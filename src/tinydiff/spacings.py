@@ -22,6 +22,7 @@ unit, so that the ramp stays at finite lambda on paths with sigma(0) = 0).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -282,6 +283,8 @@ def resolve(
     process: GaussianProcess,
     num_steps: int | None = None,
     default_spacing: str = "trailing",
+    *,
+    start_given: bool = True,
 ) -> Tensor:
     """The sampling times of a spacing: the one validator of spacing names and explicit times.
 
@@ -293,6 +296,10 @@ def resolve(
             (None: T); for explicit times None or their count.
         default_spacing: the spacing used when ``spec`` is None: a sampler's
             ``default_spacing`` (e.g. ``tinydiff.samplers.get(name).default_spacing``).
+        start_given: whether the caller has the sample at the first time (``init_noise`` or
+            an editing start). Explicit times that start below T without it draw x_T as pure
+            noise at the wrong noise level: a FutureWarning in 0.3, an error in 0.4. Named
+            spacings (``leading`` starts below T by design) are unaffected.
 
     Returns:
         float64 CPU tensor (S + 1,), strictly decreasing, from at most T down to exactly 0.
@@ -315,6 +322,15 @@ def resolve(
             f"the explicit timestep list has {times.numel() - 1} steps but "
             f"sampling_timesteps={num_steps}; pass sampling_timesteps="
             f"{times.numel() - 1} (or None), or a spacing name"
+        )
+    if not start_given and float(times[0]) < T:
+        warnings.warn(
+            f"the explicit times start at t = {float(times[0]):g} < T = {T}, but the initial "
+            "sample is drawn as pure noise (the level of t = T); pass init_noise (the sample at "
+            f"t = {float(times[0]):g}, e.g. alpha(t) x + sigma(t) z) or start the times at T. "
+            "This will be an error in tinydiff 0.4",
+            FutureWarning,
+            stacklevel=3,
         )
     return times
 
