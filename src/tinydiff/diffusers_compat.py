@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
 if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike
@@ -523,7 +524,7 @@ class DiffusersMixin:
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         device: torch.device | str = "cpu",
-    ) -> Any:
+    ) -> Self:
         """Load a diffusers UNet and its scheduler config as a :class:`DiffusionModel`.
 
         The network is a :class:`DiffusersUNet` (output unwrapped, time t -> k = t - 1); the
