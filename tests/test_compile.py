@@ -254,6 +254,19 @@ def test_compile_network_matches_eager() -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_network_traces_only_the_live_network() -> None:
+    """A step compiled with the network traced into it serves the model's own network only: the
+    EMA copy (another module) is refused, so a later live run can never replay it."""
+    model = make_model(backend="aot_eager")
+    model.enable_ema(0.9)
+    model.compile_sampler(backend="aot_eager", compile_network=True)
+    with pytest.raises(ValueError, match="use_ema need compile_network=False"):
+        sample(model, "ddim", 5, compile=True, use_ema=True)
+    torch.testing.assert_close(
+        sample(model, "ddim", 5, compile=True), sample(model, "ddim", 5), rtol=1e-5, atol=1e-5
+    )
+
+
 # -- no host syncs -------------------------------------------------------------------------------
 @contextmanager
 def host_syncs_forbidden() -> Iterator[None]:
@@ -317,7 +330,7 @@ def _compiled_loop(model: DiffusionModel, solver: Any, plan: Any, x: Tensor) -> 
     if model._step_cache is None:
         model.sample(2, 1, sampler="ddim", compile=True)  # builds the model's step cache
     assert model._step_cache is not None
-    return model._step_cache.loop(solver, plan, x, model.denoiser(), live_network=model.nn_module)
+    return model._step_cache.loop(solver, plan, x, model.denoiser())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -411,10 +411,14 @@ class StepCache:
 
     Args:
         options: the compile options of every entry.
+        live_network: the model's own network: with ``compile_network=True`` only it may be
+            traced (a run with another one, e.g. the EMA copy, is refused). A cache without
+            one (functional sampling) traces each run's network, keyed by its identity.
     """
 
-    def __init__(self, options: CompileOptions) -> None:
+    def __init__(self, options: CompileOptions, live_network: Any = None) -> None:
         self.options = options
+        self.live_network = live_network
         self.slot = NetworkSlot()
         self._entries: dict[Hashable, CompiledStep] = {}
 
@@ -429,10 +433,11 @@ class StepCache:
     def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
         return _no_cache, ()
 
-    def _traced_denoiser(self, denoiser: Denoiser, live_network: Any) -> Denoiser:
+    def _traced_denoiser(self, denoiser: Denoiser) -> Denoiser:
         """The denoiser the compiled step calls: ``denoiser``'s target, variance and guidance,
         with the network behind the opaque operator (or the live network, traced)."""
         if self.options.compile_network:
+            live_network = denoiser.network if self.live_network is None else self.live_network
             if denoiser.cond is not None or denoiser.network is not live_network:
                 raise ValueError(
                     "compile_network=True traces the live network without conditioning: "
@@ -449,7 +454,6 @@ class StepCache:
         plan: Mapping[str, Tensor],
         x: Tensor,
         denoiser: Denoiser,
-        live_network: Any = None,
         with_x0: bool = False,
     ) -> CompiledStep:
         """The compiled step for this sampler, plan layout, x and guidance (built if missing);
@@ -466,10 +470,11 @@ class StepCache:
             None if denoiser.guidance is None else type(denoiser.guidance),
             None if denoiser.guidance is None else _options_key(denoiser.guidance),
             with_x0,
+            id(denoiser.network) if self.options.compile_network else None,
         )
         entry = self._entries.get(key)
         if entry is None:
-            traced = self._traced_denoiser(denoiser, live_network)
+            traced = self._traced_denoiser(denoiser)
             entry = CompiledStep(sampler, traced, layout, self.options, with_x0)
             self._entries[key] = entry
         return entry
@@ -480,7 +485,7 @@ class StepCache:
         plan: Mapping[str, Tensor],
         x: Tensor,
         denoiser: Denoiser,
-        live_network: Any = None,
+        *,
         with_x0: bool = False,
     ) -> CompiledLoop | None:
         """The compiled driver of one run: fills the slot with ``denoiser``'s network and
@@ -489,7 +494,7 @@ class StepCache:
         which the caller then runs."""
         if self.options.eager_is_faster(x):
             return None
-        entry = self.get(sampler, plan, x, denoiser, live_network, with_x0)
+        entry = self.get(sampler, plan, x, denoiser, with_x0)
         self.slot.network = denoiser.network
         self.slot.cond = denoiser.network_cond
         return entry.stepper(plan, x)
@@ -527,5 +532,5 @@ class CompileMixin:
     def compiled_steps(self) -> StepCache:
         """The cache of compiled sampling steps (``len()`` counts the compiled entries)."""
         if self._step_cache is None:
-            self._step_cache = StepCache(self._compile_options)
+            self._step_cache = StepCache(self._compile_options, getattr(self, "nn_module", None))
         return self._step_cache

@@ -29,6 +29,16 @@ def _registry_name(registry: Registry[Any], value: Any) -> str:
     return registry.canonical(value)
 
 
+#: the config fields that name a registry entry, and their registries
+_COMPONENT_FIELDS: dict[str, Registry[Any]] = {
+    "noise_schedule_type": schedules.REGISTRY,
+    "target_type": targets.REGISTRY,
+    "variance_type": variances.REGISTRY,
+    "loss_type": losses.REGISTRY,
+    "sampler_type": samplers.REGISTRY,
+}
+
+
 class DiffusionModelConfig(BaseModel):
     """Configuration of a :class:`tinydiff.DiffusionModel`.
 
@@ -129,30 +139,10 @@ class DiffusionModelConfig(BaseModel):
             raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {v}")
         return v
 
-    @field_validator("noise_schedule_type")
+    @field_validator(*_COMPONENT_FIELDS)
     @classmethod
-    def _schedule(cls, v: Any) -> str:
-        return _registry_name(schedules.REGISTRY, v)
-
-    @field_validator("target_type")
-    @classmethod
-    def _target(cls, v: Any) -> str:
-        return _registry_name(targets.REGISTRY, v)
-
-    @field_validator("variance_type")
-    @classmethod
-    def _variance(cls, v: Any) -> str:
-        return _registry_name(variances.REGISTRY, v)
-
-    @field_validator("loss_type")
-    @classmethod
-    def _loss(cls, v: Any) -> str:
-        return _registry_name(losses.REGISTRY, v)
-
-    @field_validator("sampler_type")
-    @classmethod
-    def _sampler(cls, v: Any) -> str:
-        return _registry_name(samplers.REGISTRY, v)
+    def _component(cls, v: Any, info: ValidationInfo) -> str:
+        return _registry_name(_COMPONENT_FIELDS[str(info.field_name)], v)
 
     @field_validator("time_sampling")
     @classmethod

@@ -157,9 +157,7 @@ def sample(
     plan = build_plan(solver, process.path_values(times))
     loop = None
     if compile is not False:
-        loop = _step_cache(compile).loop(
-            solver, plan, x, denoiser, live_network=denoiser.network, with_x0=callback is not None
-        )
+        loop = _step_cache(compile).loop(solver, plan, x, denoiser, with_x0=callback is not None)
     return run_sampler(
         solver,
         x,

@@ -240,14 +240,10 @@ class UNet(nn.Module):
         Args:
             x: Noisy images of shape ``(bsz, in_channels, H, W)``, floating
                 point, with H and W divisible by ``2 ** (len(channel_mults) - 1)``.
-            t: Times on the ``[0, T]`` scale (``T = num_timesteps``, default
-                1000) of shape ``(bsz,)``; usually integer-valued, fractional
-                values are fine. A 0-dim tensor or a Python number is broadcast
-                to the whole batch.
-            class_labels: Integer labels of shape ``(bsz,)`` in
-                ``[0, num_classes]``, where ``num_classes`` is the null label;
-                ``None`` means all-null. Only allowed when built with
-                ``num_classes``.
+            t: Times on the ``[0, T]`` scale, ``(bsz,)`` or one number for the whole batch
+                (as for `tinydiff.nn.MLP.forward`).
+            class_labels: Labels ``(bsz,)`` in ``[0, num_classes]`` (``num_classes`` is the
+                null label; None: all null), as for `tinydiff.nn.MLP.forward`.
 
         Returns:
             Tensor of shape ``(bsz, in_channels * out_mult, H, W)``: the same
