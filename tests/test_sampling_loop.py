@@ -134,6 +134,8 @@ def test_bad_arguments_are_refused(models: dict[str, DiffusionModel]) -> None:
         sample(d, p, "ddim", times[:-1], x)
     with pytest.raises(ValueError, match="at least 2"):
         sample(d, p, "ddim", times[-1:], x)
+    with pytest.raises(ValueError, match=r"lie in \[0, 1000\]"):
+        sample(d, p, "ddim", torch.tensor([2000.0, 500.0, 0.0], dtype=torch.float64), x)
     with pytest.raises(ValueError, match="ddim"):
         sample(d, p, "dddim", times, x)
     with pytest.raises(TypeError, match="Accepted options: eta"):
