@@ -1,11 +1,32 @@
-"""Small DiffusionModels with random weights, shared by the serialization and Hub tests."""
+"""Small DiffusionModels shared by the tests: random-weight networks (serialization, Hub) and
+exact models around the Gaussian-mixture denoiser of tinydiff.testing."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from tinydiff import DiffusionModel, DiffusionModelConfig
 from tinydiff.nn import MLP, UNet
+from tinydiff.testing import ExactDenoiser, GaussianMixture
+
+#: four Gaussians (std 0.5) on the circle of radius 2: the default data of `exact_model`
+RING = GaussianMixture([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], 0.5)
+
+
+def exact_model(
+    mixture: GaussianMixture = RING, *, dtype: torch.dtype = torch.float64, **config: Any
+) -> DiffusionModel:
+    """A DiffusionModel whose network is the exact denoiser of ``mixture``.
+
+    Args:
+        mixture: the data distribution (its event shape is the config's input_shape).
+        dtype: the dtype the model samples in (float64 by default; float32 as built).
+        **config: DiffusionModelConfig fields (num_timesteps defaults to the config's 1000).
+    """
+    config = {"input_shape": mixture.event_shape, **config}
+    return DiffusionModel(ExactDenoiser(mixture, config), config).to(dtype)
 
 
 def _perturb(model: DiffusionModel, seed: int = 1) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from tinydiff import DiffusionModel, samplers
-from tinydiff._compile import _NETWORKS, CompileOptions
+from tinydiff._compile import CompileOptions
 from tinydiff.samplers.base import build_plan, run_sampler
 
 SAMPLERS = samplers.names()
@@ -80,7 +81,7 @@ def test_step_compiles_fullgraph_once_for_any_number_of_steps(name: str) -> None
         x = sample(model, name, steps, compile=True)
         assert torch.isfinite(x).all()
     assert counter.frame_count == 1, f"{name}: {counter.frame_count} compiles for 4 runs"
-    assert len(model._step_cache) == 1
+    assert len(model.compiled_steps) == 1
 
 
 def test_inference_mode_with_noise_made_outside_compiles_once() -> None:
@@ -115,7 +116,7 @@ def test_many_cache_entries_do_not_hit_the_recompile_limit() -> None:
             model.sample(bsz, steps, sampler="ddim", compile=True)
     # each entry has its own code object: compiled once each, never falling back to eager
     assert counter.frame_count == limit + 2
-    assert len(model._step_cache) == limit + 2
+    assert len(model.compiled_steps) == limit + 2
 
 
 # -- same results --------------------------------------------------------------------------------
@@ -233,11 +234,11 @@ def test_small_cpu_samples_run_the_faster_eager_loop(monkeypatch: pytest.MonkeyP
     model = make_model()  # backend "inductor", the default
     eager = sample(model, "ddim", 4)
     small = sample(model, "ddim", 4, compile=True)
-    assert model._step_cache is not None and len(model._step_cache) == 0
+    assert len(model.compiled_steps) == 0
     torch.testing.assert_close(small, eager)
     monkeypatch.setattr(_compile, "CPU_EAGER_BELOW_NUMEL", 2 * BSZ)  # BSZ x 2 elements: compile
     compiled = sample(model, "ddim", 4, compile=True)
-    assert len(model._step_cache) == 1
+    assert len(model.compiled_steps) == 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     options = CompileOptions()
     big = torch.empty(_compile.CPU_EAGER_BELOW_NUMEL)
@@ -327,10 +328,7 @@ def _eager_denoiser(model: DiffusionModel) -> Any:
 
 def _compiled_loop(model: DiffusionModel, solver: Any, plan: Any, x: Tensor) -> Any:
     """The compiled driver that ``sample(..., compile=True)`` would use for this plan."""
-    if model._step_cache is None:
-        model.sample(2, 1, sampler="ddim", compile=True)  # builds the model's step cache
-    assert model._step_cache is not None
-    return model._step_cache.loop(solver, plan, x, model.denoiser())
+    return model.compiled_steps.loop(solver, plan, x, model.denoiser())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -437,20 +435,29 @@ def test_compile_options_are_validated() -> None:
     assert model.compile_sampler("reduce-overhead") is model
 
 
-def test_deleting_the_model_releases_its_network() -> None:
+def test_deleting_the_model_releases_it() -> None:
+    """Compiled steps do not keep their model (nor its network) alive, and sampling another
+    model with the same options afterwards compiles and runs its own network."""
     model = make_model(backend="aot_eager")
     model.sample(2, 2, sampler="ddim", compile=True)
-    keys = set(_NETWORKS)
+    assert len(model.compiled_steps) == 1
+    dead_model, dead_net = weakref.ref(model), weakref.ref(model.nn_module)
     del model
     gc.collect()
-    assert len(set(_NETWORKS)) < len(keys)
+    assert dead_model() is None and dead_net() is None
+    other = make_model(backend="aot_eager")
+    torch.testing.assert_close(
+        sample(other, "ddim", 3, compile=True), sample(other, "ddim", 3), rtol=1e-5, atol=1e-5
+    )
+    assert len(other.compiled_steps) == 1
 
 
 def test_copied_model_samples_with_its_own_weights() -> None:
     model = make_model(backend="aot_eager")
     model.sample(2, 2, sampler="ddim", compile=True)
     copy = deepcopy(model)
-    assert copy._step_cache is None
+    assert len(copy.compiled_steps) == 0  # the copy starts without the original's steps
+    assert copy.compiled_steps is not model.compiled_steps
     with torch.no_grad():
         for p in copy.nn_module.parameters():
             p.mul_(0.5)

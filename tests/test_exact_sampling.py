@@ -6,19 +6,14 @@ import math
 
 import pytest
 import torch
+from _models import exact_model
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from tinydiff import DiffusionModel, DiffusionModelConfig
-from tinydiff.testing import ExactDenoiser, GaussianMixture
+from tinydiff.testing import GaussianMixture
 
 MIX = GaussianMixture(
     means=[[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], stds=[0.3, 0.5, 0.2], weights=[0.5, 0.3, 0.2]
 )
-
-
-def exact_model(**kw) -> DiffusionModel:
-    cfg = DiffusionModelConfig(input_shape=(2,), **kw)
-    return DiffusionModel(ExactDenoiser(MIX, cfg), cfg)
 
 
 # -- tinydiff.testing ------------------------------------------------------------------------
@@ -69,7 +64,9 @@ def test_posterior_mean_is_the_conditional_expectation_monte_carlo() -> None:
 
 @pytest.mark.parametrize("target_type", ["pred_eps", "pred_x_0", "pred_v"])
 def test_exact_denoiser_outputs_the_configured_target(target_type: str) -> None:
-    model = exact_model(target_type=target_type, noise_schedule_type="linear")
+    model = exact_model(
+        MIX, dtype=torch.float32, target_type=target_type, noise_schedule_type="linear"
+    )
     x_t, t = torch.randn(6, 2, dtype=torch.float64), torch.tensor([1.0, 10, 250.5, 500, 900, 1000])
     out = model.nn_module.double()(x_t, t)
     ab = model.alpha_bar(t)[:, None]
@@ -80,7 +77,7 @@ def test_exact_denoiser_outputs_the_configured_target(target_type: str) -> None:
 
 
 def test_exact_denoiser_learned_range_returns_lower_bound_channels() -> None:
-    model = exact_model(sigma_type="learned_range")
+    model = exact_model(MIX, dtype=torch.float32, sigma_type="learned_range")
     out = model.nn_module(torch.randn(3, 2), torch.full((3,), 10.0))
     assert out.shape == (3, 4) and (out[:, 2:] == -1).all()
 
@@ -117,7 +114,9 @@ def check_moments(x: torch.Tensor) -> None:
     ],
 )
 def test_full_T_sampling_reproduces_the_mixture(sampler, sampler_kwargs, sigma_type) -> None:
-    model = exact_model(noise_schedule_type="linear", sigma_type=sigma_type)
+    model = exact_model(
+        MIX, dtype=torch.float32, noise_schedule_type="linear", sigma_type=sigma_type
+    )
     gen = torch.Generator().manual_seed(0)
     x = model.sample(N, None, sampler=sampler, sampler_kwargs=sampler_kwargs, generator=gen)
     check_moments(x)
@@ -126,6 +125,8 @@ def test_full_T_sampling_reproduces_the_mixture(sampler, sampler_kwargs, sigma_t
 @pytest.mark.parametrize("target_type", ["pred_x_0", "pred_v"])
 def test_respaced_ddpm_with_zero_terminal_snr_reproduces_the_mixture(target_type: str) -> None:
     model = exact_model(
+        MIX,
+        dtype=torch.float32,
         noise_schedule_type="cosine",
         zero_terminal_snr=True,
         target_type=target_type,
@@ -139,7 +140,9 @@ def test_respaced_ddpm_with_zero_terminal_snr_reproduces_the_mixture(target_type
 def test_ddim_eta_one_is_ddpm_with_the_posterior_variance(steps: int) -> None:
     """Song et al. 2021: DDIM with eta = 1 is DDPM ancestral sampling with beta-tilde, step for
     step, so the same noise stream gives the same samples."""
-    model = exact_model(noise_schedule_type="cosine", sigma_type="lower_bound")
+    model = exact_model(
+        MIX, dtype=torch.float32, noise_schedule_type="cosine", sigma_type="lower_bound"
+    )
     model.nn_module.double()
     ddpm = model.sample(64, steps, sampler="ddpm", generator=torch.Generator().manual_seed(5))
     ddim = model.sample(
@@ -152,7 +155,9 @@ def test_ddim_eta_one_is_ddpm_with_the_posterior_variance(steps: int) -> None:
     assert ddpm.dtype == torch.float64
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
     # and it differs from DDPM with the upper-bound variance
-    up = exact_model(noise_schedule_type="cosine", sigma_type="upper_bound")
+    up = exact_model(
+        MIX, dtype=torch.float32, noise_schedule_type="cosine", sigma_type="upper_bound"
+    )
     up.nn_module.double()
     ddpm_up = up.sample(64, steps, sampler="ddpm", generator=torch.Generator().manual_seed(5))
     assert (ddpm_up - ddpm).abs().max() > 1e-3

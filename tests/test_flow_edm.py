@@ -10,15 +10,16 @@ from typing import Any
 
 import pytest
 import torch
+from _models import RING as MIX
+from _models import exact_model
 from torch import Tensor
 
 from tinydiff import DiffusionModel, DiffusionModelConfig, samplers, time_sampling
 from tinydiff.process import Point
 from tinydiff.targets import EDM, PredVelocity
-from tinydiff.testing import ExactDenoiser, GaussianMixture, probability_flow_reference
+from tinydiff.testing import GaussianMixture, probability_flow_reference
 
 T = 1000
-MIX = GaussianMixture([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], 0.5)
 
 PROCESSES: dict[str, dict[str, Any]] = {
     "rf": {"noise_schedule_type": "rectified_flow", "target_type": "pred_velocity"},
@@ -29,11 +30,6 @@ PROCESSES: dict[str, dict[str, Any]] = {
     },
     "edm": {"noise_schedule_type": "edm", "target_type": "edm"},
 }
-
-
-def exact_model(mixture: GaussianMixture = MIX, **cfg: Any) -> DiffusionModel:
-    config = {"input_shape": mixture.event_shape, "num_timesteps": T, **cfg}
-    return DiffusionModel(ExactDenoiser(mixture, config), config).double()
 
 
 def gauss(n: int, dim: int = 2, seed: int = 0) -> Tensor:

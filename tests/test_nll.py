@@ -14,11 +14,12 @@ import math
 
 import pytest
 import torch
+from _models import exact_model
 from torch import Tensor, nn
 
-from tinydiff import DiffusionModel, DiffusionModelConfig
+from tinydiff import DiffusionModel
 from tinydiff.likelihood import discretized_gaussian_log_likelihood, vlb_terms
-from tinydiff.testing import ExactDenoiser, GaussianMixture
+from tinydiff.testing import GaussianMixture
 
 LN2 = math.log(2.0)
 
@@ -40,8 +41,7 @@ class _IntegerTimeExact(nn.Module):
 
 
 def _setup(mixture: GaussianMixture, shape: tuple[int, ...], fast: bool = True) -> DiffusionModel:
-    cfg = DiffusionModelConfig(input_shape=shape, num_timesteps=1000, sigma_type="upper_bound")
-    model = DiffusionModel(ExactDenoiser(mixture, cfg), cfg).double()
+    model = exact_model(mixture, input_shape=shape, num_timesteps=1000, sigma_type="upper_bound")
     if fast:
         model.nn_module = _IntegerTimeExact(mixture, model.alphas_cumprod)
     return model

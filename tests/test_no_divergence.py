@@ -20,11 +20,12 @@ import math
 
 import pytest
 import torch
+from _models import exact_model
 
-from tinydiff import DiffusionModel, samplers, schedules, spacings
+from tinydiff import samplers, schedules, spacings
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import step_orders
-from tinydiff.testing import ExactDenoiser, GaussianMixture, probability_flow_reference
+from tinydiff.testing import GaussianMixture, probability_flow_reference
 
 MIX = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5]]), torch.tensor([0.5, 0.7]))
 NFES = (20, 50)
@@ -33,8 +34,7 @@ DETERMINISTIC = [n for n in samplers.names() if not samplers.get(n)().is_stochas
 
 @functools.cache
 def errors(schedule: str, spacing: str) -> dict[tuple[str, int], float]:
-    cfg = {"input_shape": (2,), "num_timesteps": 1000, "noise_schedule_type": schedule}
-    model = DiffusionModel(ExactDenoiser(MIX, cfg), cfg).double()
+    model = exact_model(MIX, noise_schedule_type=schedule)
     z = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out: dict[tuple[str, int], float] = {}
     refs: dict[float, torch.Tensor] = {}

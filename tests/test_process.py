@@ -8,16 +8,17 @@ import math
 
 import pytest
 import torch
+from _models import RING as MIX
+from _models import exact_model
 from torch import Tensor
 
 import tinydiff
 from tinydiff import DiffusionModel, samplers, spacings, targets
 from tinydiff.process import ContinuousProcess, DiscreteVP
 from tinydiff.schedules import build_alphas_cumprod, build_process
-from tinydiff.testing import ExactDenoiser, GaussianMixture, probability_flow_reference
+from tinydiff.testing import probability_flow_reference
 
 T = 1000
-MIX = GaussianMixture([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], 0.5)
 
 
 # Two paths registered the way a user would: a variance-preserving cosine path (sigma(0) = 0,
@@ -34,11 +35,6 @@ def linear_path(s: Tensor) -> tuple[Tensor, Tensor]:
 
 
 PATHS = ("test_cosine_path", "test_linear_path")
-
-
-def exact_model(schedule: str, **cfg: object) -> DiffusionModel:
-    config = {"input_shape": (2,), "num_timesteps": T, "noise_schedule_type": schedule, **cfg}
-    return DiffusionModel(ExactDenoiser(MIX, config), config).double()
 
 
 def noise(n: int, seed: int = 0) -> Tensor:
@@ -217,7 +213,7 @@ def flow(request: pytest.FixtureRequest) -> tuple[DiffusionModel, Tensor, Tensor
     is the flow's x(0) itself.
     """
     name = request.param
-    model = exact_model(name, target_type="pred_v")
+    model = exact_model(noise_schedule_type=name, target_type="pred_v")
     z = noise(64) * model.process.prior_std()
     p = model.process
     start = (float(p.alpha(float(T))), float(p.sigma(float(T))))
@@ -260,7 +256,7 @@ def test_every_sampler_converges_on_a_registered_path(
 def test_every_sampler_and_spacing_is_finite_on_a_registered_path(
     name: str, spacing: str, path: str
 ) -> None:
-    model = exact_model(path, target_type="pred_v")
+    model = exact_model(noise_schedule_type=path, target_type="pred_v")
     g = torch.Generator().manual_seed(0)
     for steps in (1, 2, 8):
         x = model.sample(4, steps, sampler=name, timestep_spacing=spacing, generator=g)
@@ -277,7 +273,9 @@ def test_every_sampler_target_and_variance_is_finite_on_a_registered_path(
     # learned_range's VLB term needs integer training times (continuous paths default to
     # uniform real times)
     extra = {"time_sampling": "uniform_discrete"} if variance == "learned_range" else {}
-    model = exact_model(path, target_type=target, variance_type=variance, **extra)
+    model = exact_model(
+        noise_schedule_type=path, target_type=target, variance_type=variance, **extra
+    )
     x = model.sample(4, 6, sampler=name, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
     loss = model.loss(MIX.sample(8, torch.Generator().manual_seed(1)))

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from _models import RING as MIX
+from _models import exact_model
 from torch import Tensor, nn
 
 import tinydiff
@@ -17,12 +19,6 @@ from tinydiff import DiffusionModel, samplers, schedules, spacings, targets
 from tinydiff.testing import ExactDenoiser, GaussianMixture, probability_flow_reference
 
 T = 1000
-MIX = GaussianMixture([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], 0.5)
-
-
-def exact_model(mixture: GaussianMixture = MIX, **cfg: Any) -> DiffusionModel:
-    config = {"input_shape": mixture.event_shape, "num_timesteps": T, **cfg}
-    return DiffusionModel(ExactDenoiser(mixture, config), config).double()
 
 
 def noise(n: int, dim: int = 2, seed: int = 0) -> Tensor:

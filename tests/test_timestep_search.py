@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _models import exact_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from tinydiff import DiffusionModel, DiffusionModelConfig, samplers, schedules, spacings
@@ -16,11 +17,6 @@ from tinydiff.testing import ExactDenoiser, GaussianMixture, probability_flow_re
 from tinydiff.timestep_search import TimestepSearchResult, optimize_timesteps
 
 MIX = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5]]), torch.tensor([0.3, 0.5]))
-
-
-def exact_model(schedule: str = "cosine", **cfg_kw) -> DiffusionModel:
-    cfg = {"input_shape": (2,), "num_timesteps": 1000, "noise_schedule_type": schedule, **cfg_kw}
-    return DiffusionModel(ExactDenoiser(MIX, cfg), cfg).double()
 
 
 def held_out_error(model: DiffusionModel, sampler: str, times: torch.Tensor, z, ref) -> float:
@@ -32,7 +28,7 @@ def held_out_error(model: DiffusionModel, sampler: str, times: torch.Tensor, z, 
 
 @pytest.fixture(scope="module")
 def held_out() -> tuple[DiffusionModel, torch.Tensor, torch.Tensor]:
-    model = exact_model()
+    model = exact_model(MIX, noise_schedule_type="cosine")
     z = torch.randn(256, 2, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
     ab = model.alphas_cumprod
     ref = probability_flow_reference(MIX, z, float(ab[-1]), float(ab[1]), num_steps=400)
@@ -99,7 +95,7 @@ def test_network_calls_are_counted() -> None:
 
 @pytest.mark.parametrize("name", samplers.names())
 def test_times_are_valid_for_every_sampler(name: str) -> None:
-    model = exact_model("linear")
+    model = exact_model(MIX, noise_schedule_type="linear")
     g = torch.Generator().manual_seed(0)
     res = optimize_timesteps(
         model,
@@ -124,7 +120,9 @@ def test_times_are_valid_for_every_sampler(name: str) -> None:
 def test_times_are_valid_for_every_schedule(schedule: str, zero_snr: bool) -> None:
     if zero_snr and schedules.is_path(schedule):
         pytest.skip("zero_terminal_snr rescales tables; a continuous path sets alpha(1) itself")
-    model = exact_model(schedule, target_type="pred_v", zero_terminal_snr=zero_snr)
+    model = exact_model(
+        MIX, noise_schedule_type=schedule, target_type="pred_v", zero_terminal_snr=zero_snr
+    )
     res = optimize_timesteps(
         model,
         4,
@@ -140,7 +138,7 @@ def test_times_are_valid_for_every_schedule(schedule: str, zero_snr: bool) -> No
 
 
 def test_times_go_into_the_config_and_compiled_sampling_without_recompiles() -> None:
-    model = exact_model("linear")
+    model = exact_model(MIX, noise_schedule_type="linear")
     t1 = optimize_timesteps(
         model, 4, sampler="dpmpp_2m", num_samples=16, max_evals=10, reference_steps=40
     )
@@ -164,7 +162,7 @@ def test_times_go_into_the_config_and_compiled_sampling_without_recompiles() -> 
 
 
 def test_bad_arguments() -> None:
-    model = exact_model()
+    model = exact_model(MIX, noise_schedule_type="cosine")
     with pytest.raises(ValueError, match="num_steps"):
         optimize_timesteps(model, 1)
     with pytest.raises(ValueError, match="reference_sampler"):

@@ -332,12 +332,12 @@ class CompiledStep:
             self.with_x0,
         )
 
-    def stepper(self, plan: Mapping[str, Tensor], x: Tensor) -> CompiledLoop:
+    def stepper(self, plan: Mapping[str, Tensor], x: Tensor, *run: Any) -> CompiledLoop:
         """The per-run driver that `tinydiff.samplers.base.run_loop` calls once per
         step."""
         table = self.layout.stack(plan, x)
         torch._dynamo.mark_dynamic(table, 0)
-        return CompiledLoop(self, table, x)
+        return CompiledLoop(self, table, x, *run)
 
 
 class CompiledLoop:
@@ -348,13 +348,30 @@ class CompiledLoop:
             the caller must clone anything it keeps (trajectory, result).
     """
 
-    def __init__(self, step: CompiledStep, table: Tensor, x: Tensor) -> None:
+    def __init__(
+        self,
+        step: CompiledStep,
+        table: Tensor,
+        x: Tensor,
+        slot: NetworkSlot | None = None,
+        network: Any = None,
+        cond: dict[str, Any] | None = None,
+    ) -> None:
         self.step = step
         self.table = table
         self.index = torch.zeros((), dtype=torch.int64, device=x.device)
         self.transient_outputs = step.options.uses_cuda_graphs(x.device)
         self.guidance_state: State = step.denoise.init_state(x)
         self.first_x0: Tensor | None = None
+        # this run's network and cond, put into the shared slot before each of its steps: a
+        # run started in between (from a callback) fills the slot with its own
+        self.slot, self.network, self.cond = slot, network, cond
+
+    def close(self) -> None:
+        """End the run: the slot lets go of its network and cond (they may be freed)."""
+        if self.slot is not None:
+            self.slot.network = self.slot.cond = None
+        self.network = self.cond = None
 
     def __call__(
         self, i: int, x: Tensor, state: State, noise: Tensor | None
@@ -365,6 +382,8 @@ class CompiledLoop:
             # output); Dynamo guards on that difference, so a normal x (e.g. init_noise made
             # outside inference_mode) would compile the step a second time for step 0 alone
             x = x.clone()
+        if self.slot is not None:
+            self.slot.network, self.slot.cond = self.network, self.cond
         if self.transient_outputs:
             torch.compiler.cudagraph_mark_step_begin()
         x, state, self.guidance_state, self.first_x0, self.index = self.step(
@@ -469,6 +488,10 @@ class StepCache:
             x.device,
             None if denoiser.guidance is None else type(denoiser.guidance),
             None if denoiser.guidance is None else _options_key(denoiser.guidance),
+            type(denoiser.target),
+            _options_key(denoiser.target),
+            type(denoiser.variance),
+            _options_key(denoiser.variance),
             with_x0,
             id(denoiser.network) if self.options.compile_network else None,
         )
@@ -488,16 +511,14 @@ class StepCache:
         *,
         with_x0: bool = False,
     ) -> CompiledLoop | None:
-        """The compiled driver of one run: fills the slot with ``denoiser``'s network and
-        the keyword arguments it is called with, then returns the (cached) step's per-run
-        loop; None where the eager loop is faster (`CompileOptions.eager_is_faster`),
+        """The compiled driver of one run, which puts ``denoiser``'s network and the keyword
+        arguments it is called with into the slot before each step (call its ``close`` after
+        the run); None where the eager loop is faster (`CompileOptions.eager_is_faster`),
         which the caller then runs."""
         if self.options.eager_is_faster(x):
             return None
         entry = self.get(sampler, plan, x, denoiser, with_x0)
-        self.slot.network = denoiser.network
-        self.slot.cond = denoiser.network_cond
-        return entry.stepper(plan, x)
+        return entry.stepper(plan, x, self.slot, denoiser.network, denoiser.network_cond)
 
 
 class CompileMixin:

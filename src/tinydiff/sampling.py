@@ -32,7 +32,7 @@ from tinydiff.denoiser import Denoiser
 from tinydiff.process import GaussianProcess
 from tinydiff.samplers.base import Callback, Sampler, build_plan, run_sampler
 
-__all__ = ["Callback", "initial_noise", "sample"]
+__all__ = ["Callback", "CompileOptions", "initial_noise", "sample"]
 
 # compiled steps of functional calls, one cache per compile options; the network of a run is
 # read from the cache's slot, so entries serve every denoiser with the same layout
@@ -158,14 +158,18 @@ def sample(
     loop = None
     if compile is not False:
         loop = _step_cache(compile).loop(solver, plan, x, denoiser, with_x0=callback is not None)
-    return run_sampler(
-        solver,
-        x,
-        plan,
-        denoiser,
-        generator=generator,
-        return_trajectory=return_trajectory,
-        progress=progress,
-        loop=loop,
-        callback=callback,
-    )
+    try:
+        return run_sampler(
+            solver,
+            x,
+            plan,
+            denoiser,
+            generator=generator,
+            return_trajectory=return_trajectory,
+            progress=progress,
+            loop=loop,
+            callback=callback,
+        )
+    finally:
+        if loop is not None:
+            loop.close()
