@@ -132,7 +132,11 @@ def sample(
             ``t_next`` is the time the step reached (a float), ``x_next`` the new sample,
             ``x0_hat`` the step's first denoised estimate; a returned tensor replaces
             ``x_next`` (the solver's history is left as it is), None keeps it. It runs
-            eagerly, also with ``compile``.
+            eagerly, also with ``compile``. Multistep solvers (dpmpp_2m/3m, deis, unipc)
+            keep the denoised estimates of earlier steps, so a replacement acts from the
+            next network call on; UniPC's corrector also refines the next step from its
+            stored base: for inpainting-style projections a one-step solver (ddim, euler,
+            ddpm) or heun follows the replaced sample exactly.
         compile: run the compiled step: True (default options), a
             `tinydiff._compile.CompileOptions`, or a model's step cache.
         return_trajectory: return every iterate, (S + 1, bsz, *input_shape), x first.
