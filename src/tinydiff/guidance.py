@@ -34,23 +34,24 @@ guidance_kwargs={"scale": 2.0})`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff._validation import check_number
 from tinydiff.conditioning import apply_guidance
-
-if TYPE_CHECKING:
-    from tinydiff.process import Point
-    from tinydiff.targets import Prediction
+from tinydiff.process import Point
+from tinydiff.targets import Prediction
 
 __all__ = [
     "CFG",
     "REGISTRY",
     "Guidance",
     "GuidanceState",
+    "Guided",
+    "Pred",
+    "State",
     "build",
     "get",
     "names",
@@ -60,6 +61,11 @@ __all__ = [
 
 #: the per-run state a strategy carries between steps
 GuidanceState = tuple[Tensor, ...]
+State = GuidanceState
+#: a prediction handed to `Guidance.combine`: (x0, eps, var_out)
+Pred = Prediction
+#: what `Guidance.combine` returns: (x0, eps, state)
+Guided = tuple[Tensor, Tensor, GuidanceState]
 
 
 class Guidance:
@@ -80,14 +86,8 @@ class Guidance:
         return ()
 
     def combine(
-        self,
-        x: Tensor,
-        p: Point,
-        cond: Prediction,
-        uncond: Prediction | None,
-        state: GuidanceState,
-        step: Tensor,
-    ) -> tuple[Tensor, Tensor, GuidanceState]:
+        self, x: Tensor, p: Point, cond: Pred, uncond: Pred | None, state: State, step: Tensor
+    ) -> Guided:
         """The guided prediction at ``x`` (bsz, *input_shape).
 
         Args:
@@ -141,14 +141,8 @@ class CFG(Guidance):
         self.rescale = check_number("guidance_rescale", rescale, min=0.0, max=1.0)
 
     def combine(
-        self,
-        x: Tensor,
-        p: Point,
-        cond: Prediction,
-        uncond: Prediction | None,
-        state: GuidanceState,
-        step: Tensor,
-    ) -> tuple[Tensor, Tensor, GuidanceState]:
+        self, x: Tensor, p: Point, cond: Pred, uncond: Pred | None, state: State, step: Tensor
+    ) -> Guided:
         assert uncond is not None  # needs_null_cond
         x0, eps = apply_guidance(
             x, p.alpha, p.sigma, cond[:2], uncond[:2], self.scale, self.rescale
