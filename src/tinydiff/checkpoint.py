@@ -460,16 +460,10 @@ def _restore(
     exact: bool,
     check_extra: Callable[[Any, int], Any] | None,
 ) -> tuple[int, Any]:
-    where = f"checkpoint {ckpt.path}"
+    """Check the whole file against the objects and read it, then restore them all."""
     meta = ckpt.meta
     if exact:
-        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
-            if obj is None and meta[name] is not None:
-                raise SerializationError(
-                    f"{where} holds {name} state but no {name} was given to restore it into; "
-                    f"pass the same kind of {name} as when saving (its state would otherwise "
-                    "be silently dropped)"
-                )
+        _check_nothing_dropped(ckpt, optimizer, scheduler)
     # -- validate everything -------------------------------------------------------------
     model_keys = ckpt.section("model/")
     check_entries(
@@ -481,10 +475,55 @@ def _restore(
         exact_dtype=False,
         hint="Build the model with the architecture it was saved from.",
     )
+    ema_keys = _check_ema(ckpt, ema)
+    decoded = _decode_training_state(ckpt, optimizer, scheduler)
+    gen_keys, torch_key, cuda_keys = _rng_keys(ckpt, generators, restore_rng)
+    # read every tensor before changing anything (a read can still fail on a bad file)
+    model_tensors = {name: ckpt.get(key) for name, key in model_keys.items()}
+    ema_tensors = {name: ckpt.get(key) for name, key in ema_keys.items()} if ema else {}
+    gen_states = {name: ckpt.get(gen_keys[name]) for name in generators}
+    torch_state = ckpt.get(torch_key) if torch_key is not None else None
+    cuda_states = [ckpt.get(key) for key in cuda_keys]
+    extra = check_extra(ckpt.decode("extra"), meta["step"]) if check_extra is not None else None
+    # -- mutate ------------------------------------------------------------------------------
+    model.load_state_dict(model_tensors, strict=strict)
+    if ema is not None:
+        ema.load_state_dict(ema_tensors)
+    if optimizer is not None:
+        optimizer.load_state_dict(decoded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(decoded["scheduler"])
+    for name, gen in generators.items():
+        gen.set_state(gen_states[name])
+    if torch_state is not None:
+        torch.set_rng_state(torch_state)
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    step: int = meta["step"]
+    return step, extra
+
+
+def _check_nothing_dropped(
+    ckpt: _Checkpoint, optimizer: torch.optim.Optimizer | None, scheduler: Any | None
+) -> None:
+    """Refuse optimizer or scheduler state in the file that nothing was given to restore."""
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None and ckpt.meta[name] is not None:
+            raise SerializationError(
+                f"checkpoint {ckpt.path} holds {name} state but no {name} was given to restore "
+                f"it into; pass the same kind of {name} as when saving (its state would "
+                "otherwise be silently dropped)"
+            )
+
+
+def _check_ema(ckpt: _Checkpoint, ema: Any | None) -> dict[str, str]:
+    """Check the file's EMA section against ``ema``; returns its entries' keys."""
+    where = f"checkpoint {ckpt.path}"
+    has_ema = ckpt.meta["has_ema"]
     ema_keys = ckpt.section("ema/")
-    if (ema is None) == meta["has_ema"]:
+    if (ema is None) == has_ema:
         raise SerializationError(
-            f"EMA mismatch: {where} {'has' if meta['has_ema'] else 'has no'} EMA state but "
+            f"EMA mismatch: {where} {'has' if has_ema else 'has no'} EMA state but "
             f"{'no' if ema is None else 'an'} EMA was given; call model.enable_ema(...) before "
             "loading (or disable it) to match"
         )
@@ -499,11 +538,19 @@ def _restore(
         )
         check_count(ckpt.file, "ema/n_averaged", 1)
         check_count(ckpt.file, "ema/num_calls", 0)
+    return ema_keys
+
+
+def _decode_training_state(
+    ckpt: _Checkpoint, optimizer: torch.optim.Optimizer | None, scheduler: Any | None
+) -> dict[str, Any]:
+    """Decode the optimizer and scheduler states to restore and check that they fit."""
+    where = f"checkpoint {ckpt.path}"
     decoded: dict[str, Any] = {}
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:
             continue
-        if meta[name] is None:
+        if ckpt.meta[name] is None:
             raise SerializationError(
                 f"{where} holds no {name} state; pass {name}=None or load a checkpoint saved "
                 f"with one"
@@ -520,6 +567,15 @@ def _restore(
                 f"{where}: the scheduler state has fields {got}, a {type(scheduler).__name__} "
                 f"has {sorted(live)}; pass the same kind of scheduler as when saving"
             )
+    return decoded
+
+
+def _rng_keys(
+    ckpt: _Checkpoint, generators: dict[str, torch.Generator], restore_rng: bool
+) -> tuple[dict[str, str], str | None, list[str]]:
+    """Check the RNG states to restore; returns the keys of the generators' states (by name),
+    of torch's (None: not restored) and of the CUDA devices' (in device order; [])."""
+    where = f"checkpoint {ckpt.path}"
     gen_keys = ckpt.section("rng/gen/")
     for name, gen in generators.items():
         if name not in gen_keys:
@@ -542,28 +598,5 @@ def _restore(
             f"{where}: CUDA RNG states for devices {sorted(cuda_keys)}, but this machine has "
             f"{torch.cuda.device_count()}; pass restore_rng=False"
         )
-    # read every tensor before changing anything (a read can still fail on a bad file)
-    model_tensors = {name: ckpt.get(key) for name, key in model_keys.items()}
-    ema_tensors = {name: ckpt.get(key) for name, key in ema_keys.items()} if ema else {}
-    gen_states = {name: ckpt.get(gen_keys[name]) for name in generators}
-    torch_state = ckpt.get("rng/torch") if restore_torch else None
-    cuda_states = (
-        [ckpt.get(cuda_keys[str(i)]) for i in range(len(cuda_keys))] if restore_cuda else []
-    )
-    extra = check_extra(ckpt.decode("extra"), meta["step"]) if check_extra is not None else None
-    # -- mutate ------------------------------------------------------------------------------
-    model.load_state_dict(model_tensors, strict=strict)
-    if ema is not None:
-        ema.load_state_dict(ema_tensors)
-    if optimizer is not None:
-        optimizer.load_state_dict(decoded["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(decoded["scheduler"])
-    for name, gen in generators.items():
-        gen.set_state(gen_states[name])
-    if torch_state is not None:
-        torch.set_rng_state(torch_state)
-    if cuda_states:
-        torch.cuda.set_rng_state_all(cuda_states)
-    step: int = meta["step"]
-    return step, extra
+    cuda_order = [cuda_keys[str(i)] for i in range(len(cuda_keys))] if restore_cuda else []
+    return gen_keys, "rng/torch" if restore_torch else None, cuda_order

@@ -15,12 +15,16 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
 from tinydiff._version import __version__
 from tinydiff.datasets import TOY_DATASETS, make_toy
+
+if TYPE_CHECKING:
+    from tinydiff.model import DiffusionModel
+    from tinydiff.trainer import Callback, Trainer
 
 __all__ = ["SCHEDULES", "main", "run_demo"]
 
@@ -68,31 +72,16 @@ def run_demo(
         dict with ``sw_trained``, ``sw_untrained`` (sliced Wasserstein distances to held-out
         data), ``seconds`` and the output ``paths``.
     """
-    from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
     from tinydiff.metrics import sliced_wasserstein
-    from tinydiff.nn import MLP
-    from tinydiff.plotting import axis_limit, save_gif, save_scatter_png, scatter_frame
+    from tinydiff.plotting import axis_limit, scatter_frame
 
-    _check_count("steps", steps, MAX_STEPS)
-    _check_count("sampling_steps", sampling_steps, NUM_TIMESTEPS)
-    _check_count("snapshots", snapshots, MAX_STEPS)
-    _check_count("num_samples", num_samples, 10**7)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    _check_demo_arguments(steps, sampling_steps, snapshots, num_samples, schedule)
     out_dir = prepare_out_dir(out)
     start = time.perf_counter()
     torch.manual_seed(seed)
     train = make_toy(dataset, 20_000, torch.Generator().manual_seed(seed))
     held_out = make_toy(dataset, num_samples, torch.Generator().manual_seed(seed + 10_000))
-    config = DiffusionModelConfig(
-        input_shape=(2,),
-        num_timesteps=NUM_TIMESTEPS,
-        **SCHEDULES[schedule],
-        sampler_type=sampler,
-        timestep_spacing="trailing",
-    )
-    model = DiffusionModel(MLP(input_dim=2, hidden_dim=128, num_layers=3), config)
-    model.enable_ema(decay=0.995)
+    model = _demo_model(schedule, sampler)
     noise = torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     noise = noise * model.process.prior_std()  # x_T's scale (1 except on EDM's VE path)
 
@@ -113,7 +102,61 @@ def run_demo(
         frames.append(scatter_frame([("data", held_out), (f"step {step}", draw(True))], lim=lim))
 
     every = max(1, steps // max(1, snapshots))
-    trainer = Trainer(
+    trainer = _demo_trainer(model, train, steps, seed, progress, [(every, snapshot)])
+    trainer.fit(steps)
+    trained = draw(use_ema=True)
+    if steps % every:
+        snapshot(trainer, steps)
+    paths = _write_pictures(out_dir, held_out, untrained, trained, frames)
+    return {
+        "sw_trained": score(trained),
+        "sw_untrained": score(untrained),
+        "seconds": time.perf_counter() - start,
+        "paths": paths,
+    }
+
+
+def _check_demo_arguments(
+    steps: int, sampling_steps: int, snapshots: int, num_samples: int, schedule: str
+) -> None:
+    """The numbers and the schedule of :func:`run_demo`, before anything is written."""
+    _check_count("steps", steps, MAX_STEPS)
+    _check_count("sampling_steps", sampling_steps, NUM_TIMESTEPS)
+    _check_count("snapshots", snapshots, MAX_STEPS)
+    _check_count("num_samples", num_samples, 10**7)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+
+
+def _demo_model(schedule: str, sampler: str) -> DiffusionModel:
+    """The demo's untrained MLP diffusion model (initialised from torch's global RNG)."""
+    from tinydiff import DiffusionModel, DiffusionModelConfig
+    from tinydiff.nn import MLP
+
+    config = DiffusionModelConfig(
+        input_shape=(2,),
+        num_timesteps=NUM_TIMESTEPS,
+        **SCHEDULES[schedule],
+        sampler_type=sampler,
+        timestep_spacing="trailing",
+    )
+    model = DiffusionModel(MLP(input_dim=2, hidden_dim=128, num_layers=3), config)
+    model.enable_ema(decay=0.995)
+    return model
+
+
+def _demo_trainer(
+    model: DiffusionModel,
+    train: torch.Tensor,
+    steps: int,
+    seed: int,
+    progress: bool,
+    callbacks: list[tuple[int, Callback]],
+) -> Trainer:
+    """The demo's trainer: AdamW with warm-up and cosine decay over ``steps``."""
+    from tinydiff import Trainer, warmup_cosine
+
+    return Trainer(
         model,
         train,
         batch_size=512,
@@ -121,13 +164,21 @@ def run_demo(
         seed=seed,
         progress=progress,
         lr_scheduler=lambda opt: warmup_cosine(opt, min(200, steps // 10), steps),
-        callbacks=[(every, snapshot)],
+        callbacks=callbacks,
     )
-    trainer.fit(steps)
-    trained = draw(use_ema=True)
-    if steps % every:
-        snapshot(trainer, steps)
-    paths = {
+
+
+def _write_pictures(
+    out_dir: Path,
+    held_out: torch.Tensor,
+    untrained: torch.Tensor,
+    trained: torch.Tensor,
+    frames: list[Any],
+) -> dict[str, Path]:
+    """Write ``samples.png`` and ``training.gif`` into ``out_dir``; returns their paths."""
+    from tinydiff.plotting import save_gif, save_scatter_png
+
+    return {
         "png": save_scatter_png(
             out_dir / "samples.png",
             [
@@ -137,12 +188,6 @@ def run_demo(
             ],
         ),
         "gif": save_gif(out_dir / "training.gif", frames),
-    }
-    return {
-        "sw_trained": score(trained),
-        "sw_untrained": score(untrained),
-        "seconds": time.perf_counter() - start,
-        "paths": paths,
     }
 
 

@@ -183,37 +183,14 @@ class Trainer:
         self.model = model
         self.rank, self.world_size = _join_process_group()
         self.is_main_process = self.rank == 0
-        if device is not None:
-            self.device = torch.device(device)
-        elif self.world_size > 1 and dist.get_backend() == "nccl":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        else:
-            self.device = _module_device(model)
+        self.device = _resolve_device(device, model, self.world_size)
         if self.world_size > 1:
             model.to(self.device)
         self.cond_key = cond_key
-        if isinstance(data, Tensor):
-            if batch_size * self.world_size > data.shape[0]:
-                raise ValueError(
-                    f"batch_size * world_size = {batch_size} * {self.world_size} exceeds the "
-                    f"{data.shape[0]} training samples; lower batch_size"
-                )
-            self.data: Tensor | None = data
-            self.loader: Iterable[Any] | None = None
-            if isinstance(cond, Tensor):
-                cond = {cond_key: cond}
-            for key, value in (cond or {}).items():
-                if not isinstance(value, Tensor) or value.shape[:1] != data.shape[:1]:
-                    raise ValueError(
-                        f"cond[{key!r}] must be a tensor with leading dim N = {data.shape[0]}"
-                    )
-            self.cond = cond
-        else:
-            if cond is not None:
-                raise ValueError("with a data loader, yield (x, cond) batches instead of cond=")
-            self.data, self.loader, self.cond = None, data, None
-            if self.world_size > 1:
-                self.loader = _shard_loader(data, self.rank, self.world_size, seed)
+        self.data: Tensor | None
+        self.loader: Iterable[Any] | None
+        self.cond: dict[str, Tensor] | None
+        self.data, self.loader, self.cond = self._place_data(data, cond, batch_size, seed)
         self.batch_size = batch_size
         # the network DDP wraps: DiffusionModel.forward is its loss
         self._forward: torch.nn.Module = model
@@ -222,20 +199,7 @@ class Trainer:
             self._forward = DistributedDataParallel(model, device_ids=ids)
         self._loader_epoch = 0
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
-        self.scheduler = (
-            lr_scheduler(self.optimizer)
-            if callable(lr_scheduler) and not hasattr(lr_scheduler, "state_dict")
-            else lr_scheduler
-        )
-        if self.scheduler is not None and not all(
-            callable(getattr(self.scheduler, m, None))
-            for m in ("step", "state_dict", "load_state_dict")
-        ):
-            raise TypeError(
-                "lr_scheduler must be None, an LR scheduler (with step, state_dict and "
-                "load_state_dict) or a function optimizer -> scheduler; got "
-                f"{type(self.scheduler).__name__}"
-            )
+        self.scheduler = _build_scheduler(lr_scheduler, self.optimizer)
         self.grad_clip = grad_clip
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
@@ -254,6 +218,30 @@ class Trainer:
         self._loader_iter: Iterator[Any] | None = None
 
     # -- data ------------------------------------------------------------------------------
+    def _place_data(
+        self, data: Tensor | Iterable[Any], cond: Any, batch_size: int, seed: int
+    ) -> tuple[Tensor | None, Iterable[Any] | None, dict[str, Tensor] | None]:
+        """``(data, loader, cond)`` of the constructor's data, checked against each other."""
+        if isinstance(data, Tensor):
+            if batch_size * self.world_size > data.shape[0]:
+                raise ValueError(
+                    f"batch_size * world_size = {batch_size} * {self.world_size} exceeds the "
+                    f"{data.shape[0]} training samples; lower batch_size"
+                )
+            if isinstance(cond, Tensor):
+                cond = {self.cond_key: cond}
+            for key, value in (cond or {}).items():
+                if not isinstance(value, Tensor) or value.shape[:1] != data.shape[:1]:
+                    raise ValueError(
+                        f"cond[{key!r}] must be a tensor with leading dim N = {data.shape[0]}"
+                    )
+            return data, None, cond
+        if cond is not None:
+            raise ValueError("with a data loader, yield (x, cond) batches instead of cond=")
+        if self.world_size > 1:
+            return None, _shard_loader(data, self.rank, self.world_size, seed), None
+        return None, data, None
+
     def _next_batch(self) -> tuple[Tensor, dict[str, Any] | None]:
         if self.data is not None:
             n = self.data.shape[0]
@@ -421,83 +409,19 @@ class Trainer:
     def _parse_extra(self, extra: Any, step: int, where: str) -> dict[str, Any]:
         """Check every field of a checkpoint's ``extra`` section against this trainer, before
         anything is restored; returns the values to restore (see :meth:`_apply_extra`)."""
-        if not isinstance(extra, dict):
-            raise SerializationError(f"{where}: extra must be a dict, got {type(extra).__name__}")
-        missing = [k for k in _EXTRA_REQUIRED if k not in extra]
-        unknown = sorted(k for k in extra if k not in _EXTRA_REQUIRED + _EXTRA_OPTIONAL)
-        if missing or unknown:
-            raise SerializationError(
-                f"{where} was not written by Trainer.save: its extra section lacks "
-                f"{missing or 'nothing'} and has unknown fields {unknown or 'none'}; restore "
-                "weights only with tinydiff.load_checkpoint"
-            )
-        saved_world = extra.get("world_size", 1)
-        if not _is_int(saved_world) or saved_world < 1:
-            raise SerializationError(
-                f"{where}: world_size must be an int >= 1, got {saved_world!r}"
-            )
-        if saved_world != self.world_size:
-            raise ValueError(
-                f"this checkpoint was written by {saved_world} process(es) and this run has "
-                f"world_size={self.world_size}; exact resume needs the same number of processes "
-                f"(relaunch with --nproc_per_node={saved_world}), or load only the weights "
-                "with tinydiff.load_checkpoint"
-            )
+        _check_extra_fields(extra, where)
+        _check_world_size(extra.get("world_size", 1), self.world_size, where)
         history = extra["history"]
-        if (
-            not isinstance(history, Tensor)
-            or history.dtype != torch.float64
-            or history.dim() != 1
-            or history.numel() != step
-        ):
-            got = (
-                f"{history.dtype} {list(history.shape)}"
-                if isinstance(history, Tensor)
-                else type(history).__name__
-            )
-            raise SerializationError(
-                f"{where}: history must be a float64 tensor of one loss per step ({step}), got "
-                f"{got}; the file is corrupt"
-            )
+        _check_history(history, step, where)
         perm, pos = extra["perm"], extra["pos"]
-        n = None if self.data is None else int(self.data.shape[0])
-        if perm is not None:
-            if n is None:
-                raise ValueError(
-                    f"{where} was written by a Trainer on tensor data (it holds the data order); "
-                    "this one reads a data loader: resume it with the same kind of data"
-                )
-            if (
-                not isinstance(perm, Tensor)
-                or perm.dtype != torch.int64
-                or perm.shape != (n,)
-                or not torch.equal(perm.sort().values, torch.arange(n))
-            ):
-                raise SerializationError(
-                    f"{where}: perm must be a permutation of the {n} training samples; the "
-                    "checkpoint was written for other data, or is corrupt"
-                )
-        limit = 0 if perm is None else n
-        if not _is_int(pos) or not 0 <= pos <= limit:  # type: ignore[operator]
-            raise SerializationError(
-                f"{where}: pos (the position in the epoch) must be an int in 0..{limit}, got "
-                f"{pos!r:.40}; the checkpoint was written for other data, or is corrupt"
-            )
+        _check_data_order(perm, pos, None if self.data is None else int(self.data.shape[0]), where)
         loader_epoch = extra.get("loader_epoch", 0)
         if not _is_int(loader_epoch) or loader_epoch < 0:
             raise SerializationError(
                 f"{where}: loader_epoch must be an int >= 0, got {loader_epoch!r:.40}"
             )
         skipped = extra.get("skipped_steps", [])
-        if (
-            not isinstance(skipped, list)
-            or not all(_is_int(s) and 1 <= s <= step for s in skipped)
-            or any(a >= b for a, b in itertools.pairwise(skipped))
-        ):
-            raise SerializationError(
-                f"{where}: skipped_steps must be increasing step numbers in 1..{step}, got "
-                f"{skipped!r:.80}"
-            )
+        _check_skipped_steps(skipped, step, where)
         out = {
             "history": [float(v) for v in history.tolist()],
             "perm": perm,
@@ -506,20 +430,26 @@ class Trainer:
             "skipped_steps": list(skipped),
         }
         if self.world_size > 1:
-            for key, like in (
-                ("rank_rng", torch.get_rng_state()),
-                ("rank_noise", self.noise_generator.get_state()),
+            out.update(self._parse_rank_states(extra, where))
+        return out
+
+    def _parse_rank_states(self, extra: dict[str, Any], where: str) -> dict[str, Tensor]:
+        """This rank's rows of the per-rank RNG states of a distributed run's ``extra``."""
+        out = {}
+        for key, like in (
+            ("rank_rng", torch.get_rng_state()),
+            ("rank_noise", self.noise_generator.get_state()),
+        ):
+            value = extra.get(key)
+            if (
+                not isinstance(value, Tensor)
+                or value.dtype != torch.uint8
+                or value.shape != (self.world_size, like.numel())
             ):
-                value = extra.get(key)
-                if (
-                    not isinstance(value, Tensor)
-                    or value.dtype != torch.uint8
-                    or value.shape != (self.world_size, like.numel())
-                ):
-                    raise SerializationError(
-                        f"{where}: {key} must be a uint8 tensor of one RNG state per rank"
-                    )
-                out[key] = value[self.rank].clone()
+                raise SerializationError(
+                    f"{where}: {key} must be a uint8 tensor of one RNG state per rank"
+                )
+            out[key] = value[self.rank].clone()
         return out
 
     def _apply_extra(self, parsed: dict[str, Any]) -> None:
@@ -660,6 +590,95 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# -- the fields of a checkpoint's extra section (Trainer._parse_extra) ---------------------------
+
+
+def _check_extra_fields(extra: Any, where: str) -> None:
+    """``extra`` is a dict with the fields :meth:`Trainer.save` writes, and no others."""
+    if not isinstance(extra, dict):
+        raise SerializationError(f"{where}: extra must be a dict, got {type(extra).__name__}")
+    missing = [k for k in _EXTRA_REQUIRED if k not in extra]
+    unknown = sorted(k for k in extra if k not in _EXTRA_REQUIRED + _EXTRA_OPTIONAL)
+    if missing or unknown:
+        raise SerializationError(
+            f"{where} was not written by Trainer.save: its extra section lacks "
+            f"{missing or 'nothing'} and has unknown fields {unknown or 'none'}; restore "
+            "weights only with tinydiff.load_checkpoint"
+        )
+
+
+def _check_world_size(saved_world: Any, world_size: int, where: str) -> None:
+    """The saved world size is valid and the one of this run."""
+    if not _is_int(saved_world) or saved_world < 1:
+        raise SerializationError(f"{where}: world_size must be an int >= 1, got {saved_world!r}")
+    if saved_world != world_size:
+        raise ValueError(
+            f"this checkpoint was written by {saved_world} process(es) and this run has "
+            f"world_size={world_size}; exact resume needs the same number of processes "
+            f"(relaunch with --nproc_per_node={saved_world}), or load only the weights "
+            "with tinydiff.load_checkpoint"
+        )
+
+
+def _check_history(history: Any, step: int, where: str) -> None:
+    """``history`` is a float64 tensor of one loss per step."""
+    if (
+        not isinstance(history, Tensor)
+        or history.dtype != torch.float64
+        or history.dim() != 1
+        or history.numel() != step
+    ):
+        got = (
+            f"{history.dtype} {list(history.shape)}"
+            if isinstance(history, Tensor)
+            else type(history).__name__
+        )
+        raise SerializationError(
+            f"{where}: history must be a float64 tensor of one loss per step ({step}), got "
+            f"{got}; the file is corrupt"
+        )
+
+
+def _check_data_order(perm: Any, pos: Any, n: int | None, where: str) -> None:
+    """``perm`` (None or a permutation of the ``n`` samples; ``n`` is None for a loader) and
+    ``pos``, the position in it."""
+    if perm is not None:
+        if n is None:
+            raise ValueError(
+                f"{where} was written by a Trainer on tensor data (it holds the data order); "
+                "this one reads a data loader: resume it with the same kind of data"
+            )
+        if (
+            not isinstance(perm, Tensor)
+            or perm.dtype != torch.int64
+            or perm.shape != (n,)
+            or not torch.equal(perm.sort().values, torch.arange(n))
+        ):
+            raise SerializationError(
+                f"{where}: perm must be a permutation of the {n} training samples; the "
+                "checkpoint was written for other data, or is corrupt"
+            )
+    limit = 0 if perm is None else n
+    if not _is_int(pos) or not 0 <= pos <= limit:  # type: ignore[operator]
+        raise SerializationError(
+            f"{where}: pos (the position in the epoch) must be an int in 0..{limit}, got "
+            f"{pos!r:.40}; the checkpoint was written for other data, or is corrupt"
+        )
+
+
+def _check_skipped_steps(skipped: Any, step: int, where: str) -> None:
+    """``skipped`` is a list of increasing step numbers in 1..step."""
+    if (
+        not isinstance(skipped, list)
+        or not all(_is_int(s) and 1 <= s <= step for s in skipped)
+        or any(a >= b for a, b in itertools.pairwise(skipped))
+    ):
+        raise SerializationError(
+            f"{where}: skipped_steps must be increasing step numbers in 1..{step}, got "
+            f"{skipped!r:.80}"
+        )
+
+
 def _check_path(path: Any, name: str) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
@@ -695,6 +714,35 @@ def _first_non_finite(trainer: Trainer) -> str | None:
     if bool(ok.all()):
         return None
     return named[int((~ok).nonzero()[0])][0]
+
+
+def _resolve_device(
+    device: torch.device | str | None, model: DiffusionModel, world_size: int
+) -> torch.device:
+    """``device``; by default ``cuda:LOCAL_RANK`` under NCCL, else the model's device."""
+    if device is not None:
+        return torch.device(device)
+    if world_size > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return _module_device(model)
+
+
+def _build_scheduler(lr_scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """The scheduler that ``lr_scheduler`` gives (itself, or a function's result), checked."""
+    scheduler = (
+        lr_scheduler(optimizer)
+        if callable(lr_scheduler) and not hasattr(lr_scheduler, "state_dict")
+        else lr_scheduler
+    )
+    if scheduler is not None and not all(
+        callable(getattr(scheduler, m, None)) for m in ("step", "state_dict", "load_state_dict")
+    ):
+        raise TypeError(
+            "lr_scheduler must be None, an LR scheduler (with step, state_dict and "
+            "load_state_dict) or a function optimizer -> scheduler; got "
+            f"{type(scheduler).__name__}"
+        )
+    return scheduler
 
 
 def _check_arguments(
