@@ -414,6 +414,7 @@ class StepCache:
     def __init__(self, options: CompileOptions) -> None:
         self.options = options
         self.slot = NetworkSlot()
+        self.guide_slot = NetworkSlot()  # a guidance strategy's guide network (autoguidance)
         self._entries: dict[Hashable, CompiledStep] = {}
 
     def __len__(self) -> int:
@@ -436,10 +437,26 @@ class StepCache:
                     "compile_network=True traces the live network without conditioning: "
                     "cond, guidance and use_ema need compile_network=False (the default)"
                 )
+            if denoiser.guide_network is not None:
+                raise ValueError(
+                    "compile_network=True traces the live network only: a guidance strategy "
+                    "with a guide network (autoguidance) needs compile_network=False (the default)"
+                )
             network: Any = live_network
         else:
             network = OpaqueNetwork(self.slot, denoiser.channel_multiplier)
-        return Denoiser(network, denoiser.target, denoiser.variance, guidance=denoiser.guidance)
+        guide = (
+            None
+            if denoiser.guide_network is None
+            else OpaqueNetwork(self.guide_slot, denoiser.channel_multiplier)
+        )
+        return Denoiser(
+            network,
+            denoiser.target,
+            denoiser.variance,
+            guidance=denoiser.guidance,
+            guide_network=guide,
+        )
 
     def get(
         self,
@@ -490,4 +507,6 @@ class StepCache:
         entry = self.get(sampler, plan, x, denoiser, live_network, with_x0)
         self.slot.network = denoiser.network
         self.slot.cond = denoiser.network_cond
+        self.guide_slot.network = denoiser.guide_network
+        self.guide_slot.cond = denoiser.network_cond
         return entry.stepper(plan, x)

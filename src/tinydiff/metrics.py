@@ -47,40 +47,32 @@ def sliced_wasserstein(
 def energy_distance(a: Tensor, b: Tensor, scales: Tensor | None = None) -> float:
     r"""The energy distance between two samples (Székely & Rizzo 2013), as a V-statistic.
 
-        .. math::
-            \mathcal E(a, b) = rac{2}{nm}\sum_{i,j}\lVert a_i - b_j
-    Vert
-            - rac{1}{n^2}\sum_{i,i'}\lVert a_i - a_{i'}
-    Vert
-            - rac{1}{m^2}\sum_{j,j'}\lVert b_j - b_{j'}
-    Vert,
+    .. math::
+        \mathcal E(a, b) = \frac{2}{nm}\sum_{i,j}\lVert a_i - b_j\rVert
+        - \frac{1}{n^2}\sum_{i,i'}\lVert a_i - a_{i'}\rVert
+        - \frac{1}{m^2}\sum_{j,j'}\lVert b_j - b_{j'}\rVert,
 
-        the plug-in estimate of :math:`2\,\mathbb E\lVert X - Y
-    Vert - \mathbb E\lVert X -
-        X'
-    Vert - \mathbb E\lVert Y - Y'
-    Vert`, which is >= 0 and 0 only for equal distributions.
-        The V-statistic (diagonal terms included) is >= 0 for any two samples and exactly 0 for
-        identical ones; it exceeds the population value by
-        :math:`\mathbb E\lVert X - X'
-    Vert/n + \mathbb E\lVert Y - Y'
-    Vert/m` on average, so
-        compare distances at equal sample sizes (e.g. against the distance between two
-        independent draws from the target: the floor). Float64, on the CPU; O(n m) memory.
+    the plug-in estimate of :math:`2\,\mathbb E\lVert X - Y\rVert - \mathbb E\lVert X -
+    X'\rVert - \mathbb E\lVert Y - Y'\rVert`, which is >= 0 and 0 only for equal distributions.
+    The V-statistic (diagonal terms included) is >= 0 for any two samples and exactly 0 for
+    identical ones; for i.i.d. samples it exceeds the population value by
+    :math:`\mathbb E\lVert X - X'\rVert/n + \mathbb E\lVert Y - Y'\rVert/m` on average, so
+    compare distances at equal sample sizes (e.g. against the distance between two
+    independent draws from the target: the floor). Float64, on the CPU; O(n m) memory.
 
-        Args:
-            a: (n, *shape) samples.
-            b: (m, *shape) samples of the same event shape.
-            scales: optional per-coordinate scales, broadcastable against one sample (e.g. the
-                target distribution's standard deviations, (*shape,)): the distance is computed on
-                a / scales and b / scales, so that no coordinate dominates.
+    Args:
+        a: (n, *shape) samples.
+        b: (m, *shape) samples of the same event shape.
+        scales: optional per-coordinate scales, broadcastable against one sample (e.g. the
+            target distribution's standard deviations, (*shape,)): the distance is computed on
+            a / scales and b / scales, so that no coordinate dominates.
 
-        Returns:
-            The distance, a Python float (>= 0).
+    Returns:
+        The distance, a Python float (>= 0).
 
-        Raises:
-            ValueError: event shapes differ, an empty sample, or scales that are not positive and
-                finite or do not broadcast against one sample.
+    Raises:
+        ValueError: event shapes differ, an empty sample, or scales that are not positive and
+            finite or do not broadcast against one sample.
     """
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"event shapes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
