@@ -13,8 +13,10 @@ import torch
 from torch import Tensor
 
 from tinydiff import DiffusionModel, guidance
+from tinydiff.denoiser import Denoiser
 from tinydiff.guidance import (
     APG,
+    CFG,
     CFGZeroStar,
     GuidanceInterval,
     resolve,
@@ -141,6 +143,15 @@ def test_registry_names_and_errors() -> None:
     # autoguidance needs no null condition (unconditional models can be autoguided)
     model = exact_model()
     assert resolve("autoguidance", 2.0, guidance_kwargs={"guide": guide_for(model)}) is not None
+    with pytest.raises(ValueError, match="needs_null_cond = False"):
+        Denoiser(
+            model.nn_module,
+            model.target,
+            model.variance,
+            cond=cond,
+            guidance=CFG(2.0),
+            guide_network=guide_for(model),
+        )
     # equal options make equal strategies (compiled steps are keyed by value)
     assert resolve("apg", 2.0, guidance_kwargs={"interval": (0.1, 2.0)}, cond=cond) == resolve(
         "apg", 2.0, guidance_kwargs={"interval": (0.1, 2.0)}, cond=cond
@@ -369,6 +380,18 @@ def test_every_method_samples_eager_and_compiled_alike(
         for flag in (False, True)
     ]
     assert len(model.compiled_steps) == 1  # the compiled step really ran
+    # a new but equal strategy (sample() builds one per call) reuses the compiled step
+    model.sample(
+        8,
+        6,
+        sampler="dpmpp_2m",
+        cond={"class_labels": LABELS},
+        guidance=name,
+        guidance_scale=scale,
+        guidance_kwargs=kwargs,
+        compile=True,
+    )
+    assert len(model.compiled_steps) == 1
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-6)
     plain = model.sample(
         8,
