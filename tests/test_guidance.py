@@ -246,6 +246,17 @@ def test_cfg_zero_star_equals_diffusers(space: str) -> None:
     assert worst < 1e-5, worst
 
 
+@pytest.mark.parametrize("space", ["eps", "x0", "v", "velocity"])
+def test_apg_without_projection_threshold_or_momentum_is_cfg(space: str) -> None:
+    """With eta = 1, r = 0 and beta = 0, APG is classifier-free guidance in its space, and
+    because the pairs are consistent and the conversions affine, CFG of the pairs."""
+    x, p, _, _, cond, uncond = _pairs(space, 6, seed=7)
+    x0, eps, _ = APG(2.5, eta=1.0, space=space).combine(x, p, cond, uncond, (), torch.tensor(0))
+    want_x0, want_eps, _ = CFG(2.5).combine(x, p, cond, uncond, (), torch.tensor(0))
+    torch.testing.assert_close(x0, want_x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps, want_eps, rtol=1e-5, atol=1e-5)
+
+
 # -- against their own formulas ----------------------------------------------------------------
 
 
