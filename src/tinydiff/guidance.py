@@ -215,7 +215,10 @@ class CFG(Guidance):
 
 
 #: the prediction spaces a nonlinear strategy can act in: the prediction of x_t of that name
-#: and its conversion back to an (x0, eps) pair (`tinydiff.targets`)
+#: and its conversion back to an (x0, eps) pair (`tinydiff.targets`). ``"eps"`` needs
+#: alpha > 0; ``"velocity"`` reads the point's path derivatives, which every sampling plan's
+#: points carry (the tinydiff 0.1 call ``denoise(x, t, alpha_bar)`` has none: use another
+#: space there)
 SPACES: dict[str, Target] = {
     "x0": PredX0(),
     "eps": PredEps(),
