@@ -6,6 +6,7 @@ guided probability-flow ODE solved at the samplers' order."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -52,6 +53,15 @@ METHODS: list[tuple[str, float, dict[str, Any]]] = [
     ("autoguidance", 2.0, {}),  # guide added below
     ("apg", 3.0, {"momentum": -0.5, "interval": (0.3, 4.0)}),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    # the exact denoisers' tensors are tiny: intra-op threads only cost (30x on a busy host)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def exact_model(mixture: ClassConditionalMixture = CC, **cfg: Any) -> DiffusionModel:
