@@ -162,6 +162,10 @@ def test_registry_names_and_errors() -> None:
             guidance=CFG(2.0),
             guide_network=guide_for(model),
         )
+    with pytest.raises(ValueError, match="the guide network returned"):
+        model.sample(
+            2, 2, guidance="autoguidance", guidance_kwargs={"guide": lambda x, t: x[:, :1]}
+        )
     # equal options make equal strategies (compiled steps are keyed by value)
     assert resolve("apg", 2.0, guidance_kwargs={"interval": (0.1, 2.0)}, cond=cond) == resolve(
         "apg", 2.0, guidance_kwargs={"interval": (0.1, 2.0)}, cond=cond

@@ -195,7 +195,8 @@ class Denoiser:
                 if self.channel_multiplier != 1
                 else ""
             )
-            raise ValueError(f"nn_module returned {got}; expected shape {expected}{extra}")
+            who = "nn_module" if network is None else "the guide network"
+            raise ValueError(f"{who} returned {got}; expected shape {expected}{extra}")
         return self.variance.split(out.to(x_t.dtype))
 
     def init_state(self, x: Tensor) -> GuidanceState:
