@@ -37,7 +37,7 @@ import itertools
 import math
 import types
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -332,12 +332,17 @@ class CompiledStep:
             self.with_x0,
         )
 
-    def stepper(self, plan: Mapping[str, Tensor], x: Tensor, *run: Any) -> CompiledLoop:
+    def stepper(
+        self,
+        plan: Mapping[str, Tensor],
+        x: Tensor,
+        fills: Sequence[tuple[NetworkSlot, Any, dict[str, Any] | None]] = (),
+    ) -> CompiledLoop:
         """The per-run driver that `tinydiff.samplers.base.run_loop` calls once per
         step."""
         table = self.layout.stack(plan, x)
         torch._dynamo.mark_dynamic(table, 0)
-        return CompiledLoop(self, table, x, *run)
+        return CompiledLoop(self, table, x, fills)
 
 
 class CompiledLoop:
@@ -353,9 +358,7 @@ class CompiledLoop:
         step: CompiledStep,
         table: Tensor,
         x: Tensor,
-        slot: NetworkSlot | None = None,
-        network: Any = None,
-        cond: dict[str, Any] | None = None,
+        fills: Sequence[tuple[NetworkSlot, Any, dict[str, Any] | None]] = (),
     ) -> None:
         self.step = step
         self.table = table
@@ -363,15 +366,15 @@ class CompiledLoop:
         self.transient_outputs = step.options.uses_cuda_graphs(x.device)
         self.guidance_state: State = step.denoise.init_state(x)
         self.first_x0: Tensor | None = None
-        # this run's network and cond, put into the shared slot before each of its steps: a
-        # run started in between (from a callback) fills the slot with its own
-        self.slot, self.network, self.cond = slot, network, cond
+        # this run's networks and cond, put into the shared slots before each of its steps: a
+        # run started in between (from a callback) fills the slots with its own
+        self.fills = list(fills)
 
     def close(self) -> None:
-        """End the run: the slot lets go of its network and cond (they may be freed)."""
-        if self.slot is not None:
-            self.slot.network = self.slot.cond = None
-        self.network = self.cond = None
+        """End the run: the slots let go of its networks and cond (they may be freed)."""
+        for slot, _, _ in self.fills:
+            slot.network = slot.cond = None
+        self.fills = []
 
     def __call__(
         self, i: int, x: Tensor, state: State, noise: Tensor | None
@@ -382,8 +385,8 @@ class CompiledLoop:
             # output); Dynamo guards on that difference, so a normal x (e.g. init_noise made
             # outside inference_mode) would compile the step a second time for step 0 alone
             x = x.clone()
-        if self.slot is not None:
-            self.slot.network, self.slot.cond = self.network, self.cond
+        for slot, network, cond in self.fills:
+            slot.network, slot.cond = network, cond
         if self.transient_outputs:
             torch.compiler.cudagraph_mark_step_begin()
         x, state, self.guidance_state, self.first_x0, self.index = self.step(
@@ -439,6 +442,7 @@ class StepCache:
         self.options = options
         self.live_network = live_network
         self.slot = NetworkSlot()
+        self.guide_slot = NetworkSlot()  # a guidance strategy's guide network (autoguidance)
         self._entries: dict[Hashable, CompiledStep] = {}
 
     def __len__(self) -> int:
@@ -462,10 +466,26 @@ class StepCache:
                     "compile_network=True traces the live network without conditioning: "
                     "cond, guidance and use_ema need compile_network=False (the default)"
                 )
+            if denoiser.guide_network is not None:
+                raise ValueError(
+                    "compile_network=True traces the live network only: a guidance strategy "
+                    "with a guide network (autoguidance) needs compile_network=False (the default)"
+                )
             network: Any = live_network
         else:
             network = OpaqueNetwork(self.slot, denoiser.channel_multiplier)
-        return Denoiser(network, denoiser.target, denoiser.variance, guidance=denoiser.guidance)
+        guide = (
+            None
+            if denoiser.guide_network is None
+            else OpaqueNetwork(self.guide_slot, denoiser.channel_multiplier)
+        )
+        return Denoiser(
+            network,
+            denoiser.target,
+            denoiser.variance,
+            guidance=denoiser.guidance,
+            guide_network=guide,
+        )
 
     def get(
         self,
@@ -518,7 +538,10 @@ class StepCache:
         if self.options.eager_is_faster(x):
             return None
         entry = self.get(sampler, plan, x, denoiser, with_x0)
-        return entry.stepper(plan, x, self.slot, denoiser.network, denoiser.network_cond)
+        fills = [(self.slot, denoiser.network, denoiser.network_cond)]
+        if denoiser.guide_network is not None:
+            fills.append((self.guide_slot, denoiser.guide_network, denoiser.network_cond))
+        return entry.stepper(plan, x, fills)
 
 
 class CompileMixin:

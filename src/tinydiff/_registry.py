@@ -97,9 +97,12 @@ def check_kwargs(kind: str, name: str, fn: Callable[..., Any], *args: Any, **kwa
         ) from err
 
 
-def instantiate(cls: type, options: Mapping[str, Any], what: str) -> Any:
+def instantiate(
+    cls: type, options: Mapping[str, Any], what: str, *, also: tuple[str, ...] = ()
+) -> Any:
     """``cls(**options)``, with an unknown option turned into a ``TypeError`` that names
-    ``what`` (e.g. ``"sampler_kwargs ... for sampler DDIM"``) and lists the accepted options."""
+    ``what`` (e.g. ``"sampler_kwargs ... for sampler DDIM"``) and lists the accepted options
+    (``cls``'s, and ``also``: options the caller handles itself)."""
     try:
         return cls(**dict(options))
     except TypeError as err:
@@ -108,6 +111,7 @@ def instantiate(cls: type, options: Mapping[str, Any], what: str) -> Any:
             for p in inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
             if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        accepted += also
         raise TypeError(
             f"invalid {what}: {err}. Accepted options: {', '.join(accepted) or 'none'}"
         ) from err

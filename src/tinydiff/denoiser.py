@@ -11,7 +11,10 @@ compiled alike), the likelihood, the training loss and the tests. It
 3. converts the output into `Prediction` (x0_hat, eps_hat, variance channels);
 4. hands the conditional (and, where the strategy needs it, the unconditional) prediction to
    a guidance strategy (`tinydiff.guidance`), e.g. classifier-free guidance with rescale;
-   the conditional and unconditional rows go through the network in one batch of 2 bsz.
+   the conditional and unconditional rows go through the network in one batch of 2 bsz. A
+   strategy with a guide network (`tinydiff.guidance.Guidance.guide_network`, e.g.
+   autoguidance) gets that network's prediction, on the same input and condition, instead
+   of the unconditional one.
 
 A denoiser is immutable. Guidance state that changes during a run (a momentum buffer, a step
 count) lives in the sampling loop, which calls `Denoiser.bind` once per step: the bound view
@@ -68,6 +71,9 @@ class Denoiser:
             ``guidance_scale``. With ``cond=None`` the network is called without keyword
             arguments on the 2 bsz rows (it supplies the condition itself, as the compiled
             loop's network slot does).
+        guide_network: the network called for the strategy's guide (default: its
+            `tinydiff.guidance.Guidance.guide_network`; the compiled loop passes its opaque
+            slot).
 
     Raises:
         ValueError: guidance without cond; a network without a null condition; bad guidance
@@ -80,6 +86,7 @@ class Denoiser:
     channel_multiplier: int
     guidance: Guidance | None
     cond: dict[str, Any] | None
+    guide_network: Callable[..., Tensor] | None
     _network_cond: dict[str, Any] | None
 
     __slots__ = (
@@ -87,6 +94,7 @@ class Denoiser:
         "channel_multiplier",
         "cond",
         "guidance",
+        "guide_network",
         "network",
         "target",
         "variance",
@@ -103,11 +111,19 @@ class Denoiser:
         guidance_rescale: float = 0.0,
         null_source: Any = None,
         guidance: Guidance | None = None,
+        guide_network: Callable[..., Tensor] | None = None,
     ) -> None:
         if guidance is None:
             guidance = resolve(None, guidance_scale, guidance_rescale, cond=cond)
         elif guidance_scale is not None:
             raise ValueError("pass either guidance or guidance_scale, not both")
+        if guide_network is None and guidance is not None:
+            guide_network = guidance.guide_network()
+        if guide_network is not None and (guidance is None or guidance.needs_null_cond):
+            raise ValueError(
+                "a guide network replaces the unconditional prediction: it needs a guidance "
+                "strategy with needs_null_cond = False"
+            )
         cond = None if cond is None else dict(cond)
         network_cond = cond
         if cond is not None and guidance is not None and guidance.needs_null_cond:
@@ -120,6 +136,7 @@ class Denoiser:
         init(self, "channel_multiplier", int(getattr(variance, "channel_multiplier", 1)))
         init(self, "guidance", guidance)
         init(self, "cond", cond)
+        init(self, "guide_network", guide_network)
         init(self, "_network_cond", network_cond)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -149,11 +166,14 @@ class Denoiser:
         version (2 bsz rows) when the guidance strategy needs the unconditional prediction."""
         return self._network_cond
 
-    def forward_network(self, x_t: Tensor, p: Point) -> tuple[Tensor, Tensor | None]:
+    def forward_network(
+        self, x_t: Tensor, p: Point, network: Callable[..., Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """The raw network output at x_t, split into (model_out, var_out), in x_t's dtype.
 
         The network gets `network_cond` (the doubled one under guidance), so x_t must have
-        its batch size.
+        its batch size. ``network`` replaces the model's network (the guide network is called
+        with the same condition).
 
         Raises:
             ValueError: the network returned something other than a tensor of the expected
@@ -163,7 +183,8 @@ class Denoiser:
         bsz = x_t.shape[0]
         t_in = t_in.reshape(-1).expand(bsz) if t_in.dim() <= 1 else t_in.reshape(bsz)
         cond = self._network_cond
-        out = self.network(x_in, t_in) if cond is None else self.network(x_in, t_in, **cond)
+        net = self.network if network is None else network
+        out = net(x_in, t_in) if cond is None else net(x_in, t_in, **cond)
         expected = (bsz, x_t.shape[1] * self.channel_multiplier, *x_t.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -174,7 +195,8 @@ class Denoiser:
                 if self.channel_multiplier != 1
                 else ""
             )
-            raise ValueError(f"nn_module returned {got}; expected shape {expected}{extra}")
+            who = "nn_module" if network is None else "the guide network"
+            raise ValueError(f"{who} returned {got}; expected shape {expected}{extra}")
         return self.variance.split(out.to(x_t.dtype))
 
     def init_state(self, x: Tensor) -> GuidanceState:
@@ -199,7 +221,12 @@ class Denoiser:
             model_out, var_out = self.forward_network(x, p)
             x0_c, eps_c = self.target.to_x0_eps(model_out, x, p)
             cond_pred = Prediction(x0_c, eps_c, var_out)
-            x0, eps, state = self.guidance.combine(x, p, cond_pred, None, state, step)
+            guide_pred = None
+            if self.guide_network is not None:
+                guide_out, guide_var = self.forward_network(x, p, self.guide_network)
+                x0_g, eps_g = self.target.to_x0_eps(guide_out, x, p)
+                guide_pred = Prediction(x0_g, eps_g, guide_var)
+            x0, eps, state = self.guidance.combine(x, p, cond_pred, guide_pred, state, step)
             return Prediction(x0, eps, var_out), state
         bsz = x.shape[0]
         x2 = torch.cat([x, x])

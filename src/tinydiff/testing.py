@@ -12,13 +12,19 @@ and the optimal denoiser is available in closed form:
 
 with :math:`r_k` the posterior responsibilities. :class:`ExactDenoiser` turns it into the
 network output a :class:`tinydiff.DiffusionModel` expects, for any registered target.
+
+For guidance, :class:`ClassConditionalMixture` gives each class its own mixture: the
+conditional denoiser :math:`\mathbb E[x_0 \mid x_t, y]` is the same formula restricted to
+class y's components, the unconditional one uses all of them (weighted by the class
+probabilities), and :class:`ClassConditionalDenoiser` is the class-conditional network (with a
+null class) that a `DiffusionModel` samples with any guidance method, without training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +33,23 @@ from tinydiff import targets, variances
 from tinydiff.config import DiffusionModelConfig
 from tinydiff.process import GaussianProcess, Point
 
-__all__ = ["ExactDenoiser", "GaussianMixture", "probability_flow_reference"]
+__all__ = [
+    "ClassConditionalDenoiser",
+    "ClassConditionalMixture",
+    "ExactDenoiser",
+    "GaussianMixture",
+    "GuidedMixtureDenoiser",
+    "MixtureDenoiser",
+    "probability_flow_reference",
+]
+
+
+class MixtureDenoiser(Protocol):
+    """Anything with an exact posterior mean ``denoise(x_t, alpha, sigma) -> E[x0 | x_t]``
+    (a `GaussianMixture`, a `GuidedMixtureDenoiser`): what `probability_flow_reference`
+    integrates."""
+
+    def denoise(self, x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor: ...
 
 
 class GaussianMixture:
@@ -152,11 +174,24 @@ class GaussianMixture:
         Returns:
             (n, *event_shape) in x_t's dtype.
         """
+        return self._denoise(x_t, alpha, sigma)
+
+    def _denoise(
+        self,
+        x_t: Tensor,
+        alpha: Tensor | float,
+        sigma: Tensor | float,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """`denoise`, restricted per sample to the components where ``mask`` (bool (n, K))
+        is True (the posterior of the mixture renormalised over them)."""
         n = x_t.shape[0]
         x = x_t.reshape(n, -1).to(torch.float64)
         a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).expand(n)
         s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(n)
         logp, var = self._noised_log_resp(x, a, s)
+        if mask is not None:
+            logp = logp.masked_fill(~mask, -math.inf)
         resp = torch.softmax(logp, dim=1)
         gain = a[:, None, None] * self.stds[None] ** 2 / var
         comp_mean = self.means[None] + gain * (x[:, None, :] - a[:, None, None] * self.means[None])
@@ -207,6 +242,12 @@ class ExactDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Exact target for the network input (bsz, *input_shape) at network times (bsz,)
         (for identity-input targets: x_t and t in [0, T])."""
+        return self._exact_output(x_t, t, self.mixture.denoise)
+
+    def _exact_output(
+        self, x_t: Tensor, t: Tensor, posterior_mean: Callable[[Tensor, Tensor, Tensor], Tensor]
+    ) -> Tensor:
+        """The target's output for the exact ``posterior_mean(x_t, alpha, sigma)`` (float64)."""
         # the mixture lives on the CPU in float64: this is a test oracle, not a fast network.
         # The target's network input (e.g. EDM's c_in x_t, c_noise) is inverted first; x is
         # not detached, so that the likelihood can differentiate through the oracle.
@@ -214,7 +255,7 @@ class ExactDenoiser(nn.Module):
         t_in = t.detach().to("cpu", torch.float64).expand(x_in.shape[0])
         x64, t64 = self.target.from_network_input(x_in, t_in, self.process)
         alpha, sigma = self.process.alpha_sigma(t64)
-        x0 = self.mixture.denoise(x64, alpha, sigma.clamp_min(1e-300))
+        x0 = posterior_mean(x64, alpha, sigma.clamp_min(1e-300))
         view = (-1,) + (1,) * (x64.dim() - 1)
         zero = torch.zeros_like(t64).view(view)
         p = Point(t64.view(view), alpha.view(view), sigma.view(view), zero, zero)
@@ -229,8 +270,195 @@ class ExactDenoiser(nn.Module):
         return out.to(device=x_t.device, dtype=x_t.dtype)
 
 
+class ClassConditionalMixture:
+    r"""A class-conditional Gaussian mixture: :math:`p(y) = \pi_y`,
+    :math:`p(x_0 \mid y)` = the mixture ``classes[y]``.
+
+    The unconditional distribution is the mixture of all classes' components with weights
+    :math:`\pi_y w_{y,k}` (`marginal`); the conditional posterior mean given y is the
+    marginal's restricted to class y's components. Labels are ints in [0, num_classes);
+    ``null_class`` (= num_classes) means "no condition" (the convention of `tinydiff.nn` and
+    `tinydiff.conditioning`).
+
+    Args:
+        classes: one `GaussianMixture` per class, all of the same event shape.
+        class_weights: (C,) positive class probabilities (normalised here); default uniform.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[GaussianMixture],
+        class_weights: Tensor | Sequence[float] | None = None,
+    ) -> None:
+        classes = list(classes)
+        if not classes or not all(isinstance(c, GaussianMixture) for c in classes):
+            raise TypeError("classes must be a non-empty sequence of GaussianMixture")
+        shapes = {c.event_shape for c in classes}
+        if len(shapes) != 1:
+            raise ValueError(f"all classes need the same event shape, got {sorted(shapes)}")
+        self.classes = classes
+        num = len(classes)
+        pi = (
+            torch.full((num,), 1.0 / num, dtype=torch.float64)
+            if class_weights is None
+            else torch.as_tensor(class_weights, dtype=torch.float64).flatten()
+        )
+        if pi.shape != (num,) or not bool((pi > 0).all()):
+            raise ValueError(f"class_weights must be {num} positive numbers, got {pi.tolist()}")
+        self.class_weights = pi / pi.sum()
+        event = classes[0].event_shape
+        self.marginal = GaussianMixture(
+            torch.cat([c.means for c in classes]).reshape(-1, *event),
+            torch.cat([c.stds for c in classes]).reshape(-1, *event),
+            torch.cat([p * c.weights for p, c in zip(self.class_weights, classes, strict=True)]),
+        )
+        #: the class of each of the marginal's components, (K,)
+        self.component_class = torch.cat(
+            [torch.full((c.num_components,), y, dtype=torch.long) for y, c in enumerate(classes)]
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of classes."""
+        return len(self.classes)
+
+    @property
+    def null_class(self) -> int:
+        """The label meaning "no condition": C."""
+        return self.num_classes
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """The shape of one sample."""
+        return self.marginal.event_shape
+
+    def _labels(self, labels: Tensor | Sequence[int], n: int) -> Tensor:
+        lab = torch.as_tensor(labels).to("cpu", torch.long).reshape(-1)
+        if lab.numel() == 1 and n != 1:
+            lab = lab.expand(n)
+        if lab.shape != (n,) or bool(((lab < 0) | (lab > self.null_class)).any()):
+            raise ValueError(
+                f"labels must be {n} ints in [0, {self.null_class}] ({self.null_class}: no "
+                f"condition), got {lab.tolist()}"
+            )
+        return lab
+
+    def _mask(self, labels: Tensor) -> Tensor:
+        """(n, K) bool: the components each label's distribution uses (all for null)."""
+        cls = self.component_class[None, :]
+        return (cls == labels[:, None]) | (labels[:, None] == self.null_class)
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        labels: Tensor | Sequence[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw n samples and their labels: (n, *event_shape) float64 and (n,) long. With
+        ``labels`` (n,) (or one label), from those classes (null: unconditional)."""
+        if labels is None:
+            lab = torch.multinomial(self.class_weights, n, replacement=True, generator=generator)
+        else:
+            lab = self._labels(labels, n)
+        probs = self.marginal.weights[None, :] * self._mask(lab)
+        comp = torch.multinomial(probs, 1, replacement=True, generator=generator)[:, 0]
+        mix = self.marginal
+        noise = torch.randn(n, mix.dim, generator=generator, dtype=torch.float64)
+        x = (mix.means[comp] + mix.stds[comp] * noise).reshape(n, *self.event_shape)
+        return x, lab
+
+    def denoise(
+        self,
+        x_t: Tensor,
+        alpha: Tensor | float,
+        sigma: Tensor | float,
+        labels: Tensor | Sequence[int],
+    ) -> Tensor:
+        """E[x0 | x_t, y] for x_t = alpha x0 + sigma eps; label ``null_class``: E[x0 | x_t].
+
+        Args:
+            x_t: (n, *event_shape).
+            alpha: scalar or (n,), >= 0.
+            sigma: scalar or (n,), > 0.
+            labels: (n,) ints in [0, null_class] (or one label for all).
+
+        Returns:
+            (n, *event_shape) in x_t's dtype.
+        """
+        lab = self._labels(labels, x_t.shape[0])
+        return self.marginal._denoise(x_t, alpha, sigma, self._mask(lab))
+
+    def guided_denoiser(
+        self, labels: Tensor | Sequence[int], scale: float
+    ) -> GuidedMixtureDenoiser:
+        """The classifier-free-guided posterior mean for fixed labels (see
+        `GuidedMixtureDenoiser`), e.g. for `probability_flow_reference`."""
+        return GuidedMixtureDenoiser(self, labels, scale)
+
+
+class GuidedMixtureDenoiser:
+    r"""The exact classifier-free-guided denoiser of a `ClassConditionalMixture` for fixed
+    labels: :math:`D_w = D_u + w\,(D_c - D_u)` with :math:`D_c = \mathbb E[x_0 \mid x_t, y]`
+    and :math:`D_u = \mathbb E[x_0 \mid x_t]` (Ho & Salimans 2022). The guided
+    probability-flow ODE is the ODE of this denoiser.
+
+    Args:
+        mixture: the class-conditional mixture.
+        labels: (n,) labels of the samples it will denoise (n fixed), or one label.
+        scale: w.
+    """
+
+    def __init__(
+        self, mixture: ClassConditionalMixture, labels: Tensor | Sequence[int], scale: float
+    ) -> None:
+        self.mixture = mixture
+        self.labels = torch.as_tensor(labels).to("cpu", torch.long).reshape(-1)
+        self.scale = float(scale)
+
+    def denoise(self, x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+        """The guided posterior mean at x_t (n, *event_shape), in x_t's dtype."""
+        mix = self.mixture
+        cond = mix.denoise(x_t, alpha, sigma, self.labels)
+        if self.scale == 1.0:  # the conditional denoiser
+            return cond
+        uncond = mix.denoise(x_t, alpha, sigma, [mix.null_class])
+        return uncond + self.scale * (cond - uncond)
+
+
+class ClassConditionalDenoiser(ExactDenoiser):
+    """The exact class-conditional "network" of a `ClassConditionalMixture`:
+    ``net(x_t, t, class_labels=None)`` outputs the configured target of
+    E[x0 | x_t, y] (label ``null_class`` or no labels: E[x0 | x_t]). It has ``null_class``,
+    so `tinydiff.DiffusionModel` samples it with ``cond={"class_labels": y}`` and any guidance
+    method.
+
+    Args:
+        mixture: the class-conditional data distribution.
+        model_or_config: as for `ExactDenoiser`.
+    """
+
+    def __init__(self, mixture: ClassConditionalMixture, model_or_config: Any) -> None:
+        super().__init__(mixture.marginal, model_or_config)
+        self.conditional = mixture
+        self.null_class = mixture.null_class
+
+    def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """Exact target at the network input (bsz, *input_shape), times (bsz,), labels (bsz,)."""
+        labels = (
+            torch.full((x_t.shape[0],), self.null_class, dtype=torch.long)
+            if class_labels is None
+            else class_labels
+        )
+
+        def posterior_mean(x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+            return self.conditional.denoise(x, alpha, sigma, labels)
+
+        return self._exact_output(x_t, t, posterior_mean)
+
+
 def probability_flow_reference(
-    mixture: GaussianMixture,
+    mixture: MixtureDenoiser,
     x: Tensor,
     alpha_bar_start: float | None = None,
     alpha_bar_end: float | None = None,
@@ -253,7 +481,9 @@ def probability_flow_reference(
     (``start``, ``end``).
 
     Args:
-        mixture: the data distribution (gives D).
+        mixture: the data distribution (gives D): a `GaussianMixture`, or any
+            `MixtureDenoiser`, e.g. `ClassConditionalMixture.guided_denoiser` for the guided
+            flow.
         x: (n, *event_shape) state at the start (e.g. the initial noise).
         alpha_bar_start: in (0, 1) (finite noise level; the start of a plan).
         alpha_bar_end: in (alpha_bar_start, 1).
