@@ -148,11 +148,11 @@ def test_custom_schedule_end_to_end() -> None:
 )
 def test_custom_schedule_output_is_validated(table, match: str) -> None:
     tinydiff.schedules.register("bad_schedule", lambda num_timesteps: table, override=True)
-    try:
-        cfg = DiffusionModelConfig(
-            input_shape=(2,), noise_schedule_type="bad_schedule", num_timesteps=50
-        )
+    try:  # the table is checked when the config is built (it was at DiffusionModel())
         with pytest.raises(ValueError, match=match):
+            cfg = DiffusionModelConfig(
+                input_shape=(2,), noise_schedule_type="bad_schedule", num_timesteps=50
+            )
             DiffusionModel(_Net(), cfg)
     finally:
         tinydiff.schedules.REGISTRY.unregister("bad_schedule")

@@ -7,9 +7,9 @@ Public API::
 
 Plugin registries (each with ``register``, ``get``, ``names``): :mod:`tinydiff.schedules`,
 :mod:`tinydiff.targets`, :mod:`tinydiff.variances`, :mod:`tinydiff.losses`,
-:mod:`tinydiff.samplers`, :mod:`tinydiff.spacings`, :mod:`tinydiff.guidance`. The core:
-:mod:`tinydiff.process` (the Gaussian process alpha(t), sigma(t)), :mod:`tinydiff.denoiser`
-and :mod:`tinydiff.sampling` (the sampling loop as a function, with per-step callbacks). Subpackages that need more
+`tinydiff.samplers`, `tinydiff.spacings`, `tinydiff.guidance`. The core:
+`tinydiff.process` (the Gaussian process alpha(t), sigma(t)), `tinydiff.denoiser`
+and `tinydiff.sampling` (the sampling loop as a function, with per-step callbacks). Subpackages that need more
 imports load on first access: ``tinydiff.nn``, ``tinydiff.testing``, ``tinydiff.likelihood``,
 ``tinydiff.hub``, ``tinydiff.metrics``, ``tinydiff.plotting``.
 """

@@ -1,20 +1,20 @@
 """Crash-safe writes: one file atomically, or a folder of files as one save.
 
-**One file** (:func:`atomic_write`, :func:`atomic_write_safetensors`): the data goes to a
+**One file** (`atomic_write`, `atomic_write_safetensors`): the data goes to a
 temporary file in the same directory, is flushed and fsync-ed, and is ``os.replace``-d onto the
 target; the directory is fsync-ed after the rename. A crash leaves the old file or the new one,
 never a torn one. Files get the permissions of an ordinary ``open(path, "w")`` under the
 process umask (0644 under umask 022), like diffusers and safetensors write them.
 
-**A folder** (:class:`FolderWriter`): ``rename`` cannot replace a non-empty directory, so the
+**A folder** (`FolderWriter`): ``rename`` cannot replace a non-empty directory, so the
 files of one save are tied together instead. Every save draws a *save id*; each safetensors
 file carries it in its header metadata and each JSON document under the key
-:data:`SAVE_ID_KEY`. All files are first written to temporary files, then renamed onto their
-names in a burst, and a manifest (:data:`MANIFEST_NAME`) naming the save id and the files is
-renamed into place last. A reader (:func:`read_manifest` then :meth:`SaveManifest.check`)
+`SAVE_ID_KEY`. All files are first written to temporary files, then renamed onto their
+names in a burst, and a manifest (`MANIFEST_NAME`) naming the save id and the files is
+renamed into place last. A reader (`read_manifest` then `SaveManifest.check`)
 compares the id found in each file's header with the manifest's, without hashing any weights.
 After a crash at any point a load therefore sees exactly the old save, exactly the new one, or
-raises :class:`MixedSaveError`; never a mix.
+raises `MixedSaveError`; never a mix.
 
 Files are only ever deleted when tinydiff wrote them: its own temporary files (recognised by
 name, and only once their writer is gone) and the files that an earlier manifest in the same
@@ -335,12 +335,12 @@ class FolderWriter:
         tensors: Mapping[str, Tensor],
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        """Stage a safetensors file; :data:`SAVE_ID_KEY` is added to its metadata."""
+        """Stage a safetensors file; `SAVE_ID_KEY` is added to its metadata."""
         meta = {**(metadata or {}), SAVE_ID_KEY: self.save_id}
         self._stage(name, "safetensors", _safetensors_writer(tensors, meta))
 
     def write_json(self, name: str, doc: Mapping[str, Any], *, indent: int | None = 2) -> None:
-        """Stage a JSON object; :data:`SAVE_ID_KEY` is added to it (diffusers, like tinydiff,
+        """Stage a JSON object; `SAVE_ID_KEY` is added to it (diffusers, like tinydiff,
         ignores keys that start with ``_`` when it reads a config)."""
         if not isinstance(doc, Mapping):
             raise TypeError(f"write_json needs a JSON object (a dict), got {type(doc).__name__}")
@@ -491,7 +491,7 @@ class SaveManifest:
 def check_save_id(
     manifest: SaveManifest | None, folder: str | os.PathLike[str], name: str, found: Any
 ) -> None:
-    """The check of :meth:`SaveManifest.check`, also for a folder without a manifest
+    """The check of `SaveManifest.check`, also for a folder without a manifest
     (``manifest=None``): a file there must carry no save id (a folder written before
     manifests existed), since a save id without a manifest means an interrupted first save.
 
@@ -574,10 +574,10 @@ def read_json_member(
     what: str | None = None,
 ) -> Any:
     """Read the JSON file ``name`` of a saved folder (one open) and check its save id
-    against ``manifest`` (:func:`read_manifest`; None for a folder without one).
+    against ``manifest`` (`read_manifest`; None for a folder without one).
 
     Returns:
-        the document, without :data:`SAVE_ID_KEY`.
+        the document, without `SAVE_ID_KEY`.
 
     Raises:
         FileNotFoundError: no such file.
@@ -606,7 +606,7 @@ def open_safetensors_member(
 
     Raises:
         FileNotFoundError: no such file.
-        SerializationError: see :class:`~tinydiff._safetensors.SafetensorsFile`.
+        SerializationError: see `tinydiff._safetensors.SafetensorsFile`.
         MixedSaveError: the file belongs to another save than the manifest's.
     """
     file = SafetensorsFile(

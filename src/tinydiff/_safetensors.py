@@ -301,7 +301,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_json(text: str | bytes, where: str) -> Any:
     """Parse JSON from an untrusted source; every failure is a SerializationError.
 
-    Refuses nesting deeper than :data:`MAX_JSON_DEPTH`, NaN / Infinity literals, integers
+    Refuses nesting deeper than `MAX_JSON_DEPTH`, NaN / Infinity literals, integers
     too long for Python to parse, and a key repeated in one object (where JSON parsers
     disagree on which value wins).
     """

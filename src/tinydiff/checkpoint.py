@@ -12,7 +12,7 @@ Layout of a checkpoint file (a standard ``.safetensors`` file):
   encoded so that they round-trip exactly).
 
 Writes go to a temporary file in the same directory, are flushed to disk, then
-``os.replace``-d onto the target (:func:`tinydiff._atomic.atomic_write_safetensors`): a run
+``os.replace``-d onto the target (`tinydiff._atomic.atomic_write_safetensors`): a run
 killed mid-write leaves the previous checkpoint intact, and the next save removes the
 temporary file it left. Reads open the file once and take the header and every tensor from
 that one open file, so a checkpoint replaced by another process meanwhile is read entirely in
@@ -411,7 +411,7 @@ def restore_checkpoint(
     exact: bool = False,
     check_extra: Callable[[Any, int], Any] | None = None,
 ) -> tuple[int, Any]:
-    """:func:`load_checkpoint` for a caller that also restores the ``extra`` section.
+    """`load_checkpoint` for a caller that also restores the ``extra`` section.
 
     The file is opened once; ``check_extra(extra, step)`` runs on the decoded ``extra``
     after every other check and before anything changes, and may raise to refuse the file.

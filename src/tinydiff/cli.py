@@ -119,7 +119,7 @@ def run_demo(
 def _check_demo_arguments(
     steps: int, sampling_steps: int, snapshots: int, num_samples: int, schedule: str
 ) -> None:
-    """The numbers and the schedule of :func:`run_demo`, before anything is written."""
+    """The numbers and the schedule of `run_demo`, before anything is written."""
     _check_count("steps", steps, MAX_STEPS)
     _check_count("sampling_steps", sampling_steps, NUM_TIMESTEPS)
     _check_count("snapshots", snapshots, MAX_STEPS)

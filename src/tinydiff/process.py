@@ -5,10 +5,10 @@ One :class:`GaussianProcess` answers, in float64 and at any real network time t 
 
 * :math:`\alpha(t)`, :math:`\sigma(t)` and their derivatives in :math:`s = t/T`;
 * the half log-SNR :math:`\lambda(t) = \log(\alpha/\sigma)` (+inf where sigma = 0, -inf where
-  alpha = 0) and its one inverse :math:`t(\lambda)` (:meth:`GaussianProcess.time_at_lam`);
+  alpha = 0) and its one inverse :math:`t(\lambda)` (`GaussianProcess.time_at_lam`);
   "lambda" and ``lam`` mean this half log-SNR everywhere in tinydiff (the full log-SNR
   :math:`\log(\alpha^2/\sigma^2)` is :math:`2\lambda`);
-* :attr:`GaussianProcess.t_min`, the smallest trained time, where samplers and spacings stop
+* `GaussianProcess.t_min`, the smallest trained time, where samplers and spacings stop
   asking the network for a less noisy level.
 
 Samplers, spacings, the loss and the likelihood read the process only; nothing else knows
@@ -87,10 +87,10 @@ class GaussianProcess:
         """The smallest trained time: the least noisy level the network has learnt.
 
         0 on a continuous path (trained at real times in (0, T]); a discrete table overrides
-        it with 1 (:class:`DiscreteVP`: its training times are the integers 1..T). Heun's
+        it with 1 (`DiscreteVP`: its training times are the integers 1..T). Heun's
         last node is kept at or above it, the noise-level spacings end at
-        ``max(t_min, 1)`` (:mod:`tinydiff.spacings`), and
-        :func:`~tinydiff.timestep_search.optimize_timesteps` searches no lower by default.
+        ``max(t_min, 1)`` (`tinydiff.spacings`), and
+        `tinydiff.timestep_search.optimize_timesteps` searches no lower by default.
         """
         return 0.0
 
@@ -239,7 +239,7 @@ def _logit(alpha_bar: Tensor) -> Tensor:
 
 
 def _interpolate(table: Tensor, t: Tensor) -> Tensor:
-    """alpha_bar at real times t in [0, T] from the table (T + 1,): see :class:`DiscreteVP`."""
+    """alpha_bar at real times t in [0, T] from the table (T + 1,): see `DiscreteVP`."""
     num_timesteps = table.numel() - 1
     t = t.to(device=table.device, dtype=_F64)
     if (t < 0).any() or (t > num_timesteps).any():
@@ -293,11 +293,11 @@ class DiscreteVP(GaussianProcess):
 
     :math:`\alpha = \sqrt{\bar\alpha}`, :math:`\sigma = \sqrt{1-\bar\alpha}`. Between
     consecutive integers :math:`\lambda` is interpolated linearly, so that
-    :meth:`time_at_lam` is exact and closed-form per segment. On a segment with an infinite
+    `time_at_lam` is exact and closed-form per segment. On a segment with an infinite
     end (t in [0, 1] when alpha_bar_0 = 1, or [T - 1, T] under zero terminal SNR) lambda
     cannot be interpolated, and alpha_bar itself is interpolated linearly instead, which keeps
     the path continuous and monotone. Integer times return the table exactly. The smallest
-    trained time :attr:`t_min` is 1 (training times are the integers 1..T).
+    trained time `t_min` is 1 (training times are the integers 1..T).
 
     Args:
         alphas_cumprod: float64 (T + 1,), strictly decreasing, in [0, 1].
@@ -315,7 +315,7 @@ class DiscreteVP(GaussianProcess):
         return 1.0
 
     def table(self, device: torch.device | str = "cpu") -> Tensor:
-        """The alpha_bar table (T + 1,) on ``device`` (cached by :meth:`on_device`)."""
+        """The alpha_bar table (T + 1,) on ``device`` (cached by `on_device`)."""
         return self.on_device("alphas_cumprod", device, self.alphas_cumprod.to)
 
     def alpha_bar(self, t: Tensor | float) -> Tensor:
@@ -343,7 +343,7 @@ class DiscreteVP(GaussianProcess):
         return d_ab / (2 * alpha), -d_ab / (2 * sigma)
 
     def time_at_lam(self, lam: Tensor) -> Tensor:
-        r"""The exact inverse of :meth:`lam` (float64, lam's shape): on a segment with finite
+        r"""The exact inverse of `lam` (float64, lam's shape): on a segment with finite
         lambda at both ends t = k + (lam - lam_k) / (lam_{k+1} - lam_k); on a segment with an
         infinite end it is linear in alpha_bar = sigmoid(2 lam). ``lam = +inf`` gives the first
         time with alpha_bar = 1 (t = 0 on the built-in schedules), ``-inf`` gives T under zero

@@ -397,7 +397,7 @@ def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     r"""Deprecated: the full log-SNR :math:`\log(\bar\alpha / (1 - \bar\alpha)) = 2\lambda`
     (+inf at alpha_bar = 1, -inf at alpha_bar = 0).
 
-    Use ``2 * process.lam(t)`` of a :class:`~tinydiff.process.GaussianProcess` instead.
+    Use ``2 * process.lam(t)`` of a `tinydiff.process.GaussianProcess` instead.
     """
     _deprecated("log_snr", "2 * process.lam(t)")
     return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
@@ -406,7 +406,7 @@ def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Deprecated: alpha_bar at real times t in [0, T] on an interpolated table, float64.
 
-    Use ``DiscreteVP(alphas_cumprod).alpha_bar(t)`` (:class:`~tinydiff.process.DiscreteVP`
+    Use ``DiscreteVP(alphas_cumprod).alpha_bar(t)`` (`tinydiff.process.DiscreteVP`
     documents the interpolation).
 
     Raises:
@@ -418,7 +418,7 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def time_at_log_snr(alphas_cumprod: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Deprecated: the real time t in [0, T] whose FULL log-SNR log(alpha_bar / (1 - alpha_bar))
-    is ``lam``, the inverse of :func:`alpha_bar_at`, float64, lam's shape.
+    is ``lam``, the inverse of `alpha_bar_at`, float64, lam's shape.
 
     Use ``DiscreteVP(alphas_cumprod).time_at_lam(lam / 2)`` (lambda is half the log-SNR).
 

@@ -9,13 +9,13 @@ fractional times are allowed. ``process`` (:class:`tinydiff.process.GaussianProc
 spacing place times by noise level on any process (``process.lam(t)``,
 ``process.time_at_lam(lam)``, with lambda = log(alpha / sigma), half the log-SNR). A spacing
 written for tinydiff 0.1 (third parameter ``alphas_cumprod``) is adapted when it is
-registered (:mod:`tinydiff.compat`).
+registered (`tinydiff.compat`).
 
-:func:`resolve` is the one place where a spacing (a name, explicit times, or None for a
+`resolve` is the one place where a spacing (a name, explicit times, or None for a
 sampler's default) becomes sampling times: every rule about names, explicit times and the
-number of steps is checked there (:func:`explicit_times` is its process-free part, for
+number of steps is checked there (`explicit_times` is its process-free part, for
 configs). The spacings that ramp in noise level end at ``max(process.t_min, 1)``
-(:attr:`~tinydiff.process.GaussianProcess.t_min`, the smallest trained time; at least one time
+(`tinydiff.process.GaussianProcess.t_min`, the smallest trained time; at least one time
 unit, so that the ramp stays at finite lambda on paths with sigma(0) = 0).
 """
 
@@ -105,7 +105,7 @@ def ramp_end(process: GaussianProcess) -> float:
 
 
 def _lam_range(process: GaussianProcess) -> tuple[float, float]:
-    """(lambda at :func:`ramp_end`, lambda at the largest integer time with finite lambda: T,
+    """(lambda at `ramp_end`, lambda at the largest integer time with finite lambda: T,
     or T - 1 when alpha(T) = 0)."""
     T = process.num_timesteps
     lam = process.lam(torch.tensor([ramp_end(process), T - 1.0, float(T)], dtype=torch.float64))
@@ -116,7 +116,7 @@ def _lam_range(process: GaussianProcess) -> tuple[float, float]:
 def _times_from_lam(lam: Tensor, num_timesteps: int, process: GaussianProcess) -> Tensor:
     """Times of a decreasing noise ramp (``lam`` increasing), ends pinned to exact times:
     the first time is T (when alpha(T) = 0 this replaces the ramp's first level, the largest
-    finite one, by infinite noise), the last is :func:`ramp_end`; then 0 is appended."""
+    finite one, by infinite noise), the last is `ramp_end`; then 0 is appended."""
     t = process.time_at_lam(lam)
     t[0] = float(num_timesteps)
     if t.numel() > 1:
@@ -140,8 +140,8 @@ def karras(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Tens
     r"""Times whose noise levels :math:`\hat\sigma = \sigma/\alpha = e^{-\lambda}`
     (:math:`\sqrt{(1-\bar\alpha)/\bar\alpha}` on a VP table) follow Karras et al. 2022, eq. 5
     with rho = 7, from sigma_max = sigma_hat(T) down to sigma_min = sigma_hat(t_end), then
-    t = 0, where t_end = :func:`ramp_end` (t = 1 on the built-in processes). The times are
-    fractional: the exact inverse :meth:`~tinydiff.process.GaussianProcess.time_at_lam`.
+    t = 0, where t_end = `ramp_end` (t = 1 on the built-in processes). The times are
+    fractional: the exact inverse `tinydiff.process.GaussianProcess.time_at_lam`.
 
     Zero terminal SNR: sigma(T) is infinite, so the ramp runs from sigma(T - 1) instead and
     its first time is replaced by T: the first step goes from infinite noise to the ramp's
@@ -155,7 +155,7 @@ def karras(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Tens
 @register("logsnr", aliases=("log_snr", "uniform_logsnr"))
 def logsnr(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Tensor:
     r"""Times uniform in :math:`\lambda = \log(\alpha/\sigma)` (half the log-SNR; uniform in
-    lambda is uniform in log-SNR) from lambda(T) up to lambda(t_end), t_end = :func:`ramp_end`
+    lambda is uniform in log-SNR) from lambda(T) up to lambda(t_end), t_end = `ramp_end`
     (t = 1 on the built-in processes), then t = 0 (the "logSNR" spacing of DPM-Solver, Lu et
     al. 2022). Zero terminal SNR: the ramp starts at lambda(T - 1) and its first time is replaced
     by T, as for :func:`karras`. S = 1 gives [T, 0]."""
@@ -167,14 +167,14 @@ def logsnr(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Tens
 @register("logsnr_trailing", aliases=("trailing_logsnr",))
 def logsnr_trailing(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Tensor:
     r"""Trailing's first step, then uniform in log-SNR: t_0 = T, t_1 = T (S - 1) / S (as
-    :func:`trailing`), then t_1..t_{S-1} uniform in lambda = log(alpha / sigma) from
-    lambda(t_1) up to lambda(t_end), t_end = :func:`ramp_end`, then t = 0.
+    `trailing`), then t_1..t_{S-1} uniform in lambda = log(alpha / sigma) from
+    lambda(t_1) up to lambda(t_end), t_end = `ramp_end`, then t = 0.
 
     For few steps :func:`logsnr` spends steps on the extreme top of the noise range (the
     cosine schedule clips its last beta at 0.999: sigma(T) ~ 2e4 against sigma(T - 17) ~ 38),
     where the flow barely moves; here that range is crossed by one step, and the remaining
     steps are log-SNR uniform over the range that matters, ending at t_end as
-    :func:`logsnr`. S = 1 gives [T, 0], S = 2 gives [T, t_end, 0]."""
+    `logsnr`. S = 1 gives [T, 0], S = 2 gives [T, t_end, 0]."""
     end = ramp_end(process)
     if num_steps <= 2:
         head = [float(num_timesteps)] + [end] * (num_steps - 1)
@@ -244,7 +244,7 @@ def explicit_times(times: Sequence[float] | Tensor, num_timesteps: int) -> Tenso
         float64 CPU tensor (S + 1,), strictly decreasing, ending exactly at 0.
 
     Raises:
-        TypeError: not numbers, or a bool / complex tensor (:func:`check_spec`).
+        TypeError: not numbers, or a bool / complex tensor (`check_spec`).
         ValueError: empty, not 1-d, outside [0, T], NaN/inf, or not strictly decreasing.
     """
     if times is None or isinstance(times, str):
@@ -290,7 +290,7 @@ def resolve(
 
     Args:
         spec: a registered name (unknown names are answered with close matches), explicit
-            times (see :func:`explicit_times`), or None for ``default_spacing``.
+            times (see `explicit_times`), or None for ``default_spacing``.
         process: the process the times are for (T = ``process.num_timesteps``).
         num_steps: S, the number of steps (``sampling_timesteps``): in 1..T for a name
             (None: T); for explicit times None or their count.
@@ -341,7 +341,7 @@ def make_timesteps(
     num_steps: int | None,
     process: GaussianProcess | Tensor,
 ) -> Tensor:
-    """Sampling times for a spacing name or an explicit list, validated (see :func:`resolve`,
+    """Sampling times for a spacing name or an explicit list, validated (see `resolve`,
     which takes the process alone).
 
     Args:

@@ -13,10 +13,10 @@ and the optimal denoiser is available in closed form:
 with :math:`r_k` the posterior responsibilities. :class:`ExactDenoiser` turns it into the
 network output a :class:`tinydiff.DiffusionModel` expects, for any registered target.
 
-For guidance, :class:`ClassConditionalMixture` gives each class its own mixture: the
+For guidance, `ClassConditionalMixture` gives each class its own mixture: the
 conditional denoiser :math:`\mathbb E[x_0 \mid x_t, y]` is the same formula restricted to
 class y's components, the unconditional one uses all of them (weighted by the class
-probabilities), and :class:`ClassConditionalDenoiser` is the class-conditional network (with a
+probabilities), and `ClassConditionalDenoiser` is the class-conditional network (with a
 null class) that a `DiffusionModel` samples with any guidance method, without training.
 """
 

@@ -26,7 +26,7 @@ of a derivative-free search: a coordinate pattern search in
 2. for each interior time in turn, try moving its lambda up and down by its own step size,
    staying between its neighbours and within [lambda(T), lambda(t_min)] (times come back
    through the process's exact inverse
-   :meth:`~tinydiff.process.GaussianProcess.time_at_lam`); keep a move that lowers the error
+   `tinydiff.process.GaussianProcess.time_at_lam`); keep a move that lowers the error
    and enlarge that step (x 1.5), otherwise halve it;
 3. stop when every step size is below ``tol`` or after ``max_evals`` runs; ``tol`` is stated
    in full log-SNR :math:`\log(\alpha^2/\sigma^2) = 2\lambda`, so the search stops at steps
@@ -187,7 +187,7 @@ def optimize_timesteps(
             sharp multi-modal data). 0 scores and selects on the whole batch.
         t_min: the smallest nonzero time allowed (default: the smallest last nonzero time
             of the registered spacings, but not below the process's smallest trained time
-            :attr:`~tinydiff.process.GaussianProcess.t_min`; t = 1 for discrete VP).
+            `tinydiff.process.GaussianProcess.t_min`; t = 1 for discrete VP).
         use_ema: score the EMA weights.
         progress: show a progress bar over the runs.
         return_info: return a :class:`TimestepSearchResult` instead of the times.
@@ -219,7 +219,7 @@ def _check_args(
     objective: str,
     holdout: float,
 ) -> None:
-    """The checks of :func:`optimize_timesteps` that need no sampler run."""
+    """The checks of `optimize_timesteps` that need no sampler run."""
     T = model.num_timesteps
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= T:
         raise ValueError(f"num_steps must be an int in 2..{T}, got {num_steps!r}")
@@ -394,7 +394,7 @@ class _Scorer:
 @dataclass(frozen=True)
 class _Scored:
     """One candidate times: its error on the search part, on the held-out part, and the
-    held-out per-sample terms (:meth:`_Scorer.error_of`)."""
+    held-out per-sample terms (`_Scorer.error_of`)."""
 
     times: Tensor
     fit: float

@@ -29,10 +29,10 @@ Non-finite steps. A step whose loss or gradient norm is NaN or inf is *skipped*:
 optimizer, the LR scheduler and the EMA are not updated, so the weights stay those of the last
 good step (as ``torch.amp.GradScaler`` does). Its loss still goes into ``history`` and its
 number into ``skipped_steps``. After ``max_consecutive_skips`` skipped steps in a row (the run
-has diverged: a NaN weight, an infinite learning rate) :meth:`Trainer.fit` stops with a
+has diverged: a NaN weight, an infinite learning rate) `Trainer.fit` stops with a
 ``FloatingPointError``. The check costs no extra host synchronisation: the loss and the
 gradient norm are read back together, once per step, as the loss alone was for the history.
-A checkpoint is never written from non-finite state: :meth:`Trainer.save` first checks the
+A checkpoint is never written from non-finite state: `Trainer.save` first checks the
 weights, the EMA and the optimizer state and raises ``FloatingPointError`` instead of
 replacing the last good checkpoint.
 """
@@ -64,7 +64,7 @@ __all__ = ["Callback", "Trainer", "warmup_cosine"]
 #: ``fn(trainer, step)``, called after optimizer step number ``step`` (1-based)
 Callback = Callable[["Trainer", int], None]
 
-#: the fields of a checkpoint's ``extra`` section that :meth:`Trainer.save` writes
+#: the fields of a checkpoint's ``extra`` section that `Trainer.save` writes
 _EXTRA_REQUIRED = ("history", "perm", "pos")
 _EXTRA_OPTIONAL = ("loader_epoch", "skipped_steps", "world_size", "rank_rng", "rank_noise")
 
@@ -122,7 +122,7 @@ class Trainer:
             model's parameters' device).
         progress: a progress bar with the running loss (rank 0 only; throttled in logs).
         max_consecutive_skips: how many steps in a row may be skipped for a non-finite loss
-            or gradient (module docstring) before :meth:`fit` raises ``FloatingPointError``;
+            or gradient (module docstring) before `fit` raises ``FloatingPointError``;
             0 raises at the first.
 
     Raises:
@@ -408,7 +408,7 @@ class Trainer:
 
     def _parse_extra(self, extra: Any, step: int, where: str) -> dict[str, Any]:
         """Check every field of a checkpoint's ``extra`` section against this trainer, before
-        anything is restored; returns the values to restore (see :meth:`_apply_extra`)."""
+        anything is restored; returns the values to restore (see `_apply_extra`)."""
         _check_extra_fields(extra, where)
         _check_world_size(extra.get("world_size", 1), self.world_size, where)
         history = extra["history"]
@@ -483,7 +483,7 @@ class Trainer:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (its data-order fields are checked first)."""
+        """Restore `state_dict`'s output (its data-order fields are checked first)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from Trainer.state_dict(), got {state!r:.60}")
         if (state.get("scheduler") is None) != (self.scheduler is None):
@@ -594,7 +594,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_extra_fields(extra: Any, where: str) -> None:
-    """``extra`` is a dict with the fields :meth:`Trainer.save` writes, and no others."""
+    """``extra`` is a dict with the fields `Trainer.save` writes, and no others."""
     if not isinstance(extra, dict):
         raise SerializationError(f"{where}: extra must be a dict, got {type(extra).__name__}")
     missing = [k for k in _EXTRA_REQUIRED if k not in extra]

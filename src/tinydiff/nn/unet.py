@@ -305,7 +305,7 @@ def _check_arguments(
     dropout: float,
     num_groups: int,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Check the arguments of :class:`UNet`; channel_mults and attention_resolutions as tuples."""
+    """Check the arguments of `UNet`; channel_mults and attention_resolutions as tuples."""
     for name, seq in (
         ("channel_mults", channel_mults),
         ("attention_resolutions", attention_resolutions),

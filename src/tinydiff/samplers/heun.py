@@ -50,7 +50,7 @@ class Heun(Sampler):
     :math:`\tau = 1`, so :math:`x_S = D_1 = D(x', \lambda_t + 1)` with :math:`x'` the DDIM
     step to :math:`\lambda_t + 1`; exact when D is linear in :math:`\lambda`, where Euler is
     exact only for constant D. The node is kept no lower than the least noisy level the
-    network was trained on (:attr:`~tinydiff.process.GaussianProcess.t_min`: t = 1 on a
+    network was trained on (`tinydiff.process.GaussianProcess.t_min`: t = 1 on a
     discrete table), and the step is Euler when the last time is already there.
 
     **Long steps** (h > :data:`~tinydiff.samplers._exp.MAX_MULTISTEP_H` = 1.5) use the same
