@@ -96,6 +96,9 @@ ROWS: dict[str, Row] = {
     "v": Row({"target_type": "pred_v"}, doc="pred_v (README, issue table)"),
     "v_ema": Row({"target_type": "pred_v"}, ema=0.999, doc="pred_v, EMA 0.999"),
     "v_wc": Row({"target_type": "pred_v"}, lr=2e-3, warmup=100, doc="pred_v, warmup-cosine 2e-3"),
+    "v_lr3e-4": Row({"target_type": "pred_v"}, lr=3e-4, doc="pred_v, constant LR 3e-4"),
+    "v_lr5e-4": Row({"target_type": "pred_v"}, lr=5e-4, doc="pred_v, constant LR 5e-4"),
+    "v_lr2e-3": Row({"target_type": "pred_v"}, lr=2e-3, doc="pred_v, constant LR 2e-3"),
     "recipe": Row(
         {"target_type": "pred_v"},
         lr=2e-3,
@@ -178,9 +181,11 @@ def train(
 
 
 # -- toy sets ------------------------------------------------------------------------------------
-def run_toy(rows: list[str], seeds: list[int], steps: int, sampling_steps: int) -> list[dict]:
+def run_toy(
+    rows: list[str], seeds: list[int], steps: int, sampling_steps: int, sets: list[str]
+) -> list[dict]:
     results = []
-    for name in TOY_SETS:
+    for name in sets:
         data = make_toy(name, 20_000, torch.Generator().manual_seed(0))
         held_out = make_toy(name, 2000, torch.Generator().manual_seed(10_000))
         other = make_toy(name, 2000, torch.Generator().manual_seed(20_000))
@@ -270,7 +275,13 @@ def frechet(a: Tensor, b: Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross)
 
 
-def run_digits(rows: list[str], seeds: list[int], steps: int, sampling_steps: int) -> list[dict]:
+def run_digits(
+    rows: list[str],
+    seeds: list[int],
+    steps: int,
+    sampling_steps: int,
+    base_channels: int = 32,
+) -> list[dict]:
     x, y = digits_data()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     half_a, half_b = x[perm[: len(x) // 2]], x[perm[len(x) // 2 :]]
@@ -283,7 +294,7 @@ def run_digits(rows: list[str], seeds: list[int], steps: int, sampling_steps: in
         row = ROWS[row_name]
         for seed in seeds:
             start = time.perf_counter()
-            net = UNet(in_channels=1, base_channels=32, channel_mults=(1, 2))
+            net = UNet(in_channels=1, base_channels=base_channels, channel_mults=(1, 2))
             model = train(net, (1, 8, 8), row, x, steps, 128, seed)
             cells = {}
             for sampler in SAMPLERS:
@@ -318,6 +329,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--data", default=",".join(TOY_SETS), help="toy sets (comma-separated)")
+    parser.add_argument(
+        "--base-channels", type=int, default=32, help="digits UNet width (the example's: 32)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
@@ -327,8 +342,10 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {sorted(ROWS)}")
-    run = run_toy if args.part == "toy" else run_digits
-    results = run(rows, args.seeds, args.steps, args.sampling_steps)
+    if args.part == "toy":
+        results = run_toy(rows, args.seeds, args.steps, args.sampling_steps, args.data.split(","))
+    else:
+        results = run_digits(rows, args.seeds, args.steps, args.sampling_steps, args.base_channels)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
