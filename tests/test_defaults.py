@@ -114,9 +114,9 @@ def _betas_ending_at(alpha_T: float, T: int = 100) -> dict[str, object]:
     [
         ({"target_type": "pred_eps"}, True),  # cosine: alpha(T) = 4.9e-5
         ({"target_type": "pred_eps", "noise_schedule_type": "sigmoid"}, True),  # 5.5e-4
-        ({"target_type": "pred_eps", "noise_schedule_type": "linear"}, False),  # 6.4e-3
+        ({"target_type": "pred_eps", "noise_schedule_type": "linear"}, True),  # 6.4e-3
         ({"target_type": "pred_eps", "noise_schedule_type": "scaled_linear"}, False),
-        ({"target_type": "pred_eps", "noise_schedule_type": "edm"}, False),  # 1/80
+        ({"target_type": "pred_eps", "noise_schedule_type": "edm"}, False),  # 1/80 = 0.0125
         ({"target_type": "pred_eps", "clip_x0": 1.0}, False),
         ({"target_type": "pred_eps", "dynamic_threshold": True}, False),
         ({}, False),  # pred_v
