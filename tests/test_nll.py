@@ -40,7 +40,9 @@ class _IntegerTimeExact(nn.Module):
 
 
 def _setup(mixture: GaussianMixture, shape: tuple[int, ...], fast: bool = True) -> DiffusionModel:
-    cfg = DiffusionModelConfig(input_shape=shape, num_timesteps=1000, sigma_type="upper_bound")
+    cfg = DiffusionModelConfig(
+        input_shape=shape, num_timesteps=1000, sigma_type="upper_bound", target_type="pred_eps"
+    )
     model = DiffusionModel(ExactDenoiser(mixture, cfg), cfg).double()
     if fast:
         model.nn_module = _IntegerTimeExact(mixture, model.alphas_cumprod)
