@@ -19,9 +19,12 @@ this tinydiff's defaults are); ``bare_eps`` pins tinydiff 0.2's default target (
 
 Run (single-threaded; a few minutes per part on one CPU core)::
 
-    python benchmarks/defaults.py --part toy
-    python benchmarks/defaults.py --part digits --rows bare,bare_eps,recipe
-    python benchmarks/defaults.py --part toy --seeds 0 1 --out results/defaults_toy.json
+    python benchmarks/defaults.py --part toy --seeds 0 1
+    python benchmarks/defaults.py --part digits --rows bare,recipe,v_ema --base-channels 16
+    python benchmarks/defaults.py --part toy --data eight_gaussians --steps 300 --seeds 0 1 2
+
+``results/defaults.md`` holds the numbers behind the default target (the digits rows with
+``--base-channels 16``, for time on shared cores).
 """
 
 from __future__ import annotations
