@@ -40,7 +40,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     process = {
-        "cosine": {"noise_schedule_type": "cosine", "target_type": "pred_v"},
+        "cosine": {},  # the defaults: the cosine table with pred_v
         "rectified_flow": {"noise_schedule_type": "rectified_flow", "target_type": "pred_velocity"},
         "edm": {"noise_schedule_type": "edm", "target_type": "edm"},
     }[args.schedule]

@@ -69,7 +69,8 @@ def test_config_may_be_a_dict() -> None:
         {"input_shape": (0, 3)},
         {"input_shape": (2,), "num_timesteps": 0},
         {"input_shape": (2,), "min_snr_gamma": -1.0},
-        {"input_shape": (2,), "zero_terminal_snr": True},  # pred_eps is ill-posed at SNR 0
+        # pred_eps is ill-posed at SNR 0
+        {"input_shape": (2,), "zero_terminal_snr": True, "target_type": "pred_eps"},
         {
             "input_shape": (2,),
             "zero_terminal_snr": True,
@@ -90,7 +91,7 @@ def test_invalid_config_values(kwargs) -> None:
 
 def test_zero_terminal_snr_pred_eps_error_is_explained() -> None:
     with pytest.raises(ValidationError, match="pred_v"):
-        DiffusionModelConfig(input_shape=(2,), zero_terminal_snr=True)
+        DiffusionModelConfig(input_shape=(2,), zero_terminal_snr=True, target_type="pred_eps")
 
 
 # -- loss ------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_min_snr_gamma_weights_the_loss() -> None:
 
 def test_learned_range_hybrid_loss_stops_gradient_through_the_mean() -> None:
     """The VLB term trains only the variance channels: mean-channel gradients equal plain l2's."""
-    lr = make(sigma_type="learned_range", noise_schedule_type="linear")
+    lr = make(sigma_type="learned_range", noise_schedule_type="linear", target_type="pred_eps")
     x, noise = torch.randn(32, 2), torch.randn(32, 2)
     t = torch.cat([torch.ones(4, dtype=torch.long), torch.randint(2, 1001, (28,))])
     loss = lr.loss(x, t=t, noise=noise)

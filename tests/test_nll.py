@@ -41,7 +41,13 @@ class _IntegerTimeExact(nn.Module):
 
 
 def _setup(mixture: GaussianMixture, shape: tuple[int, ...], fast: bool = True) -> DiffusionModel:
-    model = exact_model(mixture, input_shape=shape, num_timesteps=1000, sigma_type="upper_bound")
+    model = exact_model(
+        mixture,
+        input_shape=shape,
+        num_timesteps=1000,
+        sigma_type="upper_bound",
+        target_type="pred_eps",
+    )
     if fast:
         model.nn_module = _IntegerTimeExact(mixture, model.alphas_cumprod)
     return model

@@ -68,7 +68,7 @@ from tinydiff._safetensors import (
 from tinydiff._validation import check_device
 from tinydiff._version import __version__
 from tinydiff.checkpoint import _atomic_write
-from tinydiff.config import DiffusionModelConfig
+from tinydiff.config import DiffusionModelConfig, config_from_saved
 from tinydiff.nn import MLP, UNet
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ def _read_config(path: Path) -> _ConfigFile:
 
 def _model_config(cfg: _ConfigFile, path: Path) -> DiffusionModelConfig:
     try:
-        return DiffusionModelConfig.model_validate(cfg.model)
+        return config_from_saved(cfg.model, cfg.tinydiff_version)
     except ValidationError as err:
         unknown = [e for e in err.errors() if "plugin" in str(e.get("msg", ""))]
         if unknown:
