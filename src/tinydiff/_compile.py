@@ -485,6 +485,7 @@ class StepCache:
             denoiser.variance,
             guidance=denoiser.guidance,
             guide_network=guide,
+            x0_limit=denoiser.x0_limit,
         )
 
     def get(
@@ -512,6 +513,7 @@ class StepCache:
             _options_key(denoiser.target),
             type(denoiser.variance),
             _options_key(denoiser.variance),
+            denoiser.x0_limit,
             with_x0,
             id(denoiser.network) if self.options.compile_network else None,
         )

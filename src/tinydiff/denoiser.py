@@ -71,6 +71,9 @@ class Denoiser:
             ``guidance_scale``. With ``cond=None`` the network is called without keyword
             arguments on the 2 bsz rows (it supplies the condition itself, as the compiled
             loop's network slot does).
+        x0_limit: applied to every (guided) x0 estimate, e.g. a
+            `tinydiff.thresholding.ClipX0` or `DynamicThreshold`; eps is left as the target
+            computed it (diffusers' DDPM and DDIM schedulers do the same).
         guide_network: the network called for the strategy's guide (default: its
             `tinydiff.guidance.Guidance.guide_network`; the compiled loop passes its opaque
             slot).
@@ -88,6 +91,7 @@ class Denoiser:
     cond: dict[str, Any] | None
     guide_network: Callable[..., Tensor] | None
     _network_cond: dict[str, Any] | None
+    x0_limit: Callable[[Tensor], Tensor] | None
 
     __slots__ = (
         "_network_cond",
@@ -98,6 +102,7 @@ class Denoiser:
         "network",
         "target",
         "variance",
+        "x0_limit",
     )
 
     def __init__(
@@ -112,6 +117,7 @@ class Denoiser:
         null_source: Any = None,
         guidance: Guidance | None = None,
         guide_network: Callable[..., Tensor] | None = None,
+        x0_limit: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if guidance is None:
             guidance = resolve(None, guidance_scale, guidance_rescale, cond=cond)
@@ -138,6 +144,7 @@ class Denoiser:
         init(self, "cond", cond)
         init(self, "guide_network", guide_network)
         init(self, "_network_cond", network_cond)
+        init(self, "x0_limit", x0_limit)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(
@@ -210,7 +217,15 @@ class Denoiser:
     def predict(
         self, x: Tensor, p: Point, state: GuidanceState = (), step: Tensor | None = None
     ) -> tuple[Prediction, GuidanceState]:
-        """The (guided) prediction at x and the guidance state after it."""
+        """The (guided, x0-limited) prediction at x and the guidance state after it."""
+        pred, state = self._guided(x, p, state, step)
+        if self.x0_limit is not None:
+            pred = pred._replace(x0=self.x0_limit(pred.x0))
+        return pred, state
+
+    def _guided(
+        self, x: Tensor, p: Point, state: GuidanceState, step: Tensor | None
+    ) -> tuple[Prediction, GuidanceState]:
         if self.guidance is None:
             model_out, var_out = self.forward_network(x, p)
             x0, eps = self.target.to_x0_eps(model_out, x, p)

@@ -1,13 +1,10 @@
 r"""`DiffusionModel`: a network plus a configured diffusion process; training loss and sampling.
 
-The network contract: ``nn_module(x_t, t, **cond) -> out`` with x_t (bsz, *input_shape) and t
-a float tensor (bsz,) on the [0, T] scale; ``out`` has x_t's shape (times
-``channel_multiplier`` channels on dim 1 for ``learned_range``); ``cond`` is an optional dict
-of keyword arguments (`tinydiff.conditioning`). The model composes the process, target,
-variance type and loss of its config; `DiffusionModel.sample` resolves the times
-(`tinydiff.spacings`) and runs `tinydiff.sampling.sample`. The likelihood, the timestep
-search and serialization live in their own modules. EMA weights (`enable_ema`) are held
-outside ``parameters()`` and ``state_dict()`` and saved through ``ema_state_dict()``.
+The network contract: ``nn_module(x_t, t, **cond) -> out``, x_t (bsz, *input_shape), t a float
+(bsz,) on the [0, T] scale, ``out`` x_t's shape (``channel_multiplier`` times the channels for
+``learned_range``), ``cond`` optional keyword arguments (`tinydiff.conditioning`). Sampling runs
+`tinydiff.sampling.sample`; likelihood, timestep search and serialization live in their own
+modules. EMA weights (`enable_ema`) are kept out of ``parameters()`` and ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from tinydiff import (
     variances,
 )
 from tinydiff._compile import CompileMixin
-from tinydiff.config import DiffusionModelConfig, merge_config
+from tinydiff.config import DiffusionModelConfig, merge_config, warn_if_fragile
 from tinydiff.denoiser import Denoiser
 from tinydiff.diffusers_compat import DiffusersMixin
 from tinydiff.ema import EMAMixin
@@ -41,6 +38,7 @@ from tinydiff.guidance import resolve as resolve_guidance
 from tinydiff.hub import HubMixin
 from tinydiff.process import GaussianProcess, Point
 from tinydiff.samplers.base import Callback, Sampler
+from tinydiff.thresholding import x0_limit
 
 __all__ = ["DiffusionModel"]
 
@@ -77,6 +75,7 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
                 "input_shape is required: the shape of one sample, e.g. input_shape=(1, 32, 32), "
                 "in the config or as DiffusionModel(..., input_shape=...)"
             )
+        warn_if_fragile(cfg)
         self.nn_module = nn_module
         self.input_shape: tuple[int, ...] = tuple(cfg.input_shape)
         # float64, outside the state dict: module.to(dtype) must never round the process
@@ -269,6 +268,8 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         callback: Callback | None = None,
         guidance: str | Guidance | None = None,
         guidance_kwargs: dict[str, Any] | None = None,
+        clip_x0: Any = None,
+        dynamic_threshold: Any = None,
     ) -> Tensor:
         """Draw samples (bsz, *input_shape), in the network's dtype, by running a sampler from
         noise at t = T to t = 0. Bad arguments raise ValueError or TypeError before sampling.
@@ -293,6 +294,8 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
             callback: called after each step, may replace x (`tinydiff.sampling.sample`).
             guidance: a guidance method name (`tinydiff.guidance`) or strategy object.
             guidance_kwargs: options of the guidance method.
+            clip_x0: clip x0 estimates to (lo, hi) (`tinydiff.thresholding`; default: config).
+            dynamic_threshold: Imagen's (percentile, max) threshold of x0 (default: config).
         """
         network = self.network(use_ema)
         strategy = resolve_guidance(
@@ -311,7 +314,10 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         )
         if cond is not None:
             cond = conditioning.check_cond(network, cond, bsz, device=x.device)
-        denoiser = Denoiser(network, self.target, self.variance, cond=cond, guidance=strategy)
+        limit = x0_limit(clip_x0, dynamic_threshold, default=self.config.x0_limit())
+        denoiser = Denoiser(
+            network, self.target, self.variance, cond=cond, guidance=strategy, x0_limit=limit
+        )
         out = sampling.sample(
             denoiser,
             self.process,
