@@ -967,7 +967,7 @@ def build_diffusers_model(
     try:
         with torch.device(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # diffusers' notes on unused keys
-            model: nn.Module = cls.from_config(dict(config))
+            model: nn.Module = cls.from_config(dict(config))  # type: ignore[attr-defined]
     except Exception as err:  # any failure inside diffusers' constructor
         raise SerializationError(
             f"{where}: diffusers cannot build {class_name} from this config "
