@@ -1,26 +1,33 @@
 r"""Bring a diffusers model: read diffusers UNet checkpoints and scheduler configs, write them back.
 
-:class:`DiffusersMixin` gives :class:`tinydiff.DiffusionModel` the classmethod
-:meth:`~DiffusersMixin.from_diffusers` and the method :meth:`~DiffusersMixin.to_diffusers`.
-diffusers is an optional dependency (``pip install "tinydiff[diffusers]"``), imported only
+`DiffusersMixin` gives `tinydiff.DiffusionModel` the classmethod
+`from_diffusers` and the method `to_diffusers`.
+diffusers is an optional dependency (`pip install "tinydiff[diffusers]"`), imported only
 when one of them is called.
 
-Time convention. diffusers numbers the training steps k = 0..T-1 and its ``alphas_cumprod[k]``
-is tinydiff's :math:`\bar\alpha_t` at t = k + 1 (tinydiff's table has T + 1 entries with
-:math:`\bar\alpha_0 = 1`). :class:`DiffusersUNet` therefore calls the UNet at k = t - 1, so a
+Time convention. diffusers numbers the training steps k = 0..T-1 and its `alphas_cumprod[k]`
+is tinydiff's $\bar\alpha_t$ at t = k + 1 (tinydiff's table has T + 1 entries with
+$\bar\alpha_0 = 1$). `DiffusersUNet` therefore calls the UNet at k = t - 1, so a
 tinydiff sampler that visits t evaluates exactly the network a diffusers scheduler evaluates
 at k; fractional t (some spacings) give fractional k, which the UNet's sinusoidal embedding
 accepts.
 
-Betas. diffusers builds its betas and ``alphas_cumprod`` in float32; tinydiff evaluates the
-same formulas in float64 (``linear``/``scaled_linear`` with ``rescale=False``,
-``squaredcos_cap_v2`` as ``cosine``, ``trained_betas`` as the ``betas`` schedule). The tables
+Betas. diffusers builds its betas and `alphas_cumprod` in float32; tinydiff evaluates the
+same formulas in float64 (`linear`/`scaled_linear` with `rescale=False`,
+`squaredcos_cap_v2` as `cosine`, `trained_betas` as the `betas` schedule). The tables
 then agree to float32 rounding (about 1e-6 relative at T = 1000), and samples agree with
 diffusers' own loops to about 1e-6 relative; see docs/diffusers.md for the measurements.
 
-The translation of scheduler options is the table :data:`SCHEDULERS` (one entry per scheduler
-class: the tinydiff sampler and a function for its own options) plus the options shared by
-all discrete schedulers, handled in :func:`translate_scheduler_config`.
+Flow matching and EDM. `FlowMatchEulerDiscreteScheduler` (and its Heun variant) becomes
+the `rectified_flow` process with the config's shift and the `pred_velocity` target;
+`EDMEulerScheduler` (and `EDMDPMSolverMultistepScheduler`) the `edm` path and target.
+`DiffusersUNet`'s time map converts the network time and, for flow matching, the velocity
+(diffusers' is $d x/d\sigma$, tinydiff's $d x/ds$); see its docstring.
+
+The translation of scheduler options is the table `SCHEDULERS` (one entry per scheduler
+class: the tinydiff sampler and a function for its own options, or the whole process) plus
+the options shared by all discrete schedulers, handled in `translate_scheduler_config`;
+`SAME_PROCESS_OTHER_SAMPLER` and `REFUSED` cover every other scheduler class of diffusers.
 """
 
 from __future__ import annotations
@@ -81,41 +88,41 @@ def _import_diffusers() -> Any:
 
 # -- the network ----------------------------------------------------------------------------
 
-#: how :class:`DiffusersUNet` turns tinydiff's network time into diffusers' timestep
+#: how `DiffusersUNet` turns tinydiff's network time into diffusers' timestep
 TIME_MAPS = ("discrete", "flow", "edm")
 
 
 class DiffusersUNet(nn.Module):
-    r"""A diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``, ...) as a tinydiff network.
+    r"""A diffusers UNet (`UNet2DModel`, `UNet2DConditionModel`, ...) as a tinydiff network.
 
-    ``forward(x_t, t, **cond)`` returns the UNet's output tensor (the output object is
-    unwrapped), converted between the conventions of the two libraries by ``time_map``:
+    `forward(x_t, t, **cond)` returns the UNet's output tensor (the output object is
+    unwrapped), converted between the conventions of the two libraries by `time_map`:
 
-    * ``"discrete"`` (VP schedulers: DDPM, DDIM, Euler, DPM-Solver ...): tinydiff's t on
+    * `"discrete"` (VP schedulers: DDPM, DDIM, Euler, DPM-Solver ...): tinydiff's t on
       [0, T] is diffusers' timestep k = t - 1; the output is unchanged.
-    * ``"flow"`` (``FlowMatchEulerDiscreteScheduler``; tinydiff's ``rectified_flow`` with
-      shift m): with s = t / T and :math:`\sigma = m s / (1 + (m - 1) s)` the UNet is called at
-      diffusers' timestep :math:`1000\,\sigma` (``num_timesteps`` times sigma), and its output,
-      diffusers' velocity :math:`d x / d\sigma = \epsilon - x_0`, is multiplied by
-      :math:`d\sigma/ds = m / (1 + (m - 1) s)^2`: tinydiff's ``pred_velocity`` target is the
-      velocity in s (:class:`tinydiff.targets.PredVelocity`).
-    * ``"edm"`` (``EDMEulerScheduler``; tinydiff's ``edm`` path and target): the ``edm``
-      target already calls the network with Karras et al.'s :math:`c_{noise} = \ln(\sigma)/4`,
-      diffusers' timestep, and scaled input; the output is multiplied by ``output_sign``
-      (-1 for diffusers' ``v_prediction``, whose :math:`c_{out}` has the opposite sign).
+    * `"flow"` (`FlowMatchEulerDiscreteScheduler`; tinydiff's `rectified_flow` with
+      shift m): with s = t / T and $\sigma = m s / (1 + (m - 1) s)$ the UNet is called at
+      diffusers' timestep $1000\,\sigma$ (`num_timesteps` times sigma), and its output,
+      diffusers' velocity $d x / d\sigma = \epsilon - x_0$, is multiplied by
+      $d\sigma/ds = m / (1 + (m - 1) s)^2$: tinydiff's `pred_velocity` target is the
+      velocity in s (`tinydiff.targets.PredVelocity`).
+    * `"edm"` (`EDMEulerScheduler`; tinydiff's `edm` path and target): the `edm`
+      target already calls the network with Karras et al.'s $c_{noise} = \ln(\sigma)/4$,
+      diffusers' timestep, and scaled input; the output is multiplied by `output_sign`
+      (-1 for diffusers' `v_prediction`, whose $c_{out}$ has the opposite sign).
 
-    ``cond`` is passed to the UNet as keyword arguments (e.g. ``class_labels``,
-    ``encoder_hidden_states``).
+    `cond` is passed to the UNet as keyword arguments (e.g. `class_labels`,
+    `encoder_hidden_states`).
 
     Args:
         unet: the diffusers model.
-        time_map: one of :data:`TIME_MAPS`.
-        shift: m of the ``"flow"`` map (> 0).
-        num_timesteps: T of the ``"flow"`` map: tinydiff's and diffusers' time scale.
-        output_sign: +1 or -1, the sign of the output (``"edm"``).
+        time_map: one of `TIME_MAPS`.
+        shift: m of the `"flow"` map (> 0).
+        num_timesteps: T of the `"flow"` map: tinydiff's and diffusers' time scale.
+        output_sign: +1 or -1, the sign of the output (`"edm"`).
 
     Attributes:
-        time_options: the arguments after ``unet`` as a JSON-able dict (what a saved model
+        time_options: the arguments after `unet` as a JSON-able dict (what a saved model
             needs to rebuild this wrapper).
     """
 
@@ -236,15 +243,15 @@ _NEUTRAL: dict[str, Any] = {
 
 @dataclass
 class SchedulerTranslation:
-    """The result of :func:`translate_scheduler_config`.
+    """The result of `translate_scheduler_config`.
 
     Attributes:
-        config: keyword fields of :class:`tinydiff.DiffusionModelConfig` (without
-            ``input_shape``), using ``variance_type`` for the variance type.
-        ignored: ``{option: value}`` of the diffusers options that tinydiff does not model
-            (``_class_name`` for a scheduler without a tinydiff sampler; reported in a warning
-            by :meth:`DiffusersMixin.from_diffusers`).
-        network: the keyword arguments of :class:`DiffusersUNet` after ``unet`` (the time
+        config: keyword fields of `tinydiff.DiffusionModelConfig` (without
+            `input_shape`), using `variance_type` for the variance type.
+        ignored: `{option: value}` of the diffusers options that tinydiff does not model
+            (`_class_name` for a scheduler without a tinydiff sampler; reported in a warning
+            by `DiffusersMixin.from_diffusers`).
+        network: the keyword arguments of `DiffusersUNet` after `unet` (the time
             map and velocity convention of the scheduler's family).
     """
 
@@ -253,11 +260,11 @@ class SchedulerTranslation:
     network: dict[str, Any] = field(default_factory=lambda: {"time_map": "discrete"})
 
 
-#: ``options -> (config fields, consumed option names)``: the fields (``sampler_type``,
-#: ``sampler_kwargs``, or any other) replace those of the shared translation. A rule that
-#: returns ``noise_schedule_type`` translates the whole process itself (flow matching, EDM):
-#: the discrete-VP options are then not read, and its ``"_network"`` field, if any, gives the
-#: :class:`DiffusersUNet` options.
+#: `options -> (config fields, consumed option names)`: the fields (`sampler_type`,
+#: `sampler_kwargs`, or any other) replace those of the shared translation. A rule that
+#: returns `noise_schedule_type` translates the whole process itself (flow matching, EDM):
+#: the discrete-VP options are then not read, and its `"_network"` field, if any, gives the
+#: `DiffusersUNet` options.
 SchedulerRule = Callable[[Mapping[str, Any]], tuple[dict[str, Any], set[str]]]
 
 
@@ -335,7 +342,7 @@ def _unipc(options: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
 
 
 def _flow_shift(options: Mapping[str, Any]) -> float:
-    """The shift m of a FlowMatch config: ``shift``, or from ``mu`` with dynamic shifting."""
+    """The shift m of a FlowMatch config: `shift`, or from `mu` with dynamic shifting."""
     if not _flag(options, "use_dynamic_shifting", False):
         if options.get("mu") is not None:
             raise ValueError(
@@ -403,7 +410,7 @@ def _flow(sampler: str) -> SchedulerRule:
 
 
 def _edm(sampler: SchedulerRule) -> SchedulerRule:
-    """EDM (EDMEuler, EDMDPMSolverMultistep): the ``edm`` path and preconditioning target."""
+    """EDM (EDMEuler, EDMDPMSolverMultistep): the `edm` path and preconditioning target."""
 
     def rule(options: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
         num = _int(options, "num_train_timesteps", 1000, low=1, high=_MAX_TRAIN_TIMESTEPS)
@@ -632,21 +639,21 @@ def _vp(
 def translate_scheduler_config(
     options: Mapping[str, Any], *, mu: float | None = None
 ) -> SchedulerTranslation:
-    """Translate a diffusers scheduler config (``scheduler_config.json``) into tinydiff config fields.
+    """Translate a diffusers scheduler config (`scheduler_config.json`) into tinydiff config fields.
 
     Three families are translated (see docs/diffusers.md for the table): the discrete-VP
     schedulers (beta tables; DDPM, DDIM, Euler, DPM-Solver, UniPC, ...), flow matching
-    (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``: the
-    ``rectified_flow`` process with the config's shift, ``pred_velocity``, and the ``"flow"``
-    network time map) and EDM (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``: the
-    ``edm`` path and target, the ``"edm"`` map). Schedulers tinydiff cannot represent
-    (:data:`REFUSED`) raise with the reason.
+    (`FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler`: the
+    `rectified_flow` process with the config's shift, `pred_velocity`, and the `"flow"`
+    network time map) and EDM (`EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`: the
+    `edm` path and target, the `"edm"` map). Schedulers tinydiff cannot represent
+    (`REFUSED`) raise with the reason.
 
     Args:
-        options: the config dict; ``_class_name`` picks the sampler (default: DDPMScheduler).
-        mu: for a flow-matching config with ``use_dynamic_shifting=True``: the mu of the
-            resolution to sample at (diffusers' ``set_timesteps(mu=...)``); the shift is then
-            exp(mu) (``time_shift_type="exponential"``) or mu (``"linear"``).
+        options: the config dict; `_class_name` picks the sampler (default: DDPMScheduler).
+        mu: for a flow-matching config with `use_dynamic_shifting=True`: the mu of the
+            resolution to sample at (diffusers' `set_timesteps(mu=...)`); the shift is then
+            exp(mu) (`time_shift_type="exponential"`) or mu (`"linear"`).
 
     Returns:
         the fields, the options tinydiff does not model, and the network's time map.
@@ -687,7 +694,7 @@ def translate_scheduler_config(
 
 
 def _same(value: Any, neutral: Any) -> bool:
-    """``value == neutral`` without coercion (True is not 1, 1.0 is 1)."""
+    """`value == neutral` without coercion (True is not 1, 1.0 is 1)."""
     if isinstance(value, bool) or isinstance(neutral, bool):
         return value is neutral
     try:
@@ -697,7 +704,7 @@ def _same(value: Any, neutral: Any) -> bool:
 
 
 def _scheduler_for(model: ModelLike) -> tuple[str, dict[str, Any]]:
-    """(diffusers scheduler class name, its options) for ``model``'s process and network."""
+    """(diffusers scheduler class name, its options) for `model`'s process and network."""
     cfg = model.config
     net = model.nn_module
     time_map = net.time_map if isinstance(net, DiffusersUNet) else "discrete"
@@ -751,11 +758,11 @@ _FAMILY_EXAMPLE = {
 
 
 def scheduler_config_from_tinydiff(model: ModelLike) -> dict[str, Any]:
-    """The DDPMScheduler options equivalent to ``model``'s diffusion process.
+    """The DDPMScheduler options equivalent to `model`'s diffusion process.
 
-    Named schedules are written by name when diffusers has them (``linear``/``scaled_linear``
-    with ``rescale=False`` or T = 1000, ``cosine`` with its defaults); any other schedule is
-    written as ``trained_betas`` (exact up to diffusers' float32).
+    Named schedules are written by name when diffusers has them (`linear`/`scaled_linear`
+    with `rescale=False` or T = 1000, `cosine` with its defaults); any other schedule is
+    written as `trained_betas` (exact up to diffusers' float32).
     """
     cfg = model.config
     reverse_target = {v: k for k, v in _PREDICTION.items()}
@@ -810,7 +817,7 @@ def scheduler_config_from_tinydiff(model: ModelLike) -> dict[str, Any]:
 _MAX_JSON_BYTES = 4 << 20
 #: integers in a UNet config beyond this are refused before diffusers builds anything
 _MAX_CONFIG_INT = 1 << 24
-#: ``*layers*`` counts and list lengths beyond these are refused (building that many modules,
+#: `*layers*` counts and list lengths beyond these are refused (building that many modules,
 #: even on the meta device, would take minutes)
 _MAX_LAYERS = 1024
 _MAX_CONFIG_LIST = 256
@@ -945,9 +952,9 @@ def build_diffusers_model(
     """A diffusers model built from its config (randomly initialised), e.g. on the meta device.
 
     Args:
-        config: the model's config.json (``_class_name`` names a diffusers model class,
-            default ``UNet2DModel``).
-        device: where to build it; ``"meta"`` allocates nothing.
+        config: the model's config.json (`_class_name` names a diffusers model class,
+            default `UNet2DModel`).
+        device: where to build it; `"meta"` allocates nothing.
         where: the config's name, for messages.
 
     Raises:
@@ -1082,7 +1089,7 @@ def _input_shape(unet: nn.Module) -> tuple[int, ...]:
 
 
 class DiffusersMixin:
-    """Adds :meth:`from_diffusers` and :meth:`to_diffusers` to :class:`tinydiff.DiffusionModel`."""
+    """Adds `from_diffusers` and `to_diffusers` to `tinydiff.DiffusionModel`."""
 
     @classmethod
     def from_diffusers(
@@ -1101,14 +1108,14 @@ class DiffusersMixin:
         device: torch.device | str = "cpu",
         mu: float | None = None,
     ) -> Any:
-        """Load a diffusers UNet and its scheduler config as a :class:`DiffusionModel`.
+        """Load a diffusers UNet and its scheduler config as a `DiffusionModel`.
 
-        The network is a :class:`DiffusersUNet` (output unwrapped, times and the velocity
+        The network is a `DiffusersUNet` (output unwrapped, times and the velocity
         convention converted for the scheduler's family); the config is
-        :func:`translate_scheduler_config`'s translation of the scheduler config, and scheduler
+        `translate_scheduler_config`'s translation of the scheduler config, and scheduler
         options tinydiff does not model are named in one warning.
 
-        Loading is bounded like :meth:`~tinydiff.hub.HubMixin.from_pretrained`: the JSON files
+        Loading is bounded like `from_pretrained`: the JSON files
         are read size- and depth-bounded from regular files only; the UNet is built on the
         meta device and its tensor names, shapes and dtypes are checked against the
         safetensors headers before anything is allocated; only safetensors are read.
@@ -1116,22 +1123,22 @@ class DiffusersMixin:
         Args:
             path_or_repo: a pipeline folder (model_index.json, scheduler/, unet/), a UNet
                 folder (config.json and safetensors weights; the scheduler config beside it
-                as scheduler_config.json, or given with ``scheduler_config``), or a Hub
+                as scheduler_config.json, or given with `scheduler_config`), or a Hub
                 repository id of either.
-            subfolder: a folder inside ``path_or_repo`` holding the above.
+            subfolder: a folder inside `path_or_repo` holding the above.
             revision: Hub branch, tag or commit.
             scheduler_config: a scheduler config to use instead of the folder's: a dict, a
                 scheduler_config.json file, or its folder.
             input_shape: (C, H, W); default from the UNet's in_channels and sample_size.
-            config_overrides: fields of :class:`DiffusionModelConfig` that replace the
-                translated ones (e.g. ``{"sampler_type": "dpmpp_2m"}``).
+            config_overrides: fields of `DiffusionModelConfig` that replace the
+                translated ones (e.g. `{"sampler_type": "dpmpp_2m"}`).
             torch_dtype: dtype to load the UNet in (default: float32, diffusers' default).
-            token, cache_dir, local_files_only: as for :func:`huggingface_hub.snapshot_download`.
+            token, cache_dir, local_files_only: as for `huggingface_hub.snapshot_download`.
             device: where to put the model.
-            mu: for a flow-matching scheduler with ``use_dynamic_shifting=True``: the mu of the
+            mu: for a flow-matching scheduler with `use_dynamic_shifting=True`: the mu of the
                 resolution you sample at (what the diffusers pipeline passes to
-                ``set_timesteps``); the fixed shift is exp(mu) (or mu for
-                ``time_shift_type="linear"``). Without it such a config is refused.
+                `set_timesteps`); the fixed shift is exp(mu) (or mu for
+                `time_shift_type="linear"`). Without it such a config is refused.
 
         Returns:
             the model.
@@ -1175,21 +1182,21 @@ class DiffusersMixin:
         return model.to(device)  # type: ignore[attr-defined,no-any-return]
 
     def to_diffusers(self, save_directory: str | os.PathLike[str]) -> Path:
-        """Write a folder that diffusers' ``DDPMPipeline.from_pretrained`` loads.
+        """Write a folder that diffusers' `DDPMPipeline.from_pretrained` loads.
 
-        Needs a network that wraps a diffusers model (:class:`DiffusersUNet`, as built by
-        :meth:`from_diffusers`). Writes model_index.json, unet/ (config.json and
+        Needs a network that wraps a diffusers model (`DiffusersUNet`, as built by
+        `from_diffusers`). Writes model_index.json, unet/ (config.json and
         diffusion_pytorch_model.safetensors, the weights bit for bit) and
-        scheduler/scheduler_config.json: a ``DDPMScheduler`` with this model's schedule,
-        prediction type and variance type (see :func:`scheduler_config_from_tinydiff`) for a
-        discrete-VP model, ``FlowMatchEulerDiscreteScheduler`` (``FlowMatchHeun...`` for the
-        ``heun`` sampler) with its shift for ``rectified_flow``, ``EDMEulerScheduler``
-        (``EDMDPMSolverMultistepScheduler`` for ``dpmpp_2m``) for ``edm``.
+        scheduler/scheduler_config.json: a `DDPMScheduler` with this model's schedule,
+        prediction type and variance type (see `scheduler_config_from_tinydiff`) for a
+        discrete-VP model, `FlowMatchEulerDiscreteScheduler` (`FlowMatchHeun...` for the
+        `heun` sampler) with its shift for `rectified_flow`, `EDMEulerScheduler`
+        (`EDMDPMSolverMultistepScheduler` for `dpmpp_2m`) for `edm`.
 
-        The folder is written as a unit (:class:`tinydiff._atomic.FolderWriter`): diffusers
+        The folder is written as a unit (`tinydiff._atomic.FolderWriter`): diffusers
         saves into a scratch folder beside it, its files are then copied in and replace the
         previous ones together, with a manifest written last. Files tinydiff did not write
-        are never deleted; a stale ``unet/diffusion_pytorch_model.bin`` is reported in a
+        are never deleted; a stale `unet/diffusion_pytorch_model.bin` is reported in a
         warning (diffusers loads the safetensors file when both exist).
 
         Args:
@@ -1202,7 +1209,7 @@ class DiffusersMixin:
             TypeError: the network is not a diffusers model.
             UnsupportedSchedulerError: a process, target or variance type diffusers has no
                 scheduler for.
-            NotADirectoryError: ``save_directory``, or its ``unet``/``scheduler``, is a file.
+            NotADirectoryError: `save_directory`, or its `unet`/`scheduler`, is a file.
             SerializationError: diffusers wrote no weights.
         """
         diffusers = _import_diffusers()
