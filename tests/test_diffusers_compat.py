@@ -573,3 +573,56 @@ def test_to_diffusers_is_folder_atomic_and_never_silent(
         model.to_diffusers(out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if "scratch" in p.name]
+
+
+class _Crash(BaseException):
+    """An interruption between two renames (what a crash leaves on disk, minus temporaries)."""
+
+
+def test_to_diffusers_interrupted_at_every_rename_loads_old_new_or_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interruption after each os.replace of to_diffusers over a previous save: from_diffusers
+    then loads exactly the old weights, exactly the new ones, or raises MixedSaveError."""
+    import tinydiff._atomic as atomic
+    from tinydiff._atomic import MixedSaveError
+
+    def model(seed: int) -> DiffusionModel:
+        unet = _unet()
+        with torch.no_grad():
+            unet.conv_in.weight.add_(seed)
+        return DiffusionModel(DiffusersUNet(unet), {"input_shape": (2, 8, 8)})
+
+    old, new = model(1), model(2)
+    weight = "conv_in.weight"
+    versions = {
+        "old": old.nn_module.unet.state_dict()[weight],
+        "new": new.nn_module.unet.state_dict()[weight],
+    }
+    real_replace = os.replace
+    outcomes = []
+    for n in range(8):
+        out = tmp_path / f"out{n}"
+        old.to_diffusers(out)
+        calls = [0]
+
+        def replace(src: Any, dst: Any, calls: list[int] = calls, n: int = n) -> None:
+            if calls[0] == n:
+                raise _Crash
+            calls[0] += 1
+            real_replace(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        try:
+            new.to_diffusers(out)
+        except _Crash:
+            pass
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
+        try:
+            loaded = DiffusionModel.from_diffusers(out).nn_module.unet.state_dict()[weight]
+        except MixedSaveError:
+            outcomes.append("refused")
+            continue
+        outcomes.append(next(k for k, v in versions.items() if torch.equal(loaded, v)))
+    assert set(outcomes) <= {"old", "new", "refused"} and outcomes[0] == "old", outcomes
+    assert outcomes[-1] == "new" and "refused" in outcomes, outcomes

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from tinydiff._atomic import FolderWriter
+from tinydiff._atomic import SAVE_ID_KEY, FolderWriter, SaveManifest, check_save_id, read_manifest
 from tinydiff._safetensors import (
     SafetensorsFile,
     SerializationError,
@@ -826,12 +826,32 @@ _WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _STALE = ("diffusion_pytorch_model.bin",)
 
 
-def _read_json(path: Path, what: str = "config") -> dict[str, Any]:
+@dataclass
+class _SaveCheck:
+    """The manifest of a pipeline folder written by `to_diffusers` (None: a folder without
+    one): every file read from it must carry that save's id, so that a folder whose save was
+    interrupted is refused (MixedSaveError) rather than loaded as a mix."""
+
+    root: Path
+    manifest: SaveManifest | None
+
+    def __call__(self, path: Path, found: Any) -> None:
+        try:
+            name = path.relative_to(self.root).as_posix()
+        except ValueError:  # a file given from elsewhere (scheduler_config=...)
+            return
+        check_save_id(self.manifest, self.root, name, found)
+
+
+def _read_json(path: Path, what: str = "config", check: _SaveCheck | None = None) -> dict[str, Any]:
     """A JSON object from a regular file, size- and depth-bounded (SerializationError)."""
     data = read_regular_file(path, _MAX_JSON_BYTES, what)
     doc = load_json(data, str(path), allow_infinity=True)  # diffusers writes -Infinity
     if not isinstance(doc, dict):
         raise SerializationError(f"{path} must hold a JSON object, got {type(doc).__name__}")
+    found = doc.pop(SAVE_ID_KEY, None)
+    if check is not None:
+        check(path, found)
     return doc
 
 
@@ -876,13 +896,15 @@ def _resolve(
 
 def _find_parts(
     folder: Path, scheduler_config: str | os.PathLike[str] | Mapping[str, Any] | None
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, dict[str, Any], _SaveCheck | None]:
     """(UNet folder, scheduler options) of a pipeline or bare UNet folder. Anything present
     under an expected name is read as that file (a FIFO or a device is an error, never
     skipped)."""
     index = folder / "model_index.json"
+    check = None
     if os.path.lexists(index):
-        components = _read_json(index, "pipeline index")
+        check = _SaveCheck(folder, read_manifest(folder))
+        components = _read_json(index, "pipeline index", check)
         unet_name = next(
             (k for k in ("unet", "transformer") if isinstance(components.get(k), list)), None
         )
@@ -912,7 +934,7 @@ def _find_parts(
             path = path / "scheduler_config.json"
         if not os.path.lexists(path):
             raise FileNotFoundError(f"no scheduler config at {path}")
-        options = _read_json(path, "scheduler config")
+        options = _read_json(path, "scheduler config", check)
     else:
         raise TypeError(
             "scheduler_config must be a dict, a path to scheduler_config.json or its folder, "
@@ -920,7 +942,7 @@ def _find_parts(
         )
     if not os.path.lexists(unet_dir / "config.json"):
         raise FileNotFoundError(f"no UNet config.json in {unet_dir}")
-    return unet_dir, options
+    return unet_dir, options, check
 
 
 def _check_unet_config(config: Mapping[str, Any], where: str) -> None:
@@ -983,7 +1005,7 @@ def build_diffusers_model(
     return model
 
 
-def _weight_files(unet_dir: Path) -> dict[str, Path]:
+def _weight_files(unet_dir: Path, check: _SaveCheck | None) -> dict[str, Path]:
     """tensor name -> file for sharded weights; {"": file} for one file."""
     single = unet_dir / _WEIGHTS
     if os.path.lexists(single):
@@ -995,7 +1017,7 @@ def _weight_files(unet_dir: Path) -> dict[str, Path]:
             "safetensors (never pickled .bin files). Convert them once with diffusers: "
             "Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
         )
-    weight_map = _read_json(index, "weights index").get("weight_map")
+    weight_map = _read_json(index, "weights index", check).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(v, str)
         and v.endswith(".safetensors")
@@ -1011,20 +1033,24 @@ def _weight_files(unet_dir: Path) -> dict[str, Path]:
     return {k: unet_dir / v for k, v in weight_map.items()}
 
 
-def _load_unet(unet_dir: Path, torch_dtype: torch.dtype | None) -> nn.Module:
+def _load_unet(
+    unet_dir: Path, torch_dtype: torch.dtype | None, check: _SaveCheck | None = None
+) -> nn.Module:
     """Build the UNet on the meta device, check it against the safetensors headers, then
     allocate it and load the weights (strictly)."""
     config_path = unet_dir / "config.json"
-    config = _read_json(config_path, "UNet config")
+    config = _read_json(config_path, "UNet config", check)
     where = str(config_path)
     expected = build_diffusers_model(config, device="meta", where=where).state_dict()
-    files = _weight_files(unet_dir)
+    files = _weight_files(unet_dir, check)
     cap = (64 << 10) + 1024 * 2 * len(expected)
     opened: dict[Path, SafetensorsFile] = {}
     hint = "the weights do not belong to this config (or the config was edited)"
     try:
         for path in sorted(set(files.values())):
             opened[path] = SafetensorsFile(path, max_header_bytes=cap, what="UNet weights")
+            if check is not None:
+                check(path, opened[path].metadata.get(SAVE_ID_KEY))
         found: dict[str, Path] = {}
         for path, file in opened.items():
             for key in file.entries:
@@ -1154,10 +1180,10 @@ class DiffusersMixin:
         from tinydiff.config import DiffusionModelConfig
 
         folder = _resolve(path_or_repo, subfolder, revision, token, cache_dir, local_files_only)
-        unet_dir, options = _find_parts(folder, scheduler_config)
+        unet_dir, options, check = _find_parts(folder, scheduler_config)
         translation = translate_scheduler_config(options, mu=mu)  # before any weights: fail fast
         fields = dict(translation.config)
-        unet = _load_unet(unet_dir, torch_dtype)
+        unet = _load_unet(unet_dir, torch_dtype, check)
         fields["input_shape"] = tuple(input_shape) if input_shape else _input_shape(unet)
         if config_overrides:
             fields.update(config_overrides)
