@@ -88,8 +88,8 @@ def _import_diffusers() -> Any:
 
 # -- the network ----------------------------------------------------------------------------
 
-#: how `DiffusersUNet` turns tinydiff's network time into diffusers' timestep
 TIME_MAPS = ("discrete", "flow", "edm")
+"""How `DiffusersUNet` turns tinydiff's network time into diffusers' timestep."""
 
 
 class DiffusersUNet(nn.Module):
@@ -472,9 +472,6 @@ SCHEDULERS: dict[str, SchedulerRule] = {
     "EDMDPMSolverMultistepScheduler": _edm(_dpm_solver),
 }
 
-#: schedulers of a discrete-VP (beta table) model whose sampler tinydiff does not have: the
-#: process is translated, the sampler stays tinydiff's default, and the class is named in
-#: the "not modelled" warning
 SAME_PROCESS_OTHER_SAMPLER = frozenset(
     {
         "DDIMInverseScheduler",
@@ -494,6 +491,9 @@ SAME_PROCESS_OTHER_SAMPLER = frozenset(
         "UnCLIPScheduler",
     }
 )
+"""Schedulers of a discrete-VP (beta table) model whose sampler tinydiff does not have: the
+process is translated, the sampler stays tinydiff's default, and the class is named in the
+"not modelled" warning."""
 
 _NOT_GAUSSIAN = (
     "is not a Gaussian diffusion scheduler (it samples discrete tokens); tinydiff models "
@@ -505,7 +505,6 @@ _DISTILLED = (
     "no such sampler. Use diffusers' pipeline for it"
 )
 
-#: scheduler classes tinydiff cannot represent, with the reason
 REFUSED: dict[str, str] = {
     "AmusedScheduler": _NOT_GAUSSIAN,
     "VQDiffusionScheduler": _NOT_GAUSSIAN,
@@ -543,6 +542,7 @@ REFUSED: dict[str, str] = {
     "ScoreSdeVeScheduler": "is a geometric variance-exploding SDE (Song et al. 2021) whose "
     "network takes sigma, not a time; tinydiff has no geometric VE path",
 }
+"""Scheduler classes tinydiff cannot represent, with the reason."""
 
 
 def _schedule(options: Mapping[str, Any], num_timesteps: int) -> tuple[str, dict[str, Any]]:
