@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -573,6 +575,19 @@ def test_to_diffusers_is_folder_atomic_and_never_silent(
         model.to_diffusers(out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if "scratch" in p.name]
+    # the scratch folder of a killed to_diffusers is removed by the next one; a live one stays
+    from tinydiff.diffusers_compat import _scratch_prefix
+
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / (_scratch_prefix(out, dead.pid) + "x")
+    live = tmp_path / (_scratch_prefix(out) + "y")
+    for path in (left, live):
+        (path / "unet").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="diffusion_pytorch_model.bin"):  # still there
+        model.to_diffusers(out)
+    assert not left.exists() and live.exists()
 
 
 class _Crash(BaseException):

@@ -32,9 +32,12 @@ the options shared by all discrete schedulers, handled in `translate_scheduler_c
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -1114,6 +1117,31 @@ def _input_shape(unet: nn.Module) -> tuple[int, ...]:
     return (channels, int(size[0]), int(size[1]))
 
 
+def _scratch_prefix(folder: Path, pid: int | None = None) -> str:
+    """`.<name>.tinydiff-scratch-<host>-<pid>-`: whose scratch folder it is."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{folder.name}.tinydiff-scratch-{host}-{os.getpid() if pid is None else pid}-"
+
+
+def _remove_dead_scratch(folder: Path) -> None:
+    """Remove the scratch folders that a `to_diffusers` of this machine left beside ``folder``
+    when its process was killed (the process no longer exists)."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    mine = _scratch_prefix(folder, 0)[:-2]  # up to the pid
+    with contextlib.suppress(OSError):
+        for path in folder.parent.iterdir():
+            pid = path.name[len(mine) :].split("-", 1)[0]
+            if not (path.name.startswith(mine) and pid.isdigit() and path.is_dir()):
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except (OSError, OverflowError):
+                pass  # alive (another user's), or not a pid
+
+
 class DiffusersMixin:
     """Adds `from_diffusers` and `to_diffusers` to `tinydiff.DiffusionModel`."""
 
@@ -1259,9 +1287,8 @@ class DiffusersMixin:
         scheduler = getattr(diffusers, class_name)(**options)
         pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(
-            tempfile.mkdtemp(prefix=f".{folder.name}.tinydiff-scratch-", dir=folder.parent)
-        )
+        _remove_dead_scratch(folder)
+        scratch = Path(tempfile.mkdtemp(prefix=_scratch_prefix(folder), dir=folder.parent))
         try:
             pipeline.save_pretrained(str(scratch), safe_serialization=True)
             written = sorted(p for p in scratch.rglob("*") if p.is_file())
