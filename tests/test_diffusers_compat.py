@@ -320,6 +320,9 @@ def test_flow_match_euler_pipeline_samples_like_diffusers(tmp_path: Path, shift:
     scheduler2 = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
     assert torch.equal(_flow_loop(scheduler2, unet2, x_t), expected)
     assert _load_quietly(out).config == cfg
+    # an override that changes the process would break the time map: refused
+    with pytest.raises(UnsupportedSchedulerError, match="'flow' time map"):
+        DiffusionModel.from_diffusers(out, config_overrides={"schedule_kwargs": {"shift": 2.0}})
 
 
 def test_flow_match_dynamic_shifting_needs_mu(tmp_path: Path) -> None:

@@ -706,6 +706,39 @@ def _same(value: Any, neutral: Any) -> bool:
         return False
 
 
+def _check_time_map(cfg: Any, net: DiffusersUNet) -> None:
+    """The flow and EDM time maps hold only for the process they were made for (e.g. after
+    `config_overrides`): a different shift, T, path or target would call the UNet at wrong
+    times or misread its output."""
+    if net.time_map == "flow":
+        shift = (
+            cfg.schedule_kwargs.get("shift", 1.0) if isinstance(cfg.schedule_kwargs, dict) else None
+        )
+        ok = (
+            cfg.noise_schedule_type == "rectified_flow"
+            and cfg.target_type == "pred_velocity"
+            and isinstance(shift, (int, float))
+            and math.isclose(float(shift), net.shift, rel_tol=1e-12)
+            and cfg.num_timesteps == net.num_timesteps
+        )
+        want = (
+            f"noise_schedule_type='rectified_flow' with shift {net.shift}, target_type="
+            f"'pred_velocity' and num_timesteps={net.num_timesteps}"
+        )
+    elif net.time_map == "edm":
+        ok = cfg.noise_schedule_type == "edm" and cfg.target_type == "edm"
+        want = "noise_schedule_type='edm' and target_type='edm'"
+    else:
+        return
+    if not ok:
+        raise UnsupportedSchedulerError(
+            f"this diffusers network is called with the {net.time_map!r} time map, which needs "
+            f"{want}; the config has noise_schedule_type={cfg.noise_schedule_type!r}, "
+            f"schedule_kwargs={cfg.schedule_kwargs!r:.80}, target_type={cfg.target_type!r}, "
+            f"num_timesteps={cfg.num_timesteps}. Keep these fields out of config_overrides"
+        )
+
+
 def _scheduler_for(model: ModelLike) -> tuple[str, dict[str, Any]]:
     """(diffusers scheduler class name, its options) for `model`'s process and network."""
     cfg = model.config
@@ -722,6 +755,7 @@ def _scheduler_for(model: ModelLike) -> tuple[str, dict[str, Any]]:
     if family == "discrete":
         return "DDPMScheduler", scheduler_config_from_tinydiff(model)
     assert isinstance(net, DiffusersUNet)
+    _check_time_map(cfg, net)
     if family == "flow":
         shift = float(cfg.schedule_kwargs.get("shift", 1.0))
         if cfg.target_type != "pred_velocity" or not math.isclose(shift, net.shift, rel_tol=1e-12):
@@ -1232,6 +1266,7 @@ class DiffusersMixin:
                 f"the translated scheduler config is not a valid tinydiff config: {err}"
             ) from err
         net = DiffusersUNet(unet, **translation.network)
+        _check_time_map(config, net)
         model = cls(net, config)  # type: ignore[call-arg]
         return model.to(device)  # type: ignore[attr-defined,no-any-return]
 
