@@ -8,6 +8,10 @@ weights are downloaded.
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,12 +23,16 @@ diffusers = pytest.importorskip("diffusers")
 
 from tinydiff import DiffusionModel, DiffusionModelConfig  # noqa: E402
 from tinydiff.diffusers_compat import (  # noqa: E402
+    REFUSED,
+    SAME_PROCESS_OTHER_SAMPLER,
+    SCHEDULERS,
     DiffusersUNet,
     UnsupportedSchedulerError,
     translate_scheduler_config,
 )
+from tinydiff.hub import SerializationError  # noqa: E402
 
-SCHEDULERS = {
+SAMPLER_SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
@@ -83,11 +91,11 @@ def _diffusers_loop(scheduler: Any, unet: Any, x_t: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize("betas", sorted(BETAS))
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("sampler", sorted(SAMPLER_SCHEDULERS))
 def test_samplers_agree_with_diffusers_schedulers(
     unet_dir: Path, tmp_path: Path, sampler: str, prediction: str, betas: str
 ) -> None:
-    cls = getattr(diffusers, SCHEDULERS[sampler])
+    cls = getattr(diffusers, SAMPLER_SCHEDULERS[sampler])
     options: dict[str, Any] = {"prediction_type": prediction, "timestep_spacing": "trailing"}
     options.update(BETAS[betas])
     if sampler == "ddim":
@@ -210,10 +218,11 @@ def test_unmodelled_options_are_named_in_a_warning(unet_dir: Path) -> None:
     options = dict(
         diffusers.DDIMScheduler(clip_sample=True, thresholding=True, set_alpha_to_one=False).config
     )
-    with pytest.warns(
-        UserWarning, match="clip_sample=True.*set_alpha_to_one=False.*thresholding=True"
-    ):
-        DiffusionModel.from_diffusers(unet_dir, scheduler_config=options)
+    with pytest.warns(UserWarning, match="set_alpha_to_one=False") as record:
+        model = DiffusionModel.from_diffusers(unet_dir, scheduler_config=options)
+    # clip_sample and thresholding are modelled (x0 limits): thresholding wins, as in diffusers
+    assert not any("clip_sample" in str(w.message) for w in record)
+    assert model.config.dynamic_threshold == (0.995, 1.0) and model.config.clip_x0 is None
     karras = dict(diffusers.EulerDiscreteScheduler(use_karras_sigmas=True).config)
     assert translate_scheduler_config(karras).config["timestep_spacing"] == "karras"
     zero = dict(
@@ -227,9 +236,6 @@ def test_unmodelled_options_are_named_in_a_warning(unet_dir: Path) -> None:
 
 
 def test_unsupported_inputs_say_what_to_do(unet_dir: Path, tmp_path: Path) -> None:
-    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
-    with pytest.raises(UnsupportedSchedulerError, match="not supported yet"):
-        DiffusionModel.from_diffusers(unet_dir, scheduler_config=flow)
     with pytest.raises(UnsupportedSchedulerError, match="prediction_type='flow_prediction'"):
         translate_scheduler_config({"prediction_type": "flow_prediction"})
     with pytest.raises(UnsupportedSchedulerError, match="beta_schedule='exp'"):
@@ -251,3 +257,391 @@ def test_unsupported_inputs_say_what_to_do(unet_dir: Path, tmp_path: Path) -> No
     with pytest.raises(TypeError, match="diffusers model"):
         plain.to_diffusers(tmp_path / "nope")
     assert json.loads((unet_dir / "config.json").read_text())["_class_name"] == "UNet2DModel"
+
+
+# -- flow matching and EDM -----------------------------------------------------------------------
+
+FLOW_STEPS = 6
+
+
+def _pipeline(folder: Path, scheduler: Any) -> Path:
+    diffusers.DDPMPipeline(unet=_unet(), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def _load_quietly(folder: Path, **kwargs: Any) -> DiffusionModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every option is translated: no warning
+        return DiffusionModel.from_diffusers(folder, **kwargs)
+
+
+def _flow_loop(scheduler: Any, unet: Any, x_t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """diffusers' FlowMatch loop: the UNet at timestep 1000 sigma, x += (sigma' - sigma) v."""
+    scheduler.set_timesteps(FLOW_STEPS, **kwargs)
+    sample = x_t.clone()
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            out = unet(sample, k).sample
+            sample = scheduler.step(out, k, sample).prev_sample
+    return sample
+
+
+def _flow_times(scheduler: Any, shift: float) -> torch.Tensor:
+    """diffusers' sigmas as tinydiff times: invert sigma = m s / (1 + (m - 1) s), t = T s."""
+    sig = scheduler.sigmas.double()
+    return scheduler.config.num_train_timesteps * sig / (shift - (shift - 1) * sig)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_euler_pipeline_samples_like_diffusers(tmp_path: Path, shift: float) -> None:
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    model = _load_quietly(_pipeline(tmp_path / "pipe", scheduler))
+    cfg = model.config
+    assert (cfg.noise_schedule_type, cfg.target_type, cfg.sampler_type) == (
+        "rectified_flow",
+        "pred_velocity",
+        "euler",
+    )
+    assert cfg.schedule_kwargs == {"shift": shift} and cfg.num_timesteps == 1000
+    x_t = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    unet = model.nn_module.unet
+    expected = _flow_loop(scheduler, unet, x_t)
+    times = _flow_times(scheduler, shift)
+    got = model.sample(2, sampler="euler", init_noise=x_t, timestep_spacing=times)
+    assert _rel(got, expected) < RTOL
+    # the other deterministic samplers run on it, on the translated default spacing
+    for name in ("heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis"):
+        x = model.sample(2, 4, sampler=name, init_noise=x_t)
+        assert x.shape == x_t.shape and bool(x.isfinite().all()), name
+    # and back: equal weights, the same scheduler, an equal diffusers loop
+    out = model.to_diffusers(tmp_path / "out")
+    unet2 = diffusers.UNet2DModel.from_pretrained(out / "unet")
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, unet2.state_dict()[key]), key
+    scheduler2 = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
+    assert torch.equal(_flow_loop(scheduler2, unet2, x_t), expected)
+    assert _load_quietly(out).config == cfg
+    # an override that changes the process would break the time map: refused
+    with pytest.raises(UnsupportedSchedulerError, match="'flow' time map"):
+        DiffusionModel.from_diffusers(out, config_overrides={"schedule_kwargs": {"shift": 2.0}})
+
+
+def test_flow_match_dynamic_shifting_needs_mu(tmp_path: Path) -> None:
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    folder = _pipeline(tmp_path / "pipe", scheduler)
+    with pytest.raises(UnsupportedSchedulerError, match=r"use_dynamic_shifting=True.*mu=\.\.\."):
+        DiffusionModel.from_diffusers(folder)
+    mu = 0.8
+    model = _load_quietly(folder, mu=mu)
+    assert model.config.schedule_kwargs["shift"] == pytest.approx(math.exp(mu), rel=1e-15)
+    x_t = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    expected = _flow_loop(scheduler, model.nn_module.unet, x_t, mu=mu)
+    times = _flow_times(scheduler, math.exp(mu))
+    got = model.sample(1, sampler="euler", init_noise=x_t, timestep_spacing=times)
+    assert _rel(got, expected) < RTOL
+    with pytest.raises(ValueError, match="mu is only used with use_dynamic_shifting"):
+        translate_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler"}, mu=1.0)
+    linear = {**dict(scheduler.config), "time_shift_type": "linear"}
+    assert translate_scheduler_config(linear, mu=2.5).config["schedule_kwargs"] == {"shift": 2.5}
+
+
+def test_flow_wrapper_converts_time_and_velocity(unet_dir: Path) -> None:
+    """DiffusersUNet's flow map: the UNet at 1000 sigma(s), its output (d x / d sigma) times
+    d sigma / ds, against the closed form of the shifted path."""
+    unet = diffusers.UNet2DModel.from_pretrained(unet_dir)
+    m = 3.0
+    net = DiffusersUNet(unet, time_map="flow", shift=m, num_timesteps=1000)
+    x = torch.randn(3, 2, 8, 8)
+    t = torch.tensor([1000.0, 500.0, 10.0])
+    s = t.double() / 1000
+    sigma = m * s / (1 + (m - 1) * s)
+    with torch.no_grad():
+        got = net(x, t)
+        raw = unet(x, (1000 * sigma).float()).sample
+    dsigma_ds = (m / (1 + (m - 1) * s) ** 2).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, raw * dsigma_ds, rtol=1e-6, atol=0)
+    assert net.time_options == {
+        "time_map": "flow",
+        "shift": 3.0,
+        "num_timesteps": 1000,
+        "output_sign": 1,
+    }
+
+
+def _edm_loop(scheduler: Any, unet: Any, x_t: torch.Tensor, steps: int) -> torch.Tensor:
+    """diffusers' EDM loop: the UNet on c_in x at c_noise = ln(sigma) / 4."""
+    scheduler.set_timesteps(steps)
+    sample = x_t.clone()
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(sample, k), k).sample
+            sample = scheduler.step(out, k, sample).prev_sample
+    return sample
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_edm_euler_pipeline_samples_like_diffusers(tmp_path: Path, prediction: str) -> None:
+    # final_sigmas_type="sigma_min": diffusers' path ends at sigma_min, like tinydiff's edm
+    scheduler = diffusers.EDMEulerScheduler(
+        sigma_max=20.0, prediction_type=prediction, final_sigmas_type="sigma_min"
+    )
+    model = _load_quietly(_pipeline(tmp_path / "pipe", scheduler))
+    cfg = model.config
+    assert (cfg.noise_schedule_type, cfg.target_type, cfg.sampler_type) == ("edm", "edm", "euler")
+    assert cfg.target_kwargs == {"sigma_data": 0.5}
+    assert model.process.prior_std() == pytest.approx(scheduler.init_noise_sigma, rel=1e-12)
+    x_t = scheduler.init_noise_sigma * torch.randn(
+        2, 2, 8, 8, generator=torch.Generator().manual_seed(5)
+    )
+    unet = model.nn_module.unet
+    # diffusers' N levels (Karras et al. eq. 5, then sigma_min again: a zero step) are
+    # tinydiff's N - 1 steps of the translated "trailing" spacing
+    expected = _edm_loop(scheduler, unet, x_t, FLOW_STEPS + 1)
+    got = model.sample(2, FLOW_STEPS, init_noise=x_t)
+    assert _rel(got, expected) < RTOL
+    for name in ("heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis"):
+        x = model.sample(2, 4, sampler=name, init_noise=x_t)
+        assert x.shape == x_t.shape and bool(x.isfinite().all()), name
+    out = model.to_diffusers(tmp_path / "out")
+    unet2 = diffusers.UNet2DModel.from_pretrained(out / "unet")
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, unet2.state_dict()[key]), key
+    scheduler2 = diffusers.EDMEulerScheduler.from_pretrained(out / "scheduler")
+    assert torch.equal(_edm_loop(scheduler2, unet2, x_t, FLOW_STEPS + 1), expected)
+    assert _load_quietly(out).config == cfg
+
+
+def test_edm_dpm_solver_is_translated(tmp_path: Path) -> None:
+    scheduler = diffusers.EDMDPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    options = {**scheduler.config, "_class_name": "EDMDPMSolverMultistepScheduler"}
+    translated = translate_scheduler_config(options)
+    assert translated.config["sampler_type"] == "dpmpp_2m" and not translated.ignored
+    assert translated.network == {"time_map": "edm", "output_sign": 1}
+
+
+DIFFUSERS_SCHEDULERS = sorted(
+    name
+    for name in dir(diffusers)
+    if name.endswith("Scheduler")
+    and isinstance(getattr(diffusers, name), type)
+    and issubclass(getattr(diffusers, name), diffusers.SchedulerMixin)
+)
+
+
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULERS)
+def test_every_diffusers_scheduler_is_mapped_or_refused_with_a_reason(name: str) -> None:
+    known = set(SCHEDULERS) | set(SAME_PROCESS_OTHER_SAMPLER) | set(REFUSED)
+    assert name in known, f"diffusers' {name} is neither mapped nor refused"
+    if name in REFUSED:
+        with pytest.raises(UnsupportedSchedulerError, match=name) as err:
+            translate_scheduler_config({"_class_name": name})
+        assert "not supported yet" not in str(err.value)
+        return
+    options = {**getattr(diffusers, name)().config, "_class_name": name}
+    if name.startswith("FlowMatch"):
+        options.pop("use_dynamic_shifting", None)
+    translated = translate_scheduler_config(options)
+    if name in SAME_PROCESS_OTHER_SAMPLER:
+        assert translated.ignored["_class_name"] == name
+    DiffusionModelConfig(input_shape=(2,), **translated.config)
+
+
+# -- bounded loading ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_train_timesteps", "abc"),
+        ("num_train_timesteps", None),
+        ("num_train_timesteps", float("nan")),
+        ("num_train_timesteps", 1.5),
+        ("num_train_timesteps", True),
+        ("num_train_timesteps", 0),
+        ("trained_betas", "abc"),
+        ("prediction_type", ["epsilon"]),
+        ("beta_start", "0.1"),
+        ("rescale_betas_zero_snr", 1),
+        ("timestep_spacing", 3),
+        ("_class_name", ["DDIMScheduler"]),
+    ],
+)
+def test_malformed_scheduler_fields_are_named(field: str, value: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match=field):
+        translate_scheduler_config({field: value})
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        ("FlowMatchEulerDiscreteScheduler", "shift", -1.0),
+        ("FlowMatchEulerDiscreteScheduler", "shift", "3"),
+        ("FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting", "yes"),
+        ("EDMEulerScheduler", "sigma_data", 0),
+        ("EDMEulerScheduler", "sigma_max", None),
+        ("EDMEulerScheduler", "rho", float("inf")),
+    ],
+)
+def test_malformed_flow_and_edm_fields_are_named(cls: str, field: str, value: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match=field):
+        translate_scheduler_config({"_class_name": cls, field: value})
+
+
+def test_unet_is_checked_on_the_meta_device_before_allocation(
+    unet_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """block_out_channels=[8, 12000] with a tiny weights file: refused from the header, and
+    the UNet was only ever built on the meta device (diffusers would allocate ~5 GB)."""
+    import tinydiff.diffusers_compat as compat
+
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json.loads((unet_dir / "config.json").read_text())
+    config["block_out_channels"] = [8, 12000]
+    (big / "config.json").write_text(json.dumps(config))
+    (big / "diffusion_pytorch_model.safetensors").write_bytes(
+        (unet_dir / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    devices: list[str] = []
+    build = compat.build_diffusers_model
+
+    def spy(config: Any, *, device: Any = "cpu", where: str = "") -> Any:
+        devices.append(str(device))
+        return build(config, device=device, where=where)
+
+    monkeypatch.setattr(compat, "build_diffusers_model", spy)
+    with pytest.raises(SerializationError, match="shape"):
+        DiffusionModel.from_diffusers(big, scheduler_config={})
+    assert devices == ["meta"]
+    config["block_out_channels"] = [8, 2**40]
+    (big / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="block_out_channels"):
+        DiffusionModel.from_diffusers(big, scheduler_config={})
+
+
+def test_config_files_are_bounded_regular_files(unet_dir: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SerializationError, match="FIFO"):
+        DiffusionModel.from_diffusers(unet_dir, scheduler_config=fifo)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(SerializationError, match="character device"):
+            DiffusionModel.from_diffusers(unet_dir, scheduler_config="/dev/zero")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SerializationError, match="nested too deeply"):
+        DiffusionModel.from_diffusers(unet_dir, scheduler_config=deep)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    config = json.loads((unet_dir / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "sample_size": [8, 8, 8]}))
+    (odd / "diffusion_pytorch_model.safetensors").write_bytes(
+        (unet_dir / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    with pytest.raises(ValueError, match="sample_size"):
+        DiffusionModel.from_diffusers(odd, scheduler_config={})
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def test_to_diffusers_is_folder_atomic_and_never_silent(
+    unet_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = DiffusionModel.from_diffusers(unet_dir, scheduler_config={})
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="afile"):
+        model.to_diffusers(afile)
+    assert afile.read_text() == "mine"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "unet").write_text("a file where the unet folder goes")
+    with pytest.raises(NotADirectoryError, match="unet"):
+        model.to_diffusers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["unet"]
+    (out / "unet").unlink()
+    # a foreign file and a stale pickle beside the new safetensors: kept, and warned about
+    (out / "notes.txt").write_text("not tinydiff's")
+    (out / "unet").mkdir()
+    (out / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"stale")
+    with pytest.warns(UserWarning, match="diffusion_pytorch_model.bin.*safetensors"):
+        model.to_diffusers(out)
+    assert (out / "notes.txt").read_text() == "not tinydiff's"
+    assert (out / "unet" / "diffusion_pytorch_model.bin").read_bytes() == b"stale"
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    for key, value in model.nn_module.unet.state_dict().items():
+        assert torch.equal(value, pipe.unet.state_dict()[key]), key
+    # diffusers writing no weights is an error, and the folder keeps the previous save
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(diffusers.DDPMPipeline, "save_pretrained", lambda self, *a, **k: None)
+    with pytest.raises(SerializationError, match="no UNet weights"):
+        model.to_diffusers(out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if "scratch" in p.name]
+    # the scratch folder of a killed to_diffusers is removed by the next one; a live one stays
+    from tinydiff.diffusers_compat import _scratch_prefix
+
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / (_scratch_prefix(out, dead.pid) + "x")
+    live = tmp_path / (_scratch_prefix(out) + "y")
+    for path in (left, live):
+        (path / "unet").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="diffusion_pytorch_model.bin"):  # still there
+        model.to_diffusers(out)
+    assert not left.exists() and live.exists()
+
+
+class _Crash(BaseException):
+    """An interruption between two renames (what a crash leaves on disk, minus temporaries)."""
+
+
+def test_to_diffusers_interrupted_at_every_rename_loads_old_new_or_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interruption after each os.replace of to_diffusers over a previous save: from_diffusers
+    then loads exactly the old weights, exactly the new ones, or raises MixedSaveError."""
+    import tinydiff._atomic as atomic
+    from tinydiff._atomic import MixedSaveError
+
+    def model(seed: int) -> DiffusionModel:
+        unet = _unet()
+        with torch.no_grad():
+            unet.conv_in.weight.add_(seed)
+        return DiffusionModel(DiffusersUNet(unet), {"input_shape": (2, 8, 8)})
+
+    old, new = model(1), model(2)
+    weight = "conv_in.weight"
+    versions = {
+        "old": old.nn_module.unet.state_dict()[weight],
+        "new": new.nn_module.unet.state_dict()[weight],
+    }
+    real_replace = os.replace
+    outcomes = []
+    for n in range(8):
+        out = tmp_path / f"out{n}"
+        old.to_diffusers(out)
+        calls = [0]
+
+        def replace(src: Any, dst: Any, calls: list[int] = calls, n: int = n) -> None:
+            if calls[0] == n:
+                raise _Crash
+            calls[0] += 1
+            real_replace(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        try:
+            new.to_diffusers(out)
+        except _Crash:
+            pass
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
+        try:
+            loaded = DiffusionModel.from_diffusers(out).nn_module.unet.state_dict()[weight]
+        except MixedSaveError:
+            outcomes.append("refused")
+            continue
+        outcomes.append(next(k for k, v in versions.items() if torch.equal(loaded, v)))
+    assert set(outcomes) <= {"old", "new", "refused"} and outcomes[0] == "old", outcomes
+    assert outcomes[-1] == "new" and "refused" in outcomes, outcomes

@@ -7,8 +7,10 @@ import json
 import os
 import pickle
 import random
+import shutil
 import struct
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,96 @@ def test_corrupted_folder_saves(tmp_path):
             (folder / target).write_text(text[:j] + edit + text[j + 1 :])
         _assert_allowed(lambda f=folder: load(f), counts)
     assert counts["refused"] > CASES // 8, counts
+
+
+def _diffusers_originals(tmp_path: Path) -> dict[str, dict[str, bytes]]:
+    """A tiny UNet2DModel with four scheduler configs (DDPM, DDIM, FlowMatchEuler, EDMEuler)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    schedulers = [
+        diffusers.DDPMScheduler(),
+        diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing"),
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        diffusers.EDMEulerScheduler(),
+    ]
+    unet_files = {
+        name: (tmp_path / "unet" / name).read_bytes()
+        for name in ("config.json", "diffusion_pytorch_model.safetensors")
+    }
+    out = {}
+    for i, scheduler in enumerate(schedulers):
+        scheduler.save_config(tmp_path / f"s{i}")
+        config = (tmp_path / f"s{i}" / "scheduler_config.json").read_bytes()
+        out[type(scheduler).__name__] = {**unet_files, "scheduler_config.json": config}
+    return out
+
+
+def _mutate_flat(text: str, rng: random.Random) -> tuple[str, set[str]]:
+    """Hostile values for 1-3 keys of a flat JSON config; returns the text and the keys."""
+    doc = json.loads(text)
+    hostile = [None, True, -1, 0, 2**31, 10**12, 1.5, float("nan"), "x", [], {}, [1, 2], {"a": 1}]
+    keys = set()
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(sorted(doc))
+        keys.add(key)
+        if rng.random() < 0.15:
+            doc.pop(key)
+        else:
+            doc[key] = rng.choice(hostile)
+    out = json.dumps(doc)  # NaN is written as the (refused) literal NaN
+    if rng.random() < 0.15:  # sometimes break the JSON itself (a key name may change)
+        i = rng.randrange(len(out))
+        out = out[:i] + rng.choice(["", "{", "]", '"', "\\", "\x00"]) + out[i + 1 :]
+        try:
+            keys |= set(json.loads(out))
+        except (ValueError, TypeError):
+            pass
+    if rng.random() < 0.05:  # or nest it deeply
+        out = "[" * 50_000 + out + "]" * 50_000
+    return out, keys
+
+
+def test_corrupted_diffusers_configs(tmp_path):
+    """from_diffusers on a UNet folder whose config.json or scheduler_config.json has hostile
+    values: it loads, or raises tinydiff's own errors (SerializationError,
+    UnsupportedSchedulerError), or a ValueError/TypeError that names a changed field."""
+    from tinydiff.diffusers_compat import UnsupportedSchedulerError
+
+    originals = _diffusers_originals(tmp_path / "originals")
+    rng = random.Random(24)
+    counts = {"loaded": 0, "refused": 0, "named": 0}
+    start = time.perf_counter()
+    for i in range(CASES):
+        files = originals[rng.choice(sorted(originals))]
+        folder = tmp_path / f"d{i}"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        target = rng.choice(["config.json", "scheduler_config.json"])
+        text, keys = _mutate_flat(files[target].decode(), rng)
+        (folder / target).write_text(text)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "options not modelled" warnings
+                DiffusionModel.from_diffusers(folder)
+            counts["loaded"] += 1
+        except (SerializationError, UnsupportedSchedulerError):
+            counts["refused"] += 1
+        except (ValueError, TypeError) as err:
+            assert any(key in str(err) for key in keys), (target, keys, repr(err))
+            counts["named"] += 1
+        shutil.rmtree(folder)
+    elapsed = time.perf_counter() - start
+    assert counts["refused"] + counts["named"] > CASES // 3, counts
+    assert elapsed < 120 * max(1, CASES // 200), f"{CASES} configs took {elapsed:.1f} s"

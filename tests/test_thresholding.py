@@ -314,17 +314,6 @@ def test_samplers_with_a_limit_equal_diffusers_loops(
     assert torch.equal(again, got)
 
 
-def _maps_limits() -> bool:
-    from tinydiff.diffusers_compat import translate_scheduler_config
-
-    return "clip_x0" in translate_scheduler_config({"clip_sample": True}).config
-
-
-@pytest.mark.skipif(
-    not _maps_limits(),
-    reason="from_diffusers does not map clip_sample / thresholding to clip_x0 / "
-    "dynamic_threshold yet (diffusers_compat wiring pending)",
-)
 def test_from_diffusers_maps_clip_and_thresholding(unet_dir: Path, tmp_path: Path) -> None:
     """clip_sample / clip_sample_range / thresholding / dynamic_thresholding_ratio /
     sample_max_value become clip_x0 / dynamic_threshold, and to_diffusers writes them back."""

@@ -298,17 +298,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def load_json(text: str | bytes, where: str) -> Any:
+def _infinity(name: str) -> Any:
+    if name == "NaN":
+        return _refuse_constant(name)
+    return float(name.replace("Infinity", "inf"))
+
+
+def load_json(text: str | bytes, where: str, *, allow_infinity: bool = False) -> Any:
     """Parse JSON from an untrusted source; every failure is a SerializationError.
 
-    Refuses nesting deeper than `MAX_JSON_DEPTH`, NaN / Infinity literals, integers
-    too long for Python to parse, and a key repeated in one object (where JSON parsers
-    disagree on which value wins).
+    Refuses nesting deeper than `MAX_JSON_DEPTH`, NaN / Infinity literals (Infinity
+    and -Infinity are read with ``allow_infinity``: diffusers writes them in its scheduler
+    configs), integers too long for Python to parse, and a key repeated in one object (where
+    JSON parsers disagree on which value wins).
     """
     try:
         doc = json.loads(
             text,
-            parse_constant=_refuse_constant,
+            parse_constant=_infinity if allow_infinity else _refuse_constant,
             parse_float=_finite_float,
             object_pairs_hook=_unique_keys,
         )

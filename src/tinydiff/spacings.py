@@ -46,6 +46,7 @@ __all__ = [
     "ramp_end",
     "register",
     "resolve",
+    "uniform",
 ]
 
 SpacingFn = Callable[[int, int, GaussianProcess], Tensor]
@@ -71,6 +72,15 @@ def trailing(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Te
     Table 2). Starts exactly at T, so the first step sees the noise level of x_T."""
     i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
     return torch.round(num_timesteps * i / num_steps)
+
+
+@register("uniform")
+def uniform(num_timesteps: int, num_steps: int, process: GaussianProcess) -> Tensor:
+    """Evenly spaced times ``T * (S - i) / S``, not rounded: the uniform grid of flow
+    matching's Euler on ``rectified_flow``, and exactly Karras et al.'s eq. 5 levels on
+    ``edm`` (diffusers' FlowMatch and EDM schedulers use fractional times too)."""
+    i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
+    return num_timesteps * i / num_steps
 
 
 @register("leading")
