@@ -374,7 +374,7 @@ def test_schema_versions(tmp_path):
     model = mlp_model()
     model.save_pretrained(tmp_path)
     doc = json.loads((tmp_path / "config.json").read_text())
-    assert doc["schema_version"] == SCHEMA_VERSION == 2
+    assert doc["schema_version"] == SCHEMA_VERSION == 3
     # a file written the 0.1 way: schema 1, with sigma_type
     doc["schema_version"] = 1
     assert "sigma_type" in doc["model"] or "variance_type" in doc["model"]
