@@ -430,16 +430,31 @@ class _Source:
             return None
         return None if manifest is None else manifest.save_id
 
+    def _listed(self, filename: str, manifest: SaveManifest | None) -> None:
+        """A file the manifest lists must be there (else two saves ran at once, or a file
+        was deleted by hand); then the checks of `get`."""
+        if (
+            manifest is not None
+            and filename in manifest
+            and not os.path.lexists(self.folder / filename)
+        ):
+            raise MixedSaveError(
+                f"{self.folder / filename} is missing, but the folder's manifest "
+                f"({MANIFEST_NAME}) lists it: the folder was changed while it was read, by two "
+                "saves at once, or by hand. Save the model into it again."
+            )
+        self.get(filename)
+
     def read_json(self, filename: str, manifest: SaveManifest | None, max_bytes: int) -> Any:
         """The JSON document ``filename`` (one open; its save id checked and removed)."""
-        self.get(filename)
+        self._listed(filename, manifest)
         return read_json_member(self.folder, filename, manifest, max_bytes=max_bytes)
 
     def open_safetensors(
         self, filename: str, manifest: SaveManifest | None, max_header_bytes: int, what: str
     ) -> SafetensorsFile:
         """``filename`` opened once, its header's save id checked against ``manifest``."""
-        self.get(filename)
+        self._listed(filename, manifest)
         return open_safetensors_member(
             self.folder, filename, manifest, max_header_bytes=max_header_bytes, what=what
         )
@@ -731,8 +746,16 @@ class HubMixin:
             except (MixedSaveError, FileNotFoundError) as err:
                 # a local folder saved into while it was read: read it again
                 changed = isinstance(err, MixedSaveError) or source.save_id() != before
-                if source.remote or not changed or attempt == _LOAD_RETRIES - 1:
+                if source.remote or not changed:
                     raise
+                if attempt == _LOAD_RETRIES - 1:
+                    if isinstance(err, MixedSaveError):
+                        raise
+                    raise MixedSaveError(
+                        f"{source.name} changed while it was read ({err}; another process "
+                        f"saved into the folder {_LOAD_RETRIES} times in a row): load it again "
+                        "once the other process has finished saving"
+                    ) from None
                 time.sleep(0.01 * 2**attempt)
         model.eval()  # type: ignore[attr-defined]
         return model.to(target)  # type: ignore[attr-defined, no-any-return]
