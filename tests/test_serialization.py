@@ -376,3 +376,64 @@ def test_subclass_from_pretrained_builds_the_subclass(tmp_path):
 
     mlp_model().save_pretrained(tmp_path)
     assert type(MyModel.from_pretrained(tmp_path)) is MyModel
+
+
+# -- loaded models that sample right -----------------------------------------------------------
+def test_loaded_model_is_in_eval_mode_with_its_ema(tmp_path):
+    model = mlp_model(ema=True)
+    model.save_pretrained(tmp_path)
+    loaded = DiffusionModel.from_pretrained(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    assert loaded.ema is not None and not any(m.training for m in loaded.ema.averaged.modules())
+    assert torch.equal(draw(loaded, use_ema=True), draw(model, use_ema=True))
+    assert DiffusionModel.from_pretrained(tmp_path, load_ema=False).ema is None
+    assert DiffusionModel.from_pretrained(tmp_path, use_ema_weights=True).ema is None
+    with pytest.raises(TypeError, match="load_ema must be None, True or False"):
+        DiffusionModel.from_pretrained(tmp_path, load_ema="yes")
+
+
+def test_use_ema_without_ema_says_how_to_load_it(tmp_path):
+    mlp_model(ema=True).save_pretrained(tmp_path)
+    loaded = DiffusionModel.from_pretrained(tmp_path, load_ema=False)
+    with pytest.raises(ValueError, match="from_pretrained.*load_ema=True.*enable_ema"):
+        loaded.sample(2, 2, use_ema=True)
+
+
+def test_missing_ema_file_names_the_way_out(tmp_path):
+    mlp_model(ema=True).save_pretrained(tmp_path)
+    (tmp_path / "ema.safetensors").unlink()
+    with pytest.raises(SerializationError, match="ema.safetensors is missing.*manifest"):
+        DiffusionModel.from_pretrained(tmp_path)
+    assert DiffusionModel.from_pretrained(tmp_path, load_ema=False).ema is None
+
+
+def test_folder_saved_by_0_2_loads(tmp_path):
+    """tinydiff 0.2 wrote the same files without save ids and manifest (schema 2)."""
+    model = mlp_model(ema=True)
+    model.save_pretrained(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_file(load_file(tmp_path / name), tmp_path / name)  # no metadata
+    doc = json.loads((tmp_path / "config.json").read_text())
+    del doc["_tinydiff_save_id"]
+    (tmp_path / "config.json").write_text(json.dumps({**doc, "schema_version": 2}))
+    loaded = DiffusionModel.from_pretrained(tmp_path)
+    assert torch.equal(draw(loaded), draw(model))
+    assert torch.equal(draw(loaded, use_ema=True), draw(model, use_ema=True))
+    model.save_pretrained(tmp_path)  # saved again: a manifest, and it loads
+    assert (tmp_path / MANIFEST_NAME).exists()
+    assert torch.equal(draw(DiffusionModel.from_pretrained(tmp_path)), draw(model))
+
+
+def test_hand_copied_weights_are_a_mix(tmp_path):
+    """Weights of another save dropped into a folder: a clear MixedSaveError, not a load."""
+    from tinydiff.hub import MixedSaveError
+
+    mlp_model().save_pretrained(tmp_path / "a")
+    other = mlp_model()
+    with torch.no_grad():
+        other.nn_module.output.bias.add_(1.0)
+    other.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")
+    with pytest.raises(MixedSaveError, match="mixes files of two saves"):
+        DiffusionModel.from_pretrained(tmp_path / "a")
