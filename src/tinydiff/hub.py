@@ -431,10 +431,11 @@ class _Source:
         return None if manifest is None else manifest.save_id
 
     def _listed(self, filename: str, manifest: SaveManifest | None) -> None:
-        """A file the manifest lists must be there (else two saves ran at once, or a file
-        was deleted by hand); then the checks of `get`."""
+        """A file the manifest of a local folder lists must be there (else two saves ran at
+        once, or a file was deleted by hand); then the checks of `get`."""
         if (
-            manifest is not None
+            not self.remote  # a Hub snapshot holds the files downloaded so far
+            and manifest is not None
             and filename in manifest
             and not os.path.lexists(self.folder / filename)
         ):
@@ -727,15 +728,21 @@ class HubMixin:
         files = [MANIFEST_NAME, CONFIG_NAME, WEIGHTS_NAME] + (
             [EMA_WEIGHTS_NAME] if wants_ema else []
         )
-        source = _Source(
-            name_or_path,
-            files,
-            revision=check_revision(revision),
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-        )
+        hub = {
+            "revision": check_revision(revision),
+            "token": token,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "force_download": force_download,
+        }
+        try:
+            source = _Source(name_or_path, files, **hub)
+        except ModelNotFoundError:
+            if load_ema is not None or use_ema_weights:
+                raise
+            # offline, with a cache from a load without the EMA: config.json decides whether
+            # the EMA is wanted (and then says that it is not cached)
+            source = _Source(name_or_path, files[:-1], **hub)
         for attempt in range(_LOAD_RETRIES):
             before = None if source.remote else source.save_id()
             try:
