@@ -558,7 +558,7 @@ def _pretrained_writer(folder: Path, parity: int, seconds: float) -> None:  # pr
 
 def test_save_pretrained_two_writers_and_a_reader(tmp_path: Path) -> None:
     """Two processes save_pretrained into one folder while this one loads it: every load is
-    one whole save (from_pretrained retries a folder that changed while it was read)."""
+    one whole save, and none fails."""
     _pretrained_at(0, ema=True).save_pretrained(tmp_path)
     writers = [_fork(lambda p=p: _pretrained_writer(tmp_path, p, 1.2)) for p in (1, 2)]
     loads = errors = 0
@@ -572,5 +572,6 @@ def test_save_pretrained_two_writers_and_a_reader(tmp_path: Path) -> None:
                 errors += 1
     finally:
         assert [_wait(pid) for pid in writers] == [0, 0]
-    assert loads > 5, (loads, errors)
-    assert _load_pretrained(tmp_path)[0] >= 1
+    # commits hold an exclusive flock of the folder and loads a shared one: no retry needed
+    assert loads > 20 and errors == 0, (loads, errors)
+    assert _load_pretrained(tmp_path)[0] >= 1  # the last commit left one whole save

@@ -53,6 +53,7 @@ pydantic config), and its PyTorch loader falls back to ``torch.load`` for ``.bin
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -79,6 +80,7 @@ from tinydiff._atomic import (
     FolderWriter,
     MixedSaveError,
     SaveManifest,
+    folder_lock,
     open_safetensors_member,
     read_json_member,
     read_manifest,
@@ -144,7 +146,7 @@ MANIFEST_NAME = _MANIFEST_NAME
 last (since tinydiff 0.3; a folder without one is read as saved by an earlier tinydiff)."""
 README_NAME = "README.md"
 #: loads of a local folder that another process saves into meanwhile are tried this often
-_LOAD_RETRIES = 5
+_LOAD_RETRIES = 6
 #: read_safetensors' header cap (safetensors' own); from_pretrained derives a tighter one
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -422,13 +424,20 @@ class _Source:
         """The folder's save manifest (None for a folder saved before manifests existed)."""
         return read_manifest(self.folder)
 
-    def save_id(self) -> str | None:
-        """The save id the folder's manifest names now (None without a readable one)."""
+    def state(self) -> tuple[tuple[str, int, int], ...]:
+        """What changes when a save writes into a local folder: its entries' names, inodes and
+        modification times (temporary files included)."""
+        out = []
         try:
-            manifest = read_manifest(self.folder)
-        except (OSError, SerializationError):
-            return None
-        return None if manifest is None else manifest.save_id
+            for entry in os.scandir(self.folder):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out.append((entry.name, st.st_ino, st.st_mtime_ns))
+        except OSError:
+            pass
+        return tuple(sorted(out))
 
     def _listed(self, filename: str, manifest: SaveManifest | None) -> None:
         """A file the manifest of a local folder lists must be there (else two saves ran at
@@ -744,26 +753,35 @@ class HubMixin:
             # the EMA is wanted (and then says that it is not cached)
             source = _Source(name_or_path, files[:-1], **hub)
         for attempt in range(_LOAD_RETRIES):
-            before = None if source.remote else source.save_id()
+            before = None if source.remote else source.state()
             try:
-                model = cls._from_pretrained(
-                    source, nn_module=nn_module, load_ema=load_ema, use_ema_weights=use_ema_weights
-                )
+                # no commit of a save into a local folder runs while it is read (flock)
+                with (
+                    contextlib.nullcontext()
+                    if source.remote
+                    else folder_lock(source.folder, shared=True)
+                ):
+                    model = cls._from_pretrained(
+                        source,
+                        nn_module=nn_module,
+                        load_ema=load_ema,
+                        use_ema_weights=use_ema_weights,
+                    )
                 break
             except (MixedSaveError, FileNotFoundError) as err:
-                # a local folder saved into while it was read: read it again
-                changed = isinstance(err, MixedSaveError) or source.save_id() != before
-                if source.remote or not changed:
+                if source.remote:
+                    raise
+                # a local folder that another process saves into: read it again; one that
+                # stays as it is (an interrupted save, a file deleted) is an error at once
+                time.sleep(0.01 * 2**attempt)
+                if source.state() == before:
                     raise
                 if attempt == _LOAD_RETRIES - 1:
-                    if isinstance(err, MixedSaveError):
-                        raise
                     raise MixedSaveError(
-                        f"{source.name} changed while it was read ({err}; another process "
-                        f"saved into the folder {_LOAD_RETRIES} times in a row): load it again "
-                        "once the other process has finished saving"
+                        f"{source.name} changed while it was read ({err}; another process saved "
+                        f"into the folder during {_LOAD_RETRIES} tries): load it again once the "
+                        "other process has finished saving"
                     ) from None
-                time.sleep(0.01 * 2**attempt)
         model.eval()  # type: ignore[attr-defined]
         return model.to(target)  # type: ignore[attr-defined, no-any-return]
 
