@@ -460,8 +460,8 @@ def _pretrained_at(step: int, ema: bool) -> Any:
     from tinydiff import DiffusionModel
     from tinydiff.nn import MLP
 
-    model = DiffusionModel(MLP(2, hidden_dim=8, num_layers=1), input_shape=(2,))
-    model.config = model.config.model_copy(update={"min_snr_gamma": float(step + 1)})
+    net = MLP(2, hidden_dim=8, num_layers=1)
+    model = DiffusionModel(net, input_shape=(2,), min_snr_gamma=float(step + 1))
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(step)

@@ -1,23 +1,23 @@
-"""Pretrained models: :class:`HubMixin` gives ``DiffusionModel`` ``save_pretrained``,
+"""Pretrained models: [`HubMixin`][tinydiff.hub.HubMixin] gives ``DiffusionModel`` ``save_pretrained``,
 ``from_pretrained`` and ``push_to_hub``, without pickle.
 
 A saved model is a folder (locally or as a Hugging Face Hub repository) holding:
 
-* ``config.json``: ``schema_version`` (an integer, :data:`SCHEMA_VERSION`), the writing
-  ``tinydiff_version``, the full :class:`~tinydiff.DiffusionModelConfig` (``model``), the
+* ``config.json``: ``schema_version`` (an integer, [`SCHEMA_VERSION`][tinydiff.hub.SCHEMA_VERSION]), the writing
+  ``tinydiff_version``, the full [`DiffusionModelConfig`][tinydiff.DiffusionModelConfig] (``model``), the
   parameters' floating ``dtype``, the network (``network``: for a built-in
-  :mod:`tinydiff.nn` network its class name, e.g. ``"tinydiff.nn.MLP"``, and its init
+  [`tinydiff.nn`][tinydiff.nn] network its class name, e.g. ``"tinydiff.nn.MLP"``, and its init
   arguments; for a diffusers model wrapped in a
   [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] (what ``from_diffusers``
-  builds) ``"diffusers.UNet2DModel"`` or another class of :data:`DIFFUSERS_NETWORKS` and its
+  builds) ``"diffusers.UNet2DModel"`` or another class of [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] and its
   diffusers config; ``null`` for a custom network, which the caller passes in again), and the
   EMA options (``ema``: ``decay``, ``warmup``, ``update_every``; ``null`` without EMA);
 * ``model.safetensors``: ``DiffusionModel.state_dict()`` (keys ``nn_module.*``);
-* ``ema.safetensors`` (only with EMA): :meth:`tinydiff.ema.EMA.state_dict` (the averaged
+* ``ema.safetensors`` (only with EMA): [`EMA.state_dict`][tinydiff.ema.EMA.state_dict] (the averaged
   network under ``module.*``, plus ``n_averaged`` and ``num_calls``);
-* ``README.md``: a :class:`huggingface_hub.ModelCard` (YAML metadata, the config table, a
+* ``README.md``: a `huggingface_hub.ModelCard` (YAML metadata, the config table, a
   usage snippet);
-* ``tinydiff_manifest.json`` (:data:`MANIFEST_NAME`, since schema 3): the save id that
+* ``tinydiff_manifest.json`` ([`MANIFEST_NAME`][tinydiff.hub.MANIFEST_NAME], since schema 3): the save id that
   every file above carries (safetensors header metadata, a ``_tinydiff_save_id`` key in
   config.json), written last.
 
@@ -29,11 +29,11 @@ clear `MixedSaveError` (a local folder being rewritten is retried a few times); 
 weights under an old config. Folders saved before manifests existed (schema 1 and 2) load as
 before.
 
-What tinydiff adds to :mod:`huggingface_hub` and :mod:`safetensors` (which do the downloads,
+What tinydiff adds to `huggingface_hub` and `safetensors` (which do the downloads,
 cache, tokens, offline mode, uploads, model cards, and validate safetensors headers):
 
 * nothing is ever unpickled: ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` weights are refused;
-* a Hub load resolves the revision once (:func:`huggingface_hub.snapshot_download`), so
+* a Hub load resolves the revision once (`huggingface_hub.snapshot_download`), so
   its files all come from one commit; ``revision`` and repository ids are checked before
   they reach the cache;
 * bounded loading: the network in config.json is built on the meta device and its tensor
@@ -41,12 +41,12 @@ cache, tokens, offline mode, uploads, model cards, and validate safetensors head
   safetensors checks against the file size) before anything is allocated; only regular
   files are opened, and the header length, JSON size and nesting are capped;
 * strict loading: missing, unexpected, wrongly shaped or typed tensors are one error naming
-  the keys; only classes from :mod:`tinydiff.nn` and the diffusers classes of
-  :data:`DIFFUSERS_NETWORKS` are rebuilt from a config (diffusers' ones on the meta device,
+  the keys; only classes from [`tinydiff.nn`][tinydiff.nn] and the diffusers classes of
+  [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] are rebuilt from a config (diffusers' ones on the meta device,
   their config keys checked against the class), no class path is imported;
   ``schema_version`` is checked; a missing plugin is named.
 
-tinydiff does not inherit :class:`huggingface_hub.ModelHubMixin`: that mixin captures
+tinydiff does not inherit `huggingface_hub.ModelHubMixin`: that mixin captures
 constructor arguments as the config (``DiffusionModel`` takes a network object plus a
 pydantic config), and its PyTorch loader falls back to ``torch.load`` for ``.bin`` files.
 """
@@ -207,7 +207,7 @@ class _ConfigFile(BaseModel):
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read every tensor of a safetensors file onto the CPU (a regular file; header checked
-    by safetensors, and capped at :data:`MAX_HEADER_BYTES`).
+    by safetensors, and capped at `MAX_HEADER_BYTES`).
 
     Raises:
         SerializationError: not a regular file, a truncated or corrupt file, a header over
@@ -229,7 +229,7 @@ def _network_spec(net: nn.Module) -> dict[str, Any] | None:
 
 def _diffusers_spec(unet: nn.Module) -> dict[str, Any] | None:
     """``{"class_name": "diffusers.UNet2DModel", "config": ...}`` for a diffusers model of
-    :data:`DIFFUSERS_NETWORKS` (its own class, not a subclass), else None (a custom network)."""
+    [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] (its own class, not a subclass), else None (a custom network)."""
     import sys
 
     diffusers = sys.modules.get("diffusers")  # a diffusers model exists: diffusers is imported
@@ -279,8 +279,9 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> ModelCard:
         arch = f"`{net['class_name']}` with `{json.dumps(net['config'])}`"
         load = f'model = DiffusionModel.from_pretrained("{where}")'
     ema_line = (
-        "EMA weights are included (`from_pretrained(..., load_ema=True)` or "
-        f"`use_ema_weights=True`; decay {ema['decay']})."
+        "EMA weights are included (decay "
+        f"{ema['decay']}): `from_pretrained` loads them beside the live weights, for "
+        "`sample(..., use_ema=True)`; `use_ema_weights=True` loads them as the live weights."
         if ema
         else "No EMA weights are included."
     )
@@ -553,7 +554,7 @@ def _build_network(cfg: _ConfigFile, path: Path, device: str) -> nn.Module:
 def _diffusers_builder(spec: _NetworkSpec, path: Path) -> Any:
     """A function building the [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] of
     ``spec`` (call it under a ``torch.device``); the class is looked up in the allowlist
-    :data:`DIFFUSERS_NETWORKS`, the config bounded and its keys checked against the class
+    [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS], the config bounded and its keys checked against the class
     first. diffusers is imported here only (an optional dependency)."""
     name = spec.class_name[len(_DIFFUSERS_PREFIX) :]
     if name not in DIFFUSERS_NETWORKS:
@@ -588,8 +589,8 @@ def _check_diffusers_config(config: Any, path: Path) -> None:
     """Bound what a diffusers config from a file can make the constructor do (the network
     is built on the meta device and compared with the weights' header before anything is
     allocated; these bounds keep that build itself small): integers within
-    +-:data:`_MAX_DIFFUSERS_INT`, lists of at most :data:`_MAX_DIFFUSERS_LIST` items, at most
-    :data:`_MAX_DIFFUSERS_LAYERS` layers per block."""
+    +-`_MAX_DIFFUSERS_INT`, lists of at most `_MAX_DIFFUSERS_LIST` items, at most
+    `_MAX_DIFFUSERS_LAYERS` layers per block."""
     for key, value in config.items():
         items, stack = [], [(value, 0)]
         while stack:  # a UNet option is a value, a list, or a list of lists
@@ -637,16 +638,23 @@ class HubMixin:
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
     ) -> Path:
-        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md.
+        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md and
+        the manifest that ties them together, as one folder-atomic save.
 
-        The layout is described in :mod:`tinydiff.hub`. Built-in :mod:`tinydiff.nn` networks
-        are stored with their class name and init arguments, so :meth:`from_pretrained` needs
-        nothing else; a custom network's weights are stored but not its architecture. The EMA
-        weights and options are saved too when ``enable_ema`` was called; a stale
-        ema.safetensors from an earlier save with EMA is removed.
+        The layout is described in [`tinydiff.hub`][tinydiff.hub]. Built-in [`tinydiff.nn`][tinydiff.nn] networks
+        are stored with their class name and init arguments, so [`from_pretrained`][tinydiff.hub.HubMixin.from_pretrained] needs
+        nothing else; so are the diffusers classes of
+        [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] wrapped in a
+        [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] (what ``from_diffusers``
+        builds), with their diffusers config. A custom network's weights are stored but not
+        its architecture. The EMA weights and options are saved too when ``enable_ema`` was
+        called; a stale ema.safetensors from an earlier save with EMA is removed after the
+        new save is complete. Files in the folder that tinydiff did not write are kept.
 
         Args:
-            save_directory: the folder (created if needed); files are written atomically.
+            save_directory: the folder (created if needed). A crash at any point, or a
+                concurrent save, leaves the old save or the new one for `from_pretrained`
+                (or a clear `MixedSaveError`), never a mix.
             repo_id: optional Hub repository id shown in the model card's usage snippet.
 
         Returns:
@@ -673,10 +681,10 @@ class HubMixin:
         use_ema_weights: bool = False,
         device: torch.device | str = "cpu",
     ) -> M:
-        """Load a model written by :meth:`save_pretrained`, from a folder or a Hub repository.
+        """Load a model written by [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained], from a folder or a Hub repository.
 
         A Hub repository is resolved to one commit and downloaded with
-        :func:`huggingface_hub.snapshot_download` (its cache, tokens and offline mode,
+        `huggingface_hub.snapshot_download` (its cache, tokens and offline mode,
         ``HF_HUB_OFFLINE=1``), so all files come from the same commit. Weights are only
         ever read from safetensors files (never unpickled), after the network has been
         built on the meta device and its tensor names, shapes and dtypes compared with the
@@ -688,7 +696,7 @@ class HubMixin:
         Args:
             name_or_path: a local folder, or a Hub repository id ``"user/name"``.
             nn_module: the network to load the weights into; required when the model was
-                saved from a custom network (only :mod:`tinydiff.nn` networks are rebuilt
+                saved from a custom network (only [`tinydiff.nn`][tinydiff.nn] networks are rebuilt
                 from the config); optional (overrides the stored one) otherwise.
             revision: Hub branch, tag or commit sha (default: main).
             token: Hub token (default: the logged-in one); ``False`` for none.
@@ -872,9 +880,10 @@ class HubMixin:
         commit_message: str = "Upload tinydiff model",
         create_pr: bool = False,
     ) -> CommitInfo:
-        """Create the Hub repository if needed and upload :meth:`save_pretrained`'s folder.
+        """Create the Hub repository if needed and upload [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained]'s folder.
 
-        One commit holds config.json, model.safetensors, README.md (and ema.safetensors).
+        One commit holds config.json, model.safetensors, README.md, the save manifest (and
+        ema.safetensors).
 
         Args:
             repo_id: ``"user/name"`` (or ``"name"`` for the token's user).
