@@ -402,7 +402,7 @@ def test_use_ema_without_ema_says_how_to_load_it(tmp_path):
 def test_missing_ema_file_names_the_way_out(tmp_path):
     mlp_model(ema=True).save_pretrained(tmp_path)
     (tmp_path / "ema.safetensors").unlink()
-    with pytest.raises(SerializationError, match="ema.safetensors is missing.*manifest"):
+    with pytest.raises(ModelNotFoundError, match="no ema.safetensors, which its manifest.*lo"):
         DiffusionModel.from_pretrained(tmp_path)
     assert DiffusionModel.from_pretrained(tmp_path, load_ema=False).ema is None
 

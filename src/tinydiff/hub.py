@@ -441,20 +441,18 @@ class _Source:
         return tuple(sorted(out))
 
     def _listed(self, filename: str, manifest: SaveManifest | None) -> None:
-        """A file the manifest of a local folder lists must be there (else two saves ran at
-        once, or a file was deleted by hand); then the checks of `get`."""
-        if (
-            not self.remote  # a Hub snapshot holds the files downloaded so far
-            and manifest is not None
-            and filename in manifest
-            and not os.path.lexists(self.folder / filename)
-        ):
-            raise MixedSaveError(
-                f"{self.folder / filename} is missing, but the folder's manifest "
-                f"({MANIFEST_NAME}) lists it: the folder was changed while it was read, by two "
-                "saves at once, or by hand. Save the model into it again."
-            )
-        self.get(filename)
+        """`get`, with a clearer error for a file that the manifest of a local folder lists
+        but that is missing (deleted by hand, or the folder changed while it was read)."""
+        try:
+            self.get(filename)
+        except ModelNotFoundError:
+            if self.remote or manifest is None or filename not in manifest:
+                raise
+            raise ModelNotFoundError(
+                f"{self.name} has no {filename}, which its manifest ({MANIFEST_NAME}) lists: "
+                "the file was deleted, or the folder changed while it was read. Save the model "
+                "into it again."
+            ) from None
 
     def read_json(self, filename: str, manifest: SaveManifest | None, max_bytes: int) -> Any:
         """The JSON document ``filename`` (one open; its save id checked and removed)."""
