@@ -1,25 +1,27 @@
-"""Pretrained models: [`HubMixin`][tinydiff.hub.HubMixin] gives ``DiffusionModel`` ``save_pretrained``,
-``from_pretrained`` and ``push_to_hub``, without pickle.
+"""Pretrained models: [`HubMixin`][tinydiff.hub.HubMixin] gives ``DiffusionModel``
+``save_pretrained``, ``from_pretrained`` and ``push_to_hub``, without pickle.
 
 A saved model is a folder (locally or as a Hugging Face Hub repository) holding:
 
-* ``config.json``: ``schema_version`` (an integer, [`SCHEMA_VERSION`][tinydiff.hub.SCHEMA_VERSION]), the writing
-  ``tinydiff_version``, the full [`DiffusionModelConfig`][tinydiff.DiffusionModelConfig] (``model``), the
+* ``config.json``: ``schema_version`` (an integer,
+  [`SCHEMA_VERSION`][tinydiff.hub.SCHEMA_VERSION]), the writing ``tinydiff_version``, the
+  full [`DiffusionModelConfig`][tinydiff.DiffusionModelConfig] (``model``), the
   parameters' floating ``dtype``, the network (``network``: for a built-in
-  [`tinydiff.nn`][tinydiff.nn] network its class name, e.g. ``"tinydiff.nn.MLP"``, and its init
-  arguments; for a diffusers model wrapped in a
+  [`tinydiff.nn`][tinydiff.nn] network its class name, e.g. ``"tinydiff.nn.MLP"``, and its
+  init arguments; for a diffusers model wrapped in a
   [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] (what ``from_diffusers``
-  builds) ``"diffusers.UNet2DModel"`` or another class of [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] and its
-  diffusers config; ``null`` for a custom network, which the caller passes in again), and the
-  EMA options (``ema``: ``decay``, ``warmup``, ``update_every``; ``null`` without EMA);
+  builds) ``"diffusers.UNet2DModel"`` or another class of
+  [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] and its diffusers config;
+  ``null`` for a custom network, which the caller passes in again), and the EMA options
+  (``ema``: ``decay``, ``warmup``, ``update_every``; ``null`` without EMA);
 * ``model.safetensors``: ``DiffusionModel.state_dict()`` (keys ``nn_module.*``);
-* ``ema.safetensors`` (only with EMA): [`EMA.state_dict`][tinydiff.ema.EMA.state_dict] (the averaged
-  network under ``module.*``, plus ``n_averaged`` and ``num_calls``);
+* ``ema.safetensors`` (only with EMA): [`EMA.state_dict`][tinydiff.ema.EMA.state_dict]
+  (the averaged network under ``module.*``, plus ``n_averaged`` and ``num_calls``);
 * ``README.md``: a `huggingface_hub.ModelCard` (YAML metadata, the config table, a
   usage snippet);
-* ``tinydiff_manifest.json`` ([`MANIFEST_NAME`][tinydiff.hub.MANIFEST_NAME], since schema 3): the save id that
-  every file above carries (safetensors header metadata, a ``_tinydiff_save_id`` key in
-  config.json), written last.
+* ``tinydiff_manifest.json`` ([`MANIFEST_NAME`][tinydiff.hub.MANIFEST_NAME], since
+  schema 3): the save id that every file above carries (safetensors header metadata, a
+  ``_tinydiff_save_id`` key in config.json), written last.
 
 Saves are folder-atomic (`tinydiff._atomic.FolderWriter`): all files are written to
 temporary files first and renamed in a burst, the manifest last; ``from_pretrained`` checks
@@ -42,9 +44,9 @@ cache, tokens, offline mode, uploads, model cards, and validate safetensors head
   files are opened, and the header length, JSON size and nesting are capped;
 * strict loading: missing, unexpected, wrongly shaped or typed tensors are one error naming
   the keys; only classes from [`tinydiff.nn`][tinydiff.nn] and the diffusers classes of
-  [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] are rebuilt from a config (diffusers' ones on the meta device,
-  their config keys checked against the class), no class path is imported;
-  ``schema_version`` is checked; a missing plugin is named.
+  [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] are rebuilt from a config
+  (diffusers' ones on the meta device, their config keys checked against the class), no
+  class path is imported; ``schema_version`` is checked; a missing plugin is named.
 
 tinydiff does not inherit `huggingface_hub.ModelHubMixin`: that mixin captures
 constructor arguments as the config (``DiffusionModel`` takes a network object plus a
@@ -229,7 +231,7 @@ def _network_spec(net: nn.Module) -> dict[str, Any] | None:
 
 def _diffusers_spec(unet: nn.Module) -> dict[str, Any] | None:
     """``{"class_name": "diffusers.UNet2DModel", "config": ...}`` for a diffusers model of
-    [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] (its own class, not a subclass), else None (a custom network)."""
+    `DIFFUSERS_NETWORKS` (its own class, not a subclass), else None (a custom network)."""
     import sys
 
     diffusers = sys.modules.get("diffusers")  # a diffusers model exists: diffusers is imported
@@ -240,7 +242,8 @@ def _diffusers_spec(unet: nn.Module) -> dict[str, Any] | None:
         or type(unet) is not getattr(diffusers, name, None)
     ):
         return None
-    config = {k: v for k, v in dict(unet.config).items() if not str(k).startswith("_")}  # type: ignore[arg-type]
+    own: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]
+    config = {k: v for k, v in own.items() if not str(k).startswith("_")}
     try:
         config = json.loads(json.dumps(config, allow_nan=False))  # tuples -> lists
     except (TypeError, ValueError):  # a value JSON cannot hold: store it as a custom network
@@ -552,7 +555,7 @@ def _build_network(cfg: _ConfigFile, path: Path, device: str) -> nn.Module:
 def _diffusers_builder(spec: _NetworkSpec, path: Path) -> Any:
     """A function building the [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] of
     ``spec`` (call it under a ``torch.device``); the class is looked up in the allowlist
-    [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS], the config bounded and its keys checked against the class
+    `DIFFUSERS_NETWORKS`, the config bounded and its keys checked against the class
     first. diffusers is imported here only (an optional dependency)."""
     name = spec.class_name[len(_DIFFUSERS_PREFIX) :]
     if name not in DIFFUSERS_NETWORKS:
@@ -639,8 +642,9 @@ class HubMixin:
         """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md and
         the manifest that ties them together, as one folder-atomic save.
 
-        The layout is described in [`tinydiff.hub`][tinydiff.hub]. Built-in [`tinydiff.nn`][tinydiff.nn] networks
-        are stored with their class name and init arguments, so [`from_pretrained`][tinydiff.hub.HubMixin.from_pretrained] needs
+        The layout is described in [`tinydiff.hub`][tinydiff.hub]. Built-in
+        [`tinydiff.nn`][tinydiff.nn] networks are stored with their class name and init
+        arguments, so [`from_pretrained`][tinydiff.hub.HubMixin.from_pretrained] needs
         nothing else; so are the diffusers classes of
         [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] wrapped in a
         [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] (what ``from_diffusers``
@@ -679,7 +683,9 @@ class HubMixin:
         use_ema_weights: bool = False,
         device: torch.device | str = "cpu",
     ) -> M:
-        """Load a model written by [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained], from a folder or a Hub repository.
+        """Load a model written by
+        [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained], from a folder or a Hub
+        repository.
 
         A Hub repository is resolved to one commit and downloaded with
         `huggingface_hub.snapshot_download` (its cache, tokens and offline mode,
@@ -857,7 +863,8 @@ class HubMixin:
                     raise type(err)(f"{err}{skip}") from None
             # 3. allocate: sizes now match files that safetensors checked against their size
             if nn_module is None:
-                model = cls(_build_network(cfg, config_path, "cpu"), model_config)  # type: ignore[call-arg]
+                net = _build_network(cfg, config_path, "cpu")
+                model = cls(net, model_config)  # type: ignore[call-arg]
             model.load_state_dict({k: weights.get(key) for k, key in keys.items()}, strict=True)
             if ema_file is not None:
                 model.enable_ema(**ema_opts)
@@ -878,7 +885,8 @@ class HubMixin:
         commit_message: str = "Upload tinydiff model",
         create_pr: bool = False,
     ) -> CommitInfo:
-        """Create the Hub repository if needed and upload [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained]'s folder.
+        """Create the Hub repository if needed and upload the folder of
+        [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained].
 
         One commit holds config.json, model.safetensors, README.md, the save manifest (and
         ema.safetensors).
