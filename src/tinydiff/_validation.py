@@ -5,6 +5,10 @@ what was wrong, what was expected and what to do.
 The checks read only Python values and tensor metadata (dtype, shape, device), except
 :func:`check_finite` and the range check of :func:`check_loss_times`, which read tensor
 values (one host sync on an accelerator each).
+
+`eval_mode` and `in_eval_mode` run a network in eval mode where a model is evaluated
+rather than trained (sampling, the likelihood, the timestep search) and give every
+submodule its own `training` flag back afterwards.
 """
 
 from __future__ import annotations
