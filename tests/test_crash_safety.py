@@ -451,3 +451,127 @@ class _TimeFree(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.lin(x)
+
+
+# -- save_pretrained ---------------------------------------------------------------------------
+def _pretrained_at(step: int, ema: bool) -> Any:
+    """A small model whose weights are all ``step`` and whose config carries ``step`` too
+    (min_snr_gamma = step + 1), with an EMA (weights ``step + 0.5``) or without."""
+    from tinydiff import DiffusionModel
+    from tinydiff.nn import MLP
+
+    net = MLP(2, hidden_dim=8, num_layers=1)
+    model = DiffusionModel(net, input_shape=(2,), min_snr_gamma=float(step + 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(step)
+        if ema:
+            model.enable_ema(0.9)
+            for p in model.ema.module.parameters():
+                p.fill_(step + 0.5)
+    return model
+
+
+def _load_pretrained(folder: Path) -> tuple[int, bool]:
+    """from_pretrained with its defaults; asserts that config, weights and EMA agree."""
+    from tinydiff import DiffusionModel
+
+    model = DiffusionModel.from_pretrained(folder)
+    step = round(model.config.min_snr_gamma) - 1
+    assert all(p.eq(step).all() for p in model.parameters()), f"mixed: config step {step}"
+    if model.ema is not None:
+        assert all(p.eq(step + 0.5).all() for p in model.ema.module.parameters()), "mixed EMA"
+    return step, model.ema is not None
+
+
+def test_save_pretrained_crash_at_every_write_point(tmp_path: Path) -> None:
+    """os._exit before every create / fsync / rename / unlink of a save_pretrained that
+    replaces a model with EMA by one without: old, new or MixedSaveError, never a mix."""
+    old, new = _pretrained_at(1, ema=True), _pretrained_at(2, ema=False)
+    old.save_pretrained(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    outcomes: dict[str, int] = {}
+    for k in range(1, 80):
+        pid = _fork(lambda k=k: (_crash_at(k), new.save_pretrained(tmp_path)))
+        code = _wait(pid)
+        try:
+            got = _load_pretrained(tmp_path)
+            assert got in ((1, True), (2, False)), got
+            outcome = f"step {got[0]}"
+        except MixedSaveError:
+            outcome = "MixedSaveError"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if code == 0:
+            break
+        assert code == 17
+        old.save_pretrained(tmp_path)  # the next save cleans up after the crash
+        assert _load_pretrained(tmp_path) == (1, True)
+        assert not list(iter_temporaries(tmp_path))
+    else:
+        pytest.fail("the save never completed")
+    assert k > 12 and set(outcomes) == {"step 1", "step 2", "MixedSaveError"}, outcomes
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "ema.safetensors").exists()  # the new save has none
+
+
+def test_save_pretrained_over_a_folder_without_manifest(tmp_path: Path) -> None:
+    """A crash in the first save over a folder saved before manifests existed (tinydiff 0.2:
+    the same files without save ids, schema 2): the old model, the new one, or
+    MixedSaveError; and the 0.2 folder itself loads."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    legacy, folder = tmp_path / "legacy", tmp_path / "folder"
+    _pretrained_at(1, ema=True).save_pretrained(legacy)
+    os.unlink(legacy / MANIFEST_NAME)
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_file(load_file(legacy / name), str(legacy / name))  # no metadata: no save id
+    doc = json.loads((legacy / "config.json").read_text())
+    del doc[SAVE_ID_KEY]
+    (legacy / "config.json").write_text(json.dumps({**doc, "schema_version": 2}))
+    assert _load_pretrained(legacy) == (1, True)
+    new = _pretrained_at(2, ema=False)
+    outcomes: set[str] = set()
+    for k in range(1, 80, 2):  # every other write point: the full sweep is the test above
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(legacy, folder)
+        code = _wait(_fork(lambda k=k: (_crash_at(k), new.save_pretrained(folder))))
+        try:
+            got = _load_pretrained(folder)
+            assert got in ((1, True), (2, False)), got
+            outcomes.add(f"step {got[0]}")
+        except MixedSaveError:
+            outcomes.add("MixedSaveError")
+        if code == 0:
+            break
+    assert outcomes == {"step 1", "step 2", "MixedSaveError"}, outcomes
+
+
+def _pretrained_writer(folder: Path, parity: int, seconds: float) -> None:  # pragma: no cover
+    end, step = time.monotonic() + seconds, parity
+    while time.monotonic() < end:
+        _pretrained_at(step, ema=step % 4 < 2).save_pretrained(folder)
+        step += 2
+
+
+def test_save_pretrained_two_writers_and_a_reader(tmp_path: Path) -> None:
+    """Two processes save_pretrained into one folder while this one loads it: every load is
+    one whole save, and none fails."""
+    _pretrained_at(0, ema=True).save_pretrained(tmp_path)
+    writers = [_fork(lambda p=p: _pretrained_writer(tmp_path, p, 1.2)) for p in (1, 2)]
+    loads = errors = 0
+    end = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < end:
+            try:
+                _load_pretrained(tmp_path)  # asserts: never a mix
+                loads += 1
+            except MixedSaveError:  # still changing after the retries: a clear error
+                errors += 1
+    finally:
+        assert [_wait(pid) for pid in writers] == [0, 0]
+    # commits hold an exclusive flock of the folder and loads a shared one: no retry needed
+    assert loads > 20 and errors == 0, (loads, errors)
+    assert _load_pretrained(tmp_path)[0] >= 1  # the last commit left one whole save

@@ -18,7 +18,7 @@ import torch
 from _models import mlp_model
 
 from tinydiff import DiffusionModel, load_checkpoint, save_checkpoint
-from tinydiff.hub import ModelNotFoundError, SerializationError
+from tinydiff.hub import MANIFEST_NAME, ModelNotFoundError, SerializationError
 
 ALLOWED = (SerializationError, ModelNotFoundError)
 #: per loader; each case takes milliseconds. TINYDIFF_FUZZ_CASES=5000 for a longer run
@@ -124,7 +124,7 @@ def originals(tmp_path_factory) -> dict[str, bytes]:
     opt.step()
     save_checkpoint(folder / "ckpt.safetensors", model, opt, step=3)
     names = ("config.json", "model.safetensors", "ema.safetensors", "ckpt.safetensors")
-    return {name: (folder / name).read_bytes() for name in names}
+    return {name: (folder / name).read_bytes() for name in (*names, MANIFEST_NAME)}
 
 
 def _assert_allowed(fn, counts: dict[str, int]) -> None:
@@ -143,10 +143,19 @@ def test_corrupted_model_folders(tmp_path, originals):
     for i in range(CASES):
         folder = tmp_path / f"m{i}"
         folder.mkdir()
-        for name in ("config.json", "model.safetensors", "ema.safetensors"):
+        for name in ("config.json", "model.safetensors", "ema.safetensors", MANIFEST_NAME):
             (folder / name).write_bytes(originals[name])
-        target = rng.choice(["config.json", "model.safetensors", "ema.safetensors", "pickle"])
-        if target == "config.json":
+        target = rng.choice(
+            ["config.json", "model.safetensors", "ema.safetensors", "pickle", MANIFEST_NAME]
+        )
+        if target == MANIFEST_NAME:  # dropped, or one byte changed
+            if rng.random() < 0.3:
+                (folder / target).unlink()
+            else:
+                text = originals[target].decode()
+                j = rng.randrange(len(text))
+                (folder / target).write_text(text[:j] + rng.choice('0f"{],x') + text[j + 1 :])
+        elif target == "config.json":
             (folder / target).write_text(_mutate_config(originals[target].decode(), rng))
         elif target == "pickle":  # weights replaced by a pickle, under each refused name
             (folder / "model.safetensors").unlink()

@@ -374,7 +374,7 @@ def test_schema_versions(tmp_path):
     model = mlp_model()
     model.save_pretrained(tmp_path)
     doc = json.loads((tmp_path / "config.json").read_text())
-    assert doc["schema_version"] == SCHEMA_VERSION == 2
+    assert doc["schema_version"] == SCHEMA_VERSION == 3
     # a file written the 0.1 way: schema 1, with sigma_type
     doc["schema_version"] = 1
     assert "sigma_type" in doc["model"] or "variance_type" in doc["model"]
@@ -589,12 +589,15 @@ def test_pickled_checkpoint_is_never_unpickled(tmp_path):
 
 def test_failed_from_pretrained_leaves_a_given_network_unchanged(tmp_path):
     from _nets import TinyNet
+    from safetensors import safe_open
 
     custom = DiffusionModel(TinyNet(2), DiffusionModelConfig(input_shape=(2,), num_timesteps=20))
     custom.save_pretrained(tmp_path)
     tensors = st_load((tmp_path / "model.safetensors").read_bytes())
     tensors["nn_module.net.0.bias"] = torch.zeros(7)
-    (tmp_path / "model.safetensors").write_bytes(st_save(tensors))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # keeps the save id
+        metadata = f.metadata()
+    (tmp_path / "model.safetensors").write_bytes(st_save(tensors, metadata=metadata))
     net = TinyNet(2)
     before = _state(net)
     with pytest.raises(SerializationError, match=r"net\.0\.bias: shape \(7,\) in the file"):

@@ -8,7 +8,7 @@ from _models import draw, mlp_model, unet_model
 from huggingface_hub import HfApi, constants
 
 from tinydiff import DiffusionModel
-from tinydiff.hub import ModelNotFoundError, SerializationError
+from tinydiff.hub import MANIFEST_NAME, ModelNotFoundError, SerializationError
 
 
 def test_push_then_pull(hub):
@@ -23,9 +23,11 @@ def test_push_then_pull(hub):
         "model.safetensors",
         "ema.safetensors",
         "README.md",
+        MANIFEST_NAME,
     }
     assert api.model_info(f"{hub.user}/swiss").sha == commit.oid
-    loaded = DiffusionModel.from_pretrained(f"{hub.user}/swiss", load_ema=True)
+    loaded = DiffusionModel.from_pretrained(f"{hub.user}/swiss")  # the EMA by default
+    assert loaded.ema is not None and not loaded.training
     assert torch.equal(draw(loaded), draw(model))
     assert torch.equal(draw(loaded, use_ema=True), draw(model, use_ema=True))
     ema_live = DiffusionModel.from_pretrained(f"{hub.user}/swiss", use_ema_weights=True)
@@ -75,6 +77,7 @@ def test_push_to_a_branch(hub):
     dev = mlp_model(ema=True)
     dev.push_to_hub(repo, token=hub.token, revision="dev")
     assert DiffusionModel.from_pretrained(repo, revision="dev", load_ema=True).ema is not None
+    assert DiffusionModel.from_pretrained(repo, revision="dev").ema is not None
     assert DiffusionModel.from_pretrained(repo).ema is None
 
 
@@ -97,19 +100,22 @@ def test_offline_mode_from_the_cache(hub, monkeypatch):
     repo = f"{hub.user}/cached"
     model = mlp_model(ema=True)
     model.push_to_hub(repo, token=hub.token)
-    DiffusionModel.from_pretrained(repo)  # caches config.json and model.safetensors
+    DiffusionModel.from_pretrained(repo, load_ema=False)  # caches all but ema.safetensors
     received = len(hub.requests)
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert torch.equal(draw(DiffusionModel.from_pretrained(repo)), draw(model))
+    loaded = DiffusionModel.from_pretrained(repo, load_ema=False)
+    assert torch.equal(draw(loaded), draw(model))
     with pytest.raises(ModelNotFoundError, match="ema.safetensors.*not in the local cache"):
         DiffusionModel.from_pretrained(repo, load_ema=True)  # never downloaded
+    with pytest.raises(ModelNotFoundError, match="not in the local cache.*load_ema=False"):
+        DiffusionModel.from_pretrained(repo)  # the default wants it: says how to do without
     with pytest.raises(ModelNotFoundError, match="not in the local cache"):
         DiffusionModel.from_pretrained(f"{hub.user}/never-seen")
     assert len(hub.requests) == received  # nothing reached the server
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    loaded = DiffusionModel.from_pretrained(repo, local_files_only=True)
+    loaded = DiffusionModel.from_pretrained(repo, local_files_only=True, load_ema=False)
     assert torch.equal(draw(loaded), draw(model))
     assert len(hub.requests) == received
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tinydiff import DiffusionModel, DiffusionModelConfig
 from tinydiff.hub import (
+    MANIFEST_NAME,
     SCHEMA_VERSION,
     ModelNotFoundError,
     SerializationError,
@@ -31,9 +32,10 @@ def test_round_trip_is_bitwise(tmp_path, build, ema):
         "config.json",
         "model.safetensors",
         "README.md",
+        MANIFEST_NAME,
         *(["ema.safetensors"] if ema else []),
     }
-    loaded = DiffusionModel.from_pretrained(tmp_path, load_ema=ema)
+    loaded = DiffusionModel.from_pretrained(tmp_path)  # the EMA when there is one
     assert type(loaded.nn_module) is type(model.nn_module)
     assert loaded.nn_module.config == model.nn_module.config
     assert loaded.config == model.config
@@ -64,12 +66,17 @@ def test_config_json_contents(tmp_path):
     doc = json.loads((tmp_path / "config.json").read_text())
     import tinydiff
 
-    assert doc["schema_version"] == SCHEMA_VERSION == 2
+    assert doc["schema_version"] == SCHEMA_VERSION == 3
     assert doc["tinydiff_version"] == tinydiff.__version__
     assert DiffusionModelConfig.model_validate(doc["model"]) == model.config
     assert doc["network"] == {"class_name": "tinydiff.nn.MLP", "config": model.nn_module.config}
     assert doc["ema"] == {"decay": 0.5, "warmup": False, "update_every": 2}
+    assert set(doc) == {*_CONFIG_KEYS, "_tinydiff_save_id"}
     assert set(load_file(tmp_path / "model.safetensors")) == set(model.state_dict())
+
+
+_CONFIG_KEYS = ("schema_version", "library_name", "tinydiff_version", "dtype", "model")
+_CONFIG_KEYS += ("network", "ema")
 
 
 def test_model_card(tmp_path):
@@ -86,6 +93,7 @@ def test_saving_without_ema_removes_a_stale_ema_file(tmp_path):
     mlp_model(ema=True).save_pretrained(tmp_path)
     mlp_model(ema=False).save_pretrained(tmp_path)
     assert not (tmp_path / "ema.safetensors").exists()
+    assert DiffusionModel.from_pretrained(tmp_path).ema is None
     with pytest.raises(SerializationError, match="no EMA weights"):
         DiffusionModel.from_pretrained(tmp_path, load_ema=True)
     with pytest.raises(ValueError, match="exclusive"):
@@ -103,6 +111,18 @@ def test_float64_model_round_trips(tmp_path):
         loaded.sample(4, 3, init_noise=x, generator=g1),
         model.sample(4, 3, init_noise=x, generator=g2),
     )
+
+
+def _edit_weights(path: Path, edit) -> None:
+    """Rewrite a saved weights file with ``edit(state)`` applied, keeping its header metadata
+    (the save id): the folder stays one save, only the tensors change."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata=metadata)
 
 
 # -- custom networks ---------------------------------------------------------------------------
@@ -136,10 +156,12 @@ def test_wrong_architecture_names_the_keys(tmp_path):
 def test_missing_and_unexpected_tensors(tmp_path):
     model = custom_model()
     model.save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    state["nn_module.extra"] = torch.zeros(3)
-    del state["nn_module.net.2.bias"]
-    save_file(state, tmp_path / "model.safetensors")
+
+    def edit(state):
+        state["nn_module.extra"] = torch.zeros(3)
+        del state["nn_module.net.2.bias"]
+
+    _edit_weights(tmp_path / "model.safetensors", edit)
     with pytest.raises(SerializationError) as err:
         DiffusionModel.from_pretrained(tmp_path, nn_module=TinyNet(2))
     msg = str(err.value)
@@ -150,9 +172,11 @@ def test_missing_and_unexpected_tensors(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int64])
 def test_wrong_dtype_is_refused(tmp_path, dtype):
     custom_model().save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    state["nn_module.net.0.bias"] = state["nn_module.net.0.bias"].to(dtype)
-    save_file(state, tmp_path / "model.safetensors")
+
+    def edit(state):
+        state["nn_module.net.0.bias"] = state["nn_module.net.0.bias"].to(dtype)
+
+    _edit_weights(tmp_path / "model.safetensors", edit)
     with pytest.raises(SerializationError, match=rf"net\.0\.bias: dtype {dtype} in the file"):
         DiffusionModel.from_pretrained(tmp_path, nn_module=TinyNet(2))
 
@@ -194,7 +218,9 @@ def _edit_config(folder: Path, edit) -> None:
 
 def test_newer_schema_is_refused(tmp_path):
     mlp_model().save_pretrained(tmp_path)
-    _edit_config(tmp_path, lambda d: d.update(schema_version=3, new_field={"x": 1}))
+    _edit_config(
+        tmp_path, lambda d: d.update(schema_version=SCHEMA_VERSION + 1, new_field={"x": 1})
+    )
     with pytest.raises(SerializationError, match="newer tinydiff.*upgrade"):
         DiffusionModel.from_pretrained(tmp_path)
 
@@ -335,7 +361,9 @@ def test_corrupt_ema_file(tmp_path):
     mlp_model(ema=True).save_pretrained(tmp_path)
     path = tmp_path / "ema.safetensors"
     path.write_bytes(path.read_bytes()[:-4])
-    assert DiffusionModel.from_pretrained(tmp_path).ema is None  # not read unless asked for
+    assert DiffusionModel.from_pretrained(tmp_path, load_ema=False).ema is None  # not read
+    with pytest.raises(SerializationError, match="ema.safetensors.*pass load_ema=False"):
+        DiffusionModel.from_pretrained(tmp_path)  # read by default: the hint says how not to
     with pytest.raises(SerializationError, match="ema.safetensors"):
         DiffusionModel.from_pretrained(tmp_path, load_ema=True)
     with pytest.raises(SerializationError, match="ema.safetensors"):
@@ -348,3 +376,64 @@ def test_subclass_from_pretrained_builds_the_subclass(tmp_path):
 
     mlp_model().save_pretrained(tmp_path)
     assert type(MyModel.from_pretrained(tmp_path)) is MyModel
+
+
+# -- loaded models that sample right -----------------------------------------------------------
+def test_loaded_model_is_in_eval_mode_with_its_ema(tmp_path):
+    model = mlp_model(ema=True)
+    model.save_pretrained(tmp_path)
+    loaded = DiffusionModel.from_pretrained(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    assert loaded.ema is not None and not any(m.training for m in loaded.ema.averaged.modules())
+    assert torch.equal(draw(loaded, use_ema=True), draw(model, use_ema=True))
+    assert DiffusionModel.from_pretrained(tmp_path, load_ema=False).ema is None
+    assert DiffusionModel.from_pretrained(tmp_path, use_ema_weights=True).ema is None
+    with pytest.raises(TypeError, match="load_ema must be None, True or False"):
+        DiffusionModel.from_pretrained(tmp_path, load_ema="yes")
+
+
+def test_use_ema_without_ema_says_how_to_load_it(tmp_path):
+    mlp_model(ema=True).save_pretrained(tmp_path)
+    loaded = DiffusionModel.from_pretrained(tmp_path, load_ema=False)
+    with pytest.raises(ValueError, match="from_pretrained.*load_ema=True.*enable_ema"):
+        loaded.sample(2, 2, use_ema=True)
+
+
+def test_missing_ema_file_names_the_way_out(tmp_path):
+    mlp_model(ema=True).save_pretrained(tmp_path)
+    (tmp_path / "ema.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="no ema.safetensors, which its manifest.*lo"):
+        DiffusionModel.from_pretrained(tmp_path)
+    assert DiffusionModel.from_pretrained(tmp_path, load_ema=False).ema is None
+
+
+def test_folder_saved_by_0_2_loads(tmp_path):
+    """tinydiff 0.2 wrote the same files without save ids and manifest (schema 2)."""
+    model = mlp_model(ema=True)
+    model.save_pretrained(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_file(load_file(tmp_path / name), tmp_path / name)  # no metadata
+    doc = json.loads((tmp_path / "config.json").read_text())
+    del doc["_tinydiff_save_id"]
+    (tmp_path / "config.json").write_text(json.dumps({**doc, "schema_version": 2}))
+    loaded = DiffusionModel.from_pretrained(tmp_path)
+    assert torch.equal(draw(loaded), draw(model))
+    assert torch.equal(draw(loaded, use_ema=True), draw(model, use_ema=True))
+    model.save_pretrained(tmp_path)  # saved again: a manifest, and it loads
+    assert (tmp_path / MANIFEST_NAME).exists()
+    assert torch.equal(draw(DiffusionModel.from_pretrained(tmp_path)), draw(model))
+
+
+def test_hand_copied_weights_are_a_mix(tmp_path):
+    """Weights of another save dropped into a folder: a clear MixedSaveError, not a load."""
+    from tinydiff.hub import MixedSaveError
+
+    mlp_model().save_pretrained(tmp_path / "a")
+    other = mlp_model()
+    with torch.no_grad():
+        other.nn_module.output.bias.add_(1.0)
+    other.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")
+    with pytest.raises(MixedSaveError, match="mixes files of two saves"):
+        DiffusionModel.from_pretrained(tmp_path / "a")

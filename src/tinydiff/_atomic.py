@@ -56,6 +56,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_safetensors",
     "check_save_id",
+    "folder_lock",
     "open_safetensors_member",
     "read_json_member",
     "read_manifest",
@@ -376,10 +377,17 @@ class FolderWriter:
 
     def commit(self) -> None:
         """Rename the staged files into place, then the manifest; then delete the files of
-        the previous save that this one no longer has."""
+        the previous save that this one no longer has. Commits of concurrent saves into one
+        folder (processes of one machine) run one after the other."""
         if self._done:
             raise RuntimeError("this FolderWriter was already committed or aborted")
         self._done = True
+        with folder_lock(self.folder):
+            with contextlib.suppress(SerializationError):  # a save committed meanwhile
+                self.previous = read_manifest(self.folder) or self.previous
+            self._commit()
+
+    def _commit(self) -> None:
         try:
             for name, staged in self._staged.items():
                 os.replace(staged.tmp, self.folder / name)
@@ -431,6 +439,31 @@ class FolderWriter:
             self.commit()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], *, shared: bool = False) -> Iterator[None]:
+    """A ``flock`` on the folder itself (no lock file): exclusive for a commit, so that two
+    processes' commits never interleave (one could otherwise delete, as obsolete, a file the
+    other's manifest lists); shared for a reader, so that no commit runs while it reads.
+    Where flock is missing or refused (Windows, some network file systems) nothing is
+    locked, and readers rely on the save ids alone."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _restream(source: Path, tmp: Path, save_id: str) -> None:

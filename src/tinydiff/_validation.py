@@ -5,14 +5,20 @@ what was wrong, what was expected and what to do.
 The checks read only Python values and tensor metadata (dtype, shape, device), except
 :func:`check_finite` and the range check of :func:`check_loss_times`, which read tensor
 values (one host sync on an accelerator each).
+
+`eval_mode` and `in_eval_mode` run a network in eval mode where a model is evaluated
+rather than trained (sampling, the likelihood, the timestep search) and give every
+submodule its own `training` flag back afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -31,6 +37,8 @@ __all__ = [
     "check_noise",
     "check_number",
     "dtype_device",
+    "eval_mode",
+    "in_eval_mode",
 ]
 
 #: a single sampling batch may use at most this fraction of the machine's memory per tensor
@@ -340,3 +348,54 @@ def check_finite_samples(samples: Tensor, trajectory: bool, enabled: bool | None
         "option out of range, a network that diverged in training (NaN weights), or a "
         "half-precision overflow; pass check_finite=False to return them anyway"
     )
+
+
+# -- running a network in eval mode ------------------------------------------------------------
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Run the block with ``modules`` in eval mode, then give every submodule back its own
+    `training` flag (also when the block raises).
+
+    Eval mode is set with each module's own ``train(False)`` (so overrides of `train`, e.g.
+    one that also switches an EMA copy, run); the flags are restored by assignment, exactly as
+    they were per submodule: a model in train mode with a frozen, eval-mode encoder inside
+    comes back that way. Modules given twice or nested are handled once; None is skipped.
+
+    Args:
+        modules: the networks (or models) to run in eval mode.
+    """
+    roots = [m for m in modules if m is not None]
+    saved: dict[int, tuple[torch.nn.Module, bool]] = {}
+    for root in roots:
+        for sub in root.modules():
+            saved.setdefault(id(sub), (sub, sub.training))
+    if not any(flag for _, flag in saved.values()):
+        yield  # already all in eval mode: nothing to change or restore
+        return
+    try:
+        for root in roots:
+            root.train(False)
+        yield
+    finally:
+        for sub, flag in saved.values():
+            sub.training = flag
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def in_eval_mode(fn: _F) -> _F:
+    """Decorate a function or method whose first argument is a model: it runs with the model
+    (its network and, when it has one, the EMA copy, which is not a submodule) in eval mode
+    (`eval_mode`), so dropout and batch statistics never make a sample depend on whether the
+    model was left in train mode."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        ema = getattr(model, "ema", None)
+        averaged = getattr(ema, "averaged", None)
+        nets = [m for m in (model, averaged) if isinstance(m, torch.nn.Module)]
+        with eval_mode(*nets):
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -152,8 +152,13 @@ class EMAMixin(nn.Module):
     def _require_ema(self) -> EMA:
         if self._ema is None:
             raise ValueError(
-                "EMA is not enabled on this model: call model.enable_ema(decay=...) before "
-                "training (then model.update_ema() after each optimizer step)"
+                "EMA is not enabled on this model. A model loaded with from_pretrained has its "
+                "saved EMA when the folder holds EMA weights (ema.safetensors; loaded by "
+                "default, or with load_ema=True) and it was not loaded with load_ema=False or "
+                "use_ema_weights=True (which makes the EMA weights the live ones: sample "
+                "without use_ema then). To keep an EMA while training, call "
+                "model.enable_ema(decay=...) before training and model.update_ema() after each "
+                "optimizer step."
             )
         return self._ema
 

@@ -1,25 +1,41 @@
-"""Pretrained models: :class:`HubMixin` gives ``DiffusionModel`` ``save_pretrained``,
-``from_pretrained`` and ``push_to_hub``, without pickle.
+"""Pretrained models: [`HubMixin`][tinydiff.hub.HubMixin] gives ``DiffusionModel``
+``save_pretrained``, ``from_pretrained`` and ``push_to_hub``, without pickle.
 
 A saved model is a folder (locally or as a Hugging Face Hub repository) holding:
 
-* ``config.json``: ``schema_version`` (an integer, :data:`SCHEMA_VERSION`), the writing
-  ``tinydiff_version``, the full :class:`~tinydiff.DiffusionModelConfig` (``model``), the
+* ``config.json``: ``schema_version`` (an integer,
+  [`SCHEMA_VERSION`][tinydiff.hub.SCHEMA_VERSION]), the writing ``tinydiff_version``, the
+  full [`DiffusionModelConfig`][tinydiff.DiffusionModelConfig] (``model``), the
   parameters' floating ``dtype``, the network (``network``: for a built-in
-  :mod:`tinydiff.nn` network its class name, e.g. ``"tinydiff.nn.MLP"``, and its init
-  arguments; ``null`` for a custom network, which the caller passes in again), and the EMA
-  options (``ema``: ``decay``, ``warmup``, ``update_every``; ``null`` without EMA);
+  [`tinydiff.nn`][tinydiff.nn] network its class name, e.g. ``"tinydiff.nn.MLP"``, and its
+  init arguments; for a diffusers model wrapped in a
+  [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] (what ``from_diffusers``
+  builds) ``"diffusers.UNet2DModel"`` or another class of
+  [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] and its diffusers config;
+  ``null`` for a custom network, which the caller passes in again), and the EMA options
+  (``ema``: ``decay``, ``warmup``, ``update_every``; ``null`` without EMA);
 * ``model.safetensors``: ``DiffusionModel.state_dict()`` (keys ``nn_module.*``);
-* ``ema.safetensors`` (only with EMA): :meth:`tinydiff.ema.EMA.state_dict` (the averaged
-  network under ``module.*``, plus ``n_averaged`` and ``num_calls``);
-* ``README.md``: a :class:`huggingface_hub.ModelCard` (YAML metadata, the config table, a
-  usage snippet).
+* ``ema.safetensors`` (only with EMA): [`EMA.state_dict`][tinydiff.ema.EMA.state_dict]
+  (the averaged network under ``module.*``, plus ``n_averaged`` and ``num_calls``);
+* ``README.md``: a `huggingface_hub.ModelCard` (YAML metadata, the config table, a
+  usage snippet);
+* ``tinydiff_manifest.json`` ([`MANIFEST_NAME`][tinydiff.hub.MANIFEST_NAME], since
+  schema 3): the save id that every file above carries (safetensors header metadata, a
+  ``_tinydiff_save_id`` key in config.json), written last.
 
-What tinydiff adds to :mod:`huggingface_hub` and :mod:`safetensors` (which do the downloads,
+Saves are folder-atomic (`tinydiff._atomic.FolderWriter`): all files are written to
+temporary files first and renamed in a burst, the manifest last; ``from_pretrained`` checks
+each file's save id on the very file descriptor it reads. After a crash at any point, or
+while another process saves into the folder, a load gives the old model, the new one, or a
+clear `MixedSaveError` (a local folder being rewritten is retried a few times); never new
+weights under an old config. Folders saved before manifests existed (schema 1 and 2) load as
+before.
+
+What tinydiff adds to `huggingface_hub` and `safetensors` (which do the downloads,
 cache, tokens, offline mode, uploads, model cards, and validate safetensors headers):
 
 * nothing is ever unpickled: ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` weights are refused;
-* a Hub load resolves the revision once (:func:`huggingface_hub.snapshot_download`), so
+* a Hub load resolves the revision once (`huggingface_hub.snapshot_download`), so
   its files all come from one commit; ``revision`` and repository ids are checked before
   they reach the cache;
 * bounded loading: the network in config.json is built on the meta device and its tensor
@@ -27,20 +43,25 @@ cache, tokens, offline mode, uploads, model cards, and validate safetensors head
   safetensors checks against the file size) before anything is allocated; only regular
   files are opened, and the header length, JSON size and nesting are capped;
 * strict loading: missing, unexpected, wrongly shaped or typed tensors are one error naming
-  the keys; only classes from :mod:`tinydiff.nn` are rebuilt from a config, no class path is
-  imported; ``schema_version`` is checked; a missing plugin is named.
+  the keys; only classes from [`tinydiff.nn`][tinydiff.nn] and the diffusers classes of
+  [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] are rebuilt from a config
+  (diffusers' ones on the meta device, their config keys checked against the class), no
+  class path is imported; ``schema_version`` is checked; a missing plugin is named.
 
-tinydiff does not inherit :class:`huggingface_hub.ModelHubMixin`: that mixin captures
+tinydiff does not inherit `huggingface_hub.ModelHubMixin`: that mixin captures
 constructor arguments as the config (``DiffusionModel`` takes a network object plus a
 pydantic config), and its PyTorch loader falls back to ``torch.load`` for ``.bin`` files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -54,21 +75,29 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from tinydiff._atomic import MANIFEST_NAME as _MANIFEST_NAME
+from tinydiff._atomic import (
+    FolderWriter,
+    MixedSaveError,
+    SaveManifest,
+    folder_lock,
+    open_safetensors_member,
+    read_json_member,
+    read_manifest,
+)
 from tinydiff._safetensors import (
     SafetensorsFile,
     SerializationError,
     check_count,
     check_entries,
     check_regular_file,
-    load_json,
 )
 from tinydiff._validation import check_device
 from tinydiff._version import __version__
-from tinydiff.checkpoint import _atomic_write
 from tinydiff.config import DiffusionModelConfig, config_from_saved
+from tinydiff.diffusers_compat import DiffusersUNet
 from tinydiff.nn import MLP, UNet
 
 if TYPE_CHECKING:
@@ -94,21 +123,32 @@ class SavableModel(Protocol):
 
 __all__ = [
     "CONFIG_NAME",
+    "DIFFUSERS_NETWORKS",
     "EMA_WEIGHTS_NAME",
+    "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "WEIGHTS_NAME",
     "HubMixin",
+    "MixedSaveError",
     "ModelNotFoundError",
     "SerializationError",
     "read_safetensors",
 ]
 
-#: the config.json layout written here; 1 (tinydiff 0.1) and 2 are read
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""The config.json layout written here; 1 (tinydiff 0.1), 2 (0.2, no save id) and 3 are read."""
 CONFIG_NAME = "config.json"
+"""The file name of a saved model's configuration (the model config, network and EMA options)."""
 WEIGHTS_NAME = "model.safetensors"
+"""The file name of a saved model's weights, ``DiffusionModel.state_dict()`` in safetensors."""
 EMA_WEIGHTS_NAME = "ema.safetensors"
+"""The file name of a saved model's EMA state (only when the model had an EMA)."""
+MANIFEST_NAME = _MANIFEST_NAME
+"""The file name of a saved folder's manifest: the save id that ties its files together, written
+last (since tinydiff 0.3; a folder without one is read as saved by an earlier tinydiff)."""
 README_NAME = "README.md"
+#: loads of a local folder that another process saves into meanwhile are tried this often
+_LOAD_RETRIES = 6
 #: read_safetensors' header cap (safetensors' own); from_pretrained derives a tighter one
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -120,6 +160,15 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 #: the only networks rebuilt from a config: name in config.json -> class
 BUILTIN_NETWORKS: dict[str, type[nn.Module]] = {"tinydiff.nn.MLP": MLP, "tinydiff.nn.UNet": UNet}
+DIFFUSERS_NETWORKS = ("UNet2DModel", "UNet2DConditionModel")
+"""The diffusers model classes that `save_pretrained` records by name (as
+``"diffusers.<class>"``, with their config) and `from_pretrained` rebuilds; any other
+network is saved as a custom one (pass it again as ``nn_module=``)."""
+_DIFFUSERS_PREFIX = "diffusers."
+#: bounds on a diffusers config from a file, checked before the network is built
+_MAX_DIFFUSERS_INT = 1 << 20
+_MAX_DIFFUSERS_LIST = 32
+_MAX_DIFFUSERS_LAYERS = 64
 _DTYPE_NAMES = {
     "float64": torch.float64,
     "float32": torch.float32,
@@ -160,7 +209,7 @@ class _ConfigFile(BaseModel):
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read every tensor of a safetensors file onto the CPU (a regular file; header checked
-    by safetensors, and capped at :data:`MAX_HEADER_BYTES`).
+    by safetensors, and capped at `MAX_HEADER_BYTES`).
 
     Raises:
         SerializationError: not a regular file, a truncated or corrupt file, a header over
@@ -175,7 +224,31 @@ def _network_spec(net: nn.Module) -> dict[str, Any] | None:
     for name, cls in BUILTIN_NETWORKS.items():
         if type(net) is cls:
             return {"class_name": name, "config": net.config}
+    if type(net) is DiffusersUNet:
+        return _diffusers_spec(net.unet)
     return None
+
+
+def _diffusers_spec(unet: nn.Module) -> dict[str, Any] | None:
+    """``{"class_name": "diffusers.UNet2DModel", "config": ...}`` for a diffusers model of
+    `DIFFUSERS_NETWORKS` (its own class, not a subclass), else None (a custom network)."""
+    import sys
+
+    diffusers = sys.modules.get("diffusers")  # a diffusers model exists: diffusers is imported
+    name = type(unet).__name__
+    if (
+        diffusers is None
+        or name not in DIFFUSERS_NETWORKS
+        or type(unet) is not getattr(diffusers, name, None)
+    ):
+        return None
+    own: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]
+    config = {k: v for k, v in own.items() if not str(k).startswith("_")}
+    try:
+        config = json.loads(json.dumps(config, allow_nan=False))  # tuples -> lists
+    except (TypeError, ValueError):  # a value JSON cannot hold: store it as a custom network
+        return None
+    return {"class_name": _DIFFUSERS_PREFIX + name, "config": config}
 
 
 def build_config(model: SavableModel) -> dict[str, Any]:
@@ -209,8 +282,9 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> ModelCard:
         arch = f"`{net['class_name']}` with `{json.dumps(net['config'])}`"
         load = f'model = DiffusionModel.from_pretrained("{where}")'
     ema_line = (
-        "EMA weights are included (`from_pretrained(..., load_ema=True)` or "
-        f"`use_ema_weights=True`; decay {ema['decay']})."
+        "EMA weights are included (decay "
+        f"{ema['decay']}): `from_pretrained` loads them beside the live weights, for "
+        "`sample(..., use_ema=True)`; `use_ema_weights=True` loads them as the live weights."
         if ema
         else "No EMA weights are included."
     )
@@ -225,22 +299,24 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def _tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # clones: safetensors refuses tensors that share storage
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
 def _save(model: SavableModel, folder: Path, repo_id: str | None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the files of ``model`` into ``folder`` as one folder-atomic save (module
+    docstring); a stale ema.safetensors of an earlier save with EMA goes after the commit."""
     config = build_config(model)
-
-    def tensors(state: dict[str, Tensor]) -> bytes:
-        # clones: safetensors refuses tensors that share storage
-        return st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
-
-    _atomic_write(folder / WEIGHTS_NAME, tensors(model.state_dict()))
-    ema_path = folder / EMA_WEIGHTS_NAME
-    if model.ema is not None:
-        _atomic_write(ema_path, tensors(model.ema_state_dict()))
-    elif ema_path.exists():
-        ema_path.unlink()
-    _atomic_write(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-    _atomic_write(folder / README_NAME, str(model_card(config, repo_id)).encode())
+    card = str(model_card(config, repo_id)).encode()
+    with FolderWriter(folder) as save:
+        save.write_safetensors(WEIGHTS_NAME, _tensors(model.state_dict()))
+        if model.ema is not None:
+            save.write_safetensors(EMA_WEIGHTS_NAME, _tensors(model.ema_state_dict()))
+        elif os.path.lexists(folder / EMA_WEIGHTS_NAME):
+            save.discard(EMA_WEIGHTS_NAME)
+        save.write_json(CONFIG_NAME, config)
+        save.write_bytes(README_NAME, card)
     return folder
 
 
@@ -348,16 +424,59 @@ class _Source:
             f"{self.name} has no {filename}: not a tinydiff model saved with save_pretrained"
         )
 
+    def manifest(self) -> SaveManifest | None:
+        """The folder's save manifest (None for a folder saved before manifests existed)."""
+        return read_manifest(self.folder)
+
+    def state(self) -> tuple[tuple[str, int, int], ...]:
+        """What changes when a save writes into a local folder: its entries' names, inodes and
+        modification times (temporary files included)."""
+        out = []
+        try:
+            for entry in os.scandir(self.folder):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out.append((entry.name, st.st_ino, st.st_mtime_ns))
+        except OSError:
+            pass
+        return tuple(sorted(out))
+
+    def _listed(self, filename: str, manifest: SaveManifest | None) -> None:
+        """`get`, with a clearer error for a file that the manifest of a local folder lists
+        but that is missing (deleted by hand, or the folder changed while it was read)."""
+        try:
+            self.get(filename)
+        except ModelNotFoundError:
+            if self.remote or manifest is None or filename not in manifest:
+                raise
+            raise ModelNotFoundError(
+                f"{self.name} has no {filename}, which its manifest ({MANIFEST_NAME}) lists: "
+                "the file was deleted, or the folder changed while it was read. Save the model "
+                "into it again."
+            ) from None
+
+    def read_json(self, filename: str, manifest: SaveManifest | None, max_bytes: int) -> Any:
+        """The JSON document ``filename`` (one open; its save id checked and removed)."""
+        self._listed(filename, manifest)
+        return read_json_member(self.folder, filename, manifest, max_bytes=max_bytes)
+
+    def open_safetensors(
+        self, filename: str, manifest: SaveManifest | None, max_header_bytes: int, what: str
+    ) -> SafetensorsFile:
+        """``filename`` opened once, its header's save id checked against ``manifest``."""
+        self._listed(filename, manifest)
+        return open_safetensors_member(
+            self.folder, filename, manifest, max_header_bytes=max_header_bytes, what=what
+        )
+
 
 # -- reading config.json -------------------------------------------------------------------------
-def _read_config(path: Path) -> _ConfigFile:
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise SerializationError(
-            f"{path} has {size} bytes, more than the {MAX_CONFIG_BYTES} a tinydiff config.json "
-            "can need; it is not one"
-        )
-    doc = load_json(path.read_bytes(), str(path))
+def _read_config(source: _Source, manifest: SaveManifest | None) -> tuple[Path, _ConfigFile]:
+    """(path, parsed config.json): read through one open, its save id checked."""
+    path = source.folder / CONFIG_NAME
+    doc = source.read_json(CONFIG_NAME, manifest, MAX_CONFIG_BYTES)
     if not isinstance(doc, dict):
         raise SerializationError(f"{path} must hold a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")
@@ -377,7 +496,7 @@ def _read_config(path: Path) -> _ConfigFile:
             f"tinydiff reads 1..{SCHEMA_VERSION}): the file is corrupt or not from tinydiff"
         )
     try:
-        return _ConfigFile.model_validate(doc)
+        return path, _ConfigFile.model_validate(doc)
     except ValidationError as err:
         raise SerializationError(f"{path} is not a valid tinydiff config.json: {err}") from None
 
@@ -406,25 +525,100 @@ def _build_network(cfg: _ConfigFile, path: Path, device: str) -> nn.Module:
             "weights. Pass the network as from_pretrained(..., nn_module=MyNet(...)), built "
             "with the same arguments as when it was saved."
         )
-    cls = BUILTIN_NETWORKS.get(spec.class_name)
-    if cls is None:
-        raise SerializationError(
-            f"{path} names network class {spec.class_name!r}, which is not a built-in tinydiff "
-            f"network ({', '.join(BUILTIN_NETWORKS)}); pass the network as nn_module=..."
-        )
     dtype = None if cfg.dtype is None else _DTYPE_NAMES.get(cfg.dtype)
     if cfg.dtype is not None and dtype is None:
         raise SerializationError(
             f"{path}: unknown dtype {cfg.dtype!r} (expected one of {', '.join(_DTYPE_NAMES)})"
         )
+    if spec.class_name.startswith(_DIFFUSERS_PREFIX):
+        build = _diffusers_builder(spec, path)
+    else:
+        cls = BUILTIN_NETWORKS.get(spec.class_name)
+        if cls is None:
+            known = [*BUILTIN_NETWORKS, *(_DIFFUSERS_PREFIX + n for n in DIFFUSERS_NETWORKS)]
+            raise SerializationError(
+                f"{path} names network class {spec.class_name!r}, which is not a built-in "
+                f"tinydiff network or a diffusers class tinydiff rebuilds "
+                f"({', '.join(known)}); pass the network as nn_module=..."
+            )
+        build = lambda: cls.from_config(spec.config)  # type: ignore[attr-defined]  # noqa: E731
     try:
         with torch.device(device):
-            net = cls.from_config(spec.config)  # type: ignore[attr-defined]
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            net = build()
+    except (TypeError, ValueError, RuntimeError, OverflowError, AttributeError, KeyError) as err:
         raise SerializationError(
             f"{path}: cannot build {spec.class_name} from {spec.config!s:.300}: {err}"
         ) from None
     return net if dtype is None else net.to(dtype)
+
+
+def _diffusers_builder(spec: _NetworkSpec, path: Path) -> Any:
+    """A function building the [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] of
+    ``spec`` (call it under a ``torch.device``); the class is looked up in the allowlist
+    `DIFFUSERS_NETWORKS`, the config bounded and its keys checked against the class
+    first. diffusers is imported here only (an optional dependency)."""
+    name = spec.class_name[len(_DIFFUSERS_PREFIX) :]
+    if name not in DIFFUSERS_NETWORKS:
+        raise SerializationError(
+            f"{path} names network class {spec.class_name!r}; tinydiff rebuilds only the "
+            f"diffusers classes {', '.join(_DIFFUSERS_PREFIX + n for n in DIFFUSERS_NETWORKS)} "
+            "from a config. Build the network yourself and pass it as nn_module=..."
+        )
+    _check_diffusers_config(spec.config, path)
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(
+            f"{path} holds a diffusers {name}: loading it needs the optional dependency "
+            'diffusers; install it with `pip install "tinydiff[diffusers]"` (or pass the '
+            "network as nn_module=...)"
+        ) from None
+    cls = getattr(diffusers, name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(spec.config) - set(params)) if not takes_any else []
+    if unknown:
+        raise SerializationError(
+            f"{path}: the {spec.class_name} config has keys that {name} does not take: "
+            f"{', '.join(map(str, unknown[:12]))}; the file is corrupt or from another "
+            "diffusers version (pass the network as nn_module=...)"
+        )
+    return lambda: DiffusersUNet(cls.from_config(spec.config))
+
+
+def _check_diffusers_config(config: Any, path: Path) -> None:
+    """Bound what a diffusers config from a file can make the constructor do (the network
+    is built on the meta device and compared with the weights' header before anything is
+    allocated; these bounds keep that build itself small): integers within
+    +-`_MAX_DIFFUSERS_INT`, lists of at most `_MAX_DIFFUSERS_LIST` items, at most
+    `_MAX_DIFFUSERS_LAYERS` layers per block."""
+    for key, value in config.items():
+        items, stack = [], [(value, 0)]
+        while stack:  # a UNet option is a value, a list, or a list of lists
+            node, depth = stack.pop()
+            if isinstance(node, dict) or (isinstance(node, list) and depth >= 2):
+                raise SerializationError(
+                    f"{path}: diffusers config {key!r} is nested deeper than any UNet option "
+                    "(a value, a list, or a list of lists); the file is corrupt"
+                )
+            if isinstance(node, list):
+                stack.extend((child, depth + 1) for child in node)
+            else:
+                items.append(node)
+        if len(items) > _MAX_DIFFUSERS_LIST:
+            raise SerializationError(
+                f"{path}: diffusers config {key!r} has {len(items)} items, more than the "
+                f"{_MAX_DIFFUSERS_LIST} tinydiff accepts; the file is corrupt or not a UNet's"
+            )
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                continue
+            bound = _MAX_DIFFUSERS_LAYERS if "layers" in str(key) else _MAX_DIFFUSERS_INT
+            if abs(item) > bound:
+                raise SerializationError(
+                    f"{path}: diffusers config {key}={value!s:.80} is out of range (at most "
+                    f"{bound}); the file is corrupt or not a UNet's"
+                )
 
 
 _HINT = "Check that the network (nn_module=) has the architecture the weights were saved from."
@@ -445,16 +639,24 @@ class HubMixin:
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None
     ) -> Path:
-        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md.
+        """Save to a folder: config.json, model.safetensors, ema.safetensors, README.md and
+        the manifest that ties them together, as one folder-atomic save.
 
-        The layout is described in :mod:`tinydiff.hub`. Built-in :mod:`tinydiff.nn` networks
-        are stored with their class name and init arguments, so :meth:`from_pretrained` needs
-        nothing else; a custom network's weights are stored but not its architecture. The EMA
-        weights and options are saved too when ``enable_ema`` was called; a stale
-        ema.safetensors from an earlier save with EMA is removed.
+        The layout is described in [`tinydiff.hub`][tinydiff.hub]. Built-in
+        [`tinydiff.nn`][tinydiff.nn] networks are stored with their class name and init
+        arguments, so [`from_pretrained`][tinydiff.hub.HubMixin.from_pretrained] needs
+        nothing else; so are the diffusers classes of
+        [`DIFFUSERS_NETWORKS`][tinydiff.hub.DIFFUSERS_NETWORKS] wrapped in a
+        [`DiffusersUNet`][tinydiff.diffusers_compat.DiffusersUNet] (what ``from_diffusers``
+        builds), with their diffusers config. A custom network's weights are stored but not
+        its architecture. The EMA weights and options are saved too when ``enable_ema`` was
+        called; a stale ema.safetensors from an earlier save with EMA is removed after the
+        new save is complete. Files in the folder that tinydiff did not write are kept.
 
         Args:
-            save_directory: the folder (created if needed); files are written atomically.
+            save_directory: the folder (created if needed). A crash at any point, or a
+                concurrent save, leaves the old save or the new one for `from_pretrained`
+                (or a clear `MixedSaveError`), never a mix.
             repo_id: optional Hub repository id shown in the model card's usage snippet.
 
         Returns:
@@ -477,23 +679,28 @@ class HubMixin:
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
-        load_ema: bool = False,
+        load_ema: bool | None = None,
         use_ema_weights: bool = False,
         device: torch.device | str = "cpu",
     ) -> M:
-        """Load a model written by :meth:`save_pretrained`, from a folder or a Hub repository.
+        """Load a model written by
+        [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained], from a folder or a Hub
+        repository.
 
         A Hub repository is resolved to one commit and downloaded with
-        :func:`huggingface_hub.snapshot_download` (its cache, tokens and offline mode,
+        `huggingface_hub.snapshot_download` (its cache, tokens and offline mode,
         ``HF_HUB_OFFLINE=1``), so all files come from the same commit. Weights are only
         ever read from safetensors files (never unpickled), after the network has been
         built on the meta device and its tensor names, shapes and dtypes compared with the
-        files' headers; then they are loaded strictly.
+        files' headers; then they are loaded strictly. Each file's save id is checked
+        against the folder's manifest on the file it is read from, so a folder that another
+        process saves into meanwhile never loads as a mix (a local folder is read again, a
+        few times, before `MixedSaveError` is raised).
 
         Args:
             name_or_path: a local folder, or a Hub repository id ``"user/name"``.
             nn_module: the network to load the weights into; required when the model was
-                saved from a custom network (only :mod:`tinydiff.nn` networks are rebuilt
+                saved from a custom network (only [`tinydiff.nn`][tinydiff.nn] networks are rebuilt
                 from the config); optional (overrides the stored one) otherwise.
             revision: Hub branch, tag or commit sha (default: main).
             token: Hub token (default: the logged-in one); ``False`` for none.
@@ -502,13 +709,15 @@ class HubMixin:
             force_download: download again even if cached.
             load_ema: also load the saved EMA: the model gets an EMA (the saved options and
                 state) beside the live weights, for ``sample(..., use_ema=True)`` or more
-                training.
+                training. None (the default): load it when the folder has one (and
+                use_ema_weights is off); True: it must have one; False: never.
             use_ema_weights: load the saved EMA weights *as the live weights* (no EMA on the
                 returned model); the usual choice for inference. Exclusive with load_ema.
             device: where to put the model.
 
         Returns:
-            the model (in train mode, like a freshly built one), of the calling class.
+            the model in eval mode (like diffusers' and transformers' loaders; call
+            ``.train()`` before training on), of the calling class.
 
         Raises:
             tinydiff.hub.ModelNotFoundError: no such folder / repository / revision / file,
@@ -518,8 +727,11 @@ class HubMixin:
                 ``nn_module=``, pickled weights only, corrupt safetensors, wrong keys,
                 shapes or dtypes; missing EMA weights when asked for; a FIFO or device in
                 place of a file).
-            ValueError: a malformed ``revision``; load_ema with use_ema_weights; a device
-                that does not exist here.
+            tinydiff.hub.MixedSaveError: the folder's files belong to different saves (an
+                interrupted save, or one still writing after the retries).
+            ValueError: a malformed ``revision``; load_ema=True with use_ema_weights; a
+                device that does not exist here.
+            ImportError: the folder holds a diffusers network and diffusers is not installed.
             TypeError: nn_module not a torch.nn.Module.
         """
         if load_ema and use_ema_weights:
@@ -528,23 +740,61 @@ class HubMixin:
                 "weights and enables the EMA beside them; use_ema_weights loads the EMA weights "
                 "as the live weights (without an EMA)"
             )
+        if load_ema is not None and not isinstance(load_ema, bool):
+            raise TypeError(f"load_ema must be None, True or False, got {load_ema!r:.40}")
         if nn_module is not None and not isinstance(nn_module, nn.Module):
             raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}")
         target = check_device(device)
-        wants_ema = load_ema or use_ema_weights
-        files = [CONFIG_NAME, WEIGHTS_NAME] + ([EMA_WEIGHTS_NAME] if wants_ema else [])
-        source = _Source(
-            name_or_path,
-            files,
-            revision=check_revision(revision),
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
+        wants_ema = load_ema is not False or use_ema_weights
+        files = [MANIFEST_NAME, CONFIG_NAME, WEIGHTS_NAME] + (
+            [EMA_WEIGHTS_NAME] if wants_ema else []
         )
-        model = cls._from_pretrained(
-            source, nn_module=nn_module, load_ema=load_ema, use_ema_weights=use_ema_weights
-        )
+        hub = {
+            "revision": check_revision(revision),
+            "token": token,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "force_download": force_download,
+        }
+        try:
+            source = _Source(name_or_path, files, **hub)
+        except ModelNotFoundError:
+            if load_ema is not None or use_ema_weights:
+                raise
+            # offline, with a cache from a load without the EMA: config.json decides whether
+            # the EMA is wanted (and then says that it is not cached)
+            source = _Source(name_or_path, files[:-1], **hub)
+        for attempt in range(_LOAD_RETRIES):
+            before = None if source.remote else source.state()
+            try:
+                # no commit of a save into a local folder runs while it is read (flock)
+                with (
+                    contextlib.nullcontext()
+                    if source.remote
+                    else folder_lock(source.folder, shared=True)
+                ):
+                    model = cls._from_pretrained(
+                        source,
+                        nn_module=nn_module,
+                        load_ema=load_ema,
+                        use_ema_weights=use_ema_weights,
+                    )
+                break
+            except (MixedSaveError, FileNotFoundError) as err:
+                if source.remote:
+                    raise
+                # a local folder that another process saves into: read it again; one that
+                # stays as it is (an interrupted save, a file deleted) is an error at once
+                time.sleep(0.01 * 2**attempt)
+                if source.state() == before:
+                    raise
+                if attempt == _LOAD_RETRIES - 1:
+                    raise MixedSaveError(
+                        f"{source.name} changed while it was read ({err}; another process saved "
+                        f"into the folder during {_LOAD_RETRIES} tries): load it again once the "
+                        "other process has finished saving"
+                    ) from None
+        model.eval()  # type: ignore[attr-defined]
         return model.to(target)  # type: ignore[attr-defined, no-any-return]
 
     @classmethod
@@ -553,20 +803,25 @@ class HubMixin:
         source: _Source,
         *,
         nn_module: nn.Module | None,
-        load_ema: bool,
+        load_ema: bool | None,
         use_ema_weights: bool,
     ) -> M:
         """Hook: build the model from the files of ``source`` (``source.get(name)`` gives a
-        local path), on the CPU: check every header before allocating, then load strictly."""
-        wants_ema = load_ema or use_ema_weights
-        config_path = source.get(CONFIG_NAME)
-        cfg = _read_config(config_path)
+        local path), on the CPU: check every header before allocating, then load strictly.
+        Every file is read through one open and its save id checked against the manifest
+        (``source.manifest()``, ``source.read_json``, ``source.open_safetensors``)."""
+        manifest = source.manifest()
+        config_path, cfg = _read_config(source, manifest)
         model_config = _model_config(cfg, config_path)
-        if wants_ema and cfg.ema is None:
+        implicit = load_ema is None
+        if implicit:  # the default: the EMA when the folder has one
+            load_ema = cfg.ema is not None and not use_ema_weights
+        if (load_ema or use_ema_weights) and cfg.ema is None:
             raise SerializationError(
                 f"{source.name} holds no EMA weights (it was saved from a model without EMA); "
                 "drop load_ema / use_ema_weights"
             )
+        skip = " (or pass load_ema=False to load it without its EMA)" if implicit else ""
         # 1. the expected state on the meta device (a custom network is already built)
         net = _build_network(cfg, config_path, "meta") if nn_module is None else nn_module
         model: Any = cls(net, model_config)  # type: ignore[call-arg]
@@ -575,10 +830,11 @@ class HubMixin:
             model.enable_ema(**ema_opts)
         # 2. the headers against it; a header cap from the number of tensors expected
         cap = (64 << 10) + 1024 * 2 * len(model.state_dict())
-        weights = SafetensorsFile(
-            source.get(EMA_WEIGHTS_NAME if use_ema_weights else WEIGHTS_NAME),
-            max_header_bytes=cap,
-            what="EMA weights" if use_ema_weights else "weights",
+        weights = source.open_safetensors(
+            EMA_WEIGHTS_NAME if use_ema_weights else WEIGHTS_NAME,
+            manifest,
+            cap,
+            "EMA weights" if use_ema_weights else "weights",
         )
         ema_file = None
         try:
@@ -592,16 +848,23 @@ class HubMixin:
                 keys = {k: k for k in weights.entries}
             check_entries(model.state_dict(), weights, keys, what="model", hint=_HINT)
             if load_ema:
-                ema_file = SafetensorsFile(
-                    source.get(EMA_WEIGHTS_NAME), max_header_bytes=cap, what="EMA weights"
-                )
-                expected = model.ema_state_dict()
-                check_entries(expected, ema_file, {k: k for k in ema_file.entries}, what="EMA")
-                check_count(ema_file, "n_averaged", 1)
-                check_count(ema_file, "num_calls", 0)
+                try:
+                    ema_file = source.open_safetensors(
+                        EMA_WEIGHTS_NAME, manifest, cap, "EMA weights"
+                    )
+                    expected = model.ema_state_dict()
+                    ema_keys = {k: k for k in ema_file.entries}
+                    check_entries(expected, ema_file, ema_keys, what="EMA")
+                    check_count(ema_file, "n_averaged", 1)
+                    check_count(ema_file, "num_calls", 0)
+                except (SerializationError, ModelNotFoundError) as err:
+                    if not implicit or isinstance(err, MixedSaveError):
+                        raise
+                    raise type(err)(f"{err}{skip}") from None
             # 3. allocate: sizes now match files that safetensors checked against their size
             if nn_module is None:
-                model = cls(_build_network(cfg, config_path, "cpu"), model_config)  # type: ignore[call-arg]
+                net = _build_network(cfg, config_path, "cpu")
+                model = cls(net, model_config)  # type: ignore[call-arg]
             model.load_state_dict({k: weights.get(key) for k, key in keys.items()}, strict=True)
             if ema_file is not None:
                 model.enable_ema(**ema_opts)
@@ -622,9 +885,11 @@ class HubMixin:
         commit_message: str = "Upload tinydiff model",
         create_pr: bool = False,
     ) -> CommitInfo:
-        """Create the Hub repository if needed and upload :meth:`save_pretrained`'s folder.
+        """Create the Hub repository if needed and upload the folder of
+        [`save_pretrained`][tinydiff.hub.HubMixin.save_pretrained].
 
-        One commit holds config.json, model.safetensors, README.md (and ema.safetensors).
+        One commit holds config.json, model.safetensors, README.md, the save manifest (and
+        ema.safetensors).
 
         Args:
             repo_id: ``"user/name"`` (or ``"name"`` for the token's user).

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from tinydiff import conditioning
+from tinydiff._validation import in_eval_mode
 from tinydiff.process import DiscreteVP
 from tinydiff.variances import clipped_log_beta_tilde, gaussian_kl, gaussian_posterior
 
@@ -444,6 +445,7 @@ def vlb_applies(model: DiffusionModel) -> str | None:
     return None
 
 
+@in_eval_mode
 def nll(
     model: DiffusionModel,
     x: Tensor,

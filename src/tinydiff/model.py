@@ -245,6 +245,7 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         `tinydiff.timestep_search.optimize_timesteps` for the arguments."""
         return timestep_search.optimize_timesteps(self, num_steps, **kwargs)
 
+    @_validation.in_eval_mode
     @torch.no_grad()
     def sample(
         self,

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from tinydiff import spacings
 from tinydiff._progress import progress_bar
-from tinydiff._validation import dtype_device
+from tinydiff._validation import dtype_device, in_eval_mode
 
 if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike as DiffusionModel
@@ -127,6 +127,7 @@ def _sliced_w2(x: Tensor, y: Tensor, num_proj: int = 64) -> float:
     return float(((px - py) ** 2).mean(0).sum().sqrt())
 
 
+@in_eval_mode
 def optimize_timesteps(
     model: DiffusionModel,
     num_steps: int,
