@@ -68,6 +68,13 @@ def test_config_saved_by_v0_2_loads_with_its_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = DiffusionModel(MLP(2), DiffusionModelConfig(input_shape=(2,), target_type="pred_eps"))
     folder = source.save_pretrained(tmp_path / "m")
+    # a folder as 0.2 wrote it: no manifest, weights without save ids
+    from safetensors.torch import load_file, save_file
+
+    from tinydiff.hub import MANIFEST_NAME, WEIGHTS_NAME
+
+    (folder / MANIFEST_NAME).unlink()
+    save_file(load_file(str(folder / WEIGHTS_NAME)), str(folder / WEIGHTS_NAME))
     for drop in (False, True):
         doc = _v0_2_document()
         if drop:
