@@ -66,6 +66,13 @@ _COMPONENT_FIELDS: dict[str, Registry[Any]] = {
 }
 
 
+#: the x0-limit fields and their parsers (`tinydiff.thresholding`)
+_X0_LIMIT_PARSERS: dict[str, Any] = {
+    "clip_x0": thresholding.parse_clip_x0,
+    "dynamic_threshold": thresholding.parse_dynamic_threshold,
+}
+
+
 class DiffusionModelConfig(BaseModel):
     """Configuration of a :class:`tinydiff.DiffusionModel`.
 
@@ -198,23 +205,15 @@ class DiffusionModelConfig(BaseModel):
     def _time_sampling(cls, v: Any) -> str | None:
         return None if v is None else _registry_name(time_sampling.REGISTRY, v)
 
-    @field_validator("clip_x0", mode="before")
+    @field_validator("clip_x0", "dynamic_threshold", mode="before")
     @classmethod
-    def _clip_x0(cls, v: Any) -> tuple[float, float] | None:
+    def _x0_limit(cls, v: Any, info: ValidationInfo) -> tuple[float, float] | None:
+        parse = _X0_LIMIT_PARSERS[str(info.field_name)]
         try:
-            clip = thresholding.parse_clip_x0(v)
+            limit = parse(v)
         except TypeError as err:
             raise ValueError(str(err)) from err
-        return None if clip is None else clip.as_option()
-
-    @field_validator("dynamic_threshold", mode="before")
-    @classmethod
-    def _dynamic_threshold(cls, v: Any) -> tuple[float, float] | None:
-        try:
-            threshold = thresholding.parse_dynamic_threshold(v)
-        except TypeError as err:
-            raise ValueError(str(err)) from err
-        return None if threshold is None else threshold.as_option()
+        return None if limit is None else limit.as_option()
 
     @field_validator("timestep_spacing", mode="before")
     @classmethod
