@@ -700,3 +700,18 @@ def test_symlink_loop_is_a_library_error(tmp_path):
         read_checkpoint(tmp_path / "a.safetensors")
     with pytest.raises(SerializationError, match="cannot be opened"):
         load_checkpoint(tmp_path / "a.safetensors", torch.nn.Linear(2, 2))
+
+
+def test_the_meta_device_is_refused_before_sampling() -> None:
+    """A device, init_noise or network on the meta device holds no data: a clear ValueError
+    instead of torch's raw device or copy errors."""
+    from tinydiff.nn import MLP
+
+    model = DiffusionModel(MLP(2, hidden_dim=8, num_layers=1), input_shape=(2,))
+    with pytest.raises(ValueError, match="meta device holds no data"):
+        model.sample(2, 3, device="meta")
+    with pytest.raises(ValueError, match="init_noise is on the meta device"):
+        model.sample(2, 3, init_noise=torch.empty(2, 2, device="meta"))
+    empty = DiffusionModel(MLP(2, hidden_dim=8, num_layers=1).to("meta"), input_shape=(2,))
+    with pytest.raises(ValueError, match="network's weights are on 'meta'"):
+        empty.sample(2, 3)

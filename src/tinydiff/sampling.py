@@ -86,6 +86,12 @@ def initial_noise(
     dtype, param_device = _validation.dtype_device(network)
     checked = _validation.check_device(device)
     device = param_device if checked is None else checked
+    if device.type == "meta":
+        where = "device='meta'" if checked is not None else "the network's weights are on 'meta'"
+        raise ValueError(
+            f"{where}: the meta device holds no data, so nothing can be sampled there; sample on "
+            "'cpu' or 'cuda' (load the weights first, e.g. with from_pretrained)"
+        )
     _validation.check_bsz(shape[0], shape[1:], dtype, device)
     if init_noise is None:
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -96,6 +102,8 @@ def initial_noise(
             tuple(init_noise.shape) if isinstance(init_noise, Tensor) else type(init_noise).__name__
         )
         raise ValueError(f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}")
+    if init_noise.is_meta:
+        raise ValueError("init_noise is on the meta device (it holds no data); pass real values")
     x = init_noise.to(device=device, dtype=dtype)
     _validation.check_finite("init_noise", x, check_finite)
     return x
