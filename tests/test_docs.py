@@ -323,7 +323,7 @@ def test_rest_doc_comments(rest: Any) -> None:
 
 #: reST roles and directives in src when Markdown became the docstring convention
 #: (docs/plugins.md#docstrings). Lower it when converting old docstrings; never raise it.
-REST_IN_SRC_CEILING = 509
+REST_IN_SRC_CEILING = 455
 REST_IN_SRC = re.compile(
     r":(?:py:)?(?:class|meth|func|mod|attr|data|exc|obj|const|math):`|^\s*\.\. math::", re.M
 )
