@@ -50,3 +50,21 @@ class CondNet(nn.Module):
                 class_labels = torch.full((x.shape[0],), self.null_class, device=x.device)
             h = h + self.emb(class_labels)
         return self.out(h)
+
+
+def tiny_diffusers_unet(cls: type | None = None, out_channels: int = 2) -> nn.Module:
+    """A seeded tiny diffusers UNet2DModel (2 channels, 8x8, two levels), or ``cls`` (a
+    subclass) with the same arguments; diffusers must be installed."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return (cls or diffusers.UNet2DModel)(
+        sample_size=8,
+        in_channels=2,
+        out_channels=out_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )

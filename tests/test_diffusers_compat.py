@@ -21,6 +21,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from _nets import tiny_diffusers_unet  # noqa: E402
+
 from tinydiff import DiffusionModel, DiffusionModelConfig  # noqa: E402
 from tinydiff.diffusers_compat import (  # noqa: E402
     REFUSED,
@@ -47,17 +49,7 @@ RTOL = 1e-5
 
 
 def _unet(out_channels: int = 2) -> Any:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=out_channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    return tiny_diffusers_unet(out_channels=out_channels)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from _models import mlp_model
+from _nets import tiny_diffusers_unet
 
 from tinydiff import DiffusionModel, load_checkpoint, save_checkpoint
 from tinydiff.hub import MANIFEST_NAME, ModelNotFoundError, SerializationError
@@ -242,17 +243,7 @@ def test_corrupted_folder_saves(tmp_path):
 def _diffusers_originals(tmp_path: Path) -> dict[str, dict[str, bytes]]:
     """A tiny UNet2DModel with four scheduler configs (DDPM, DDIM, FlowMatchEuler, EDMEuler)."""
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_diffusers_unet()
     unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
     schedulers = [
         diffusers.DDPMScheduler(),

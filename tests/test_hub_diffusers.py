@@ -14,6 +14,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from _nets import tiny_diffusers_unet  # noqa: E402
+
 from tinydiff import DiffusionModel  # noqa: E402
 from tinydiff.diffusers_compat import DiffusersUNet  # noqa: E402
 from tinydiff.hub import DIFFUSERS_NETWORKS, SerializationError  # noqa: E402
@@ -145,17 +147,7 @@ def test_unlisted_diffusers_class_is_saved_as_a_custom_network(tmp_path):
     class MyUNet(diffusers.UNet2DModel):  # a subclass is not diffusers' own class
         pass
 
-    torch.manual_seed(0)
-    unet = MyUNet(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_diffusers_unet(MyUNet)
     model = DiffusionModel(DiffusersUNet(unet), input_shape=(2, 8, 8), num_timesteps=20)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["network"] is None

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from _nets import tiny_diffusers_unet
 
 from tinydiff import DiffusionModel, DiffusionModelConfig
 from tinydiff.thresholding import (
@@ -214,17 +215,7 @@ LIMITS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def _unet() -> Any:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    return tiny_diffusers_unet()
 
 
 @pytest.fixture(scope="module")
