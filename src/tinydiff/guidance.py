@@ -228,6 +228,15 @@ def _check_space(space: Any, owner: str) -> str:
     return space
 
 
+def _in_space(
+    space: str, cond: Pred, uncond: Pred | None, p: Point
+) -> tuple[Target, Tensor, Tensor]:
+    """The target of ``space`` and the conditional and unconditional predictions in it."""
+    assert uncond is not None  # the strategies that call this need the null condition
+    target = SPACES[space]
+    return target, target.target(cond.x0, cond.eps, p), target.target(uncond.x0, uncond.eps, p)
+
+
 def _dims(x: Tensor) -> tuple[int, ...]:
     """The non-batch dims: norms and inner products are per sample."""
     return tuple(range(1, x.dim()))
@@ -319,10 +328,8 @@ class APG(Guidance):
     def combine(
         self, x: Tensor, p: Point, cond: Pred, uncond: Pred | None, state: State, step: Tensor
     ) -> Guided:
-        assert uncond is not None  # needs_null_cond
-        target = SPACES[self.space]
-        c = target.target(cond.x0, cond.eps, p)
-        diff = c - target.target(uncond.x0, uncond.eps, p)
+        target, c, u = _in_space(self.space, cond, uncond, p)
+        diff = c - u
         dims = _dims(diff)
         if self.momentum != 0:
             diff = diff + self.momentum * state[0]
@@ -383,10 +390,7 @@ class CFGZeroStar(Guidance):
     def combine(
         self, x: Tensor, p: Point, cond: Pred, uncond: Pred | None, state: State, step: Tensor
     ) -> Guided:
-        assert uncond is not None  # needs_null_cond
-        target = SPACES[self.space]
-        c = target.target(cond.x0, cond.eps, p)
-        u = target.target(uncond.x0, uncond.eps, p)
+        target, c, u = _in_space(self.space, cond, uncond, p)
         dims = _dims(c)
         s = (c * u).sum(dim=dims, keepdim=True) / (u * u).sum(dim=dims, keepdim=True).clamp_min(
             torch.finfo(u.dtype).tiny
