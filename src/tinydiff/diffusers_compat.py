@@ -283,22 +283,22 @@ def _positive(options: Mapping[str, Any], key: str, default: float) -> float:
     return value
 
 
-def _flag(options: Mapping[str, Any], key: str, default: bool) -> bool:
+def _typed(options: Mapping[str, Any], key: str, default: Any, kind: type, what: str) -> Any:
+    """``options[key]`` (or ``default``), which must be a ``kind``; TypeError naming it."""
     value = options.get(key, default)
-    if not isinstance(value, bool):
+    if not isinstance(value, kind):
         raise TypeError(
-            f"{_OWNER} {key} must be true or false, got {value!r} ({type(value).__name__})"
+            f"{_OWNER} {key} must be {what}, got {value!r:.80} ({type(value).__name__})"
         )
     return value
+
+
+def _flag(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    return _typed(options, key, default, bool, "true or false")  # type: ignore[no-any-return]
 
 
 def _text(options: Mapping[str, Any], key: str, default: str) -> str:
-    value = options.get(key, default)
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{_OWNER} {key} must be a string, got {value!r:.80} ({type(value).__name__})"
-        )
-    return value
+    return _typed(options, key, default, str, "a string")  # type: ignore[no-any-return]
 
 
 def _fixed(name: str) -> SchedulerRule:
