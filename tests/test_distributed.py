@@ -4,7 +4,6 @@ training on two halves of a batch equals single-process training on the whole ba
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -21,12 +20,6 @@ from _nets import CondNet
 from tinydiff import DiffusionModel, DiffusionModelConfig
 
 STEPS, BSZ, LR = 3, 16, 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model() -> DiffusionModel:
@@ -46,10 +39,11 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port that a parallel test could take between choice and bind
+    init = "file://" + os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model = _model()
         ddp = DDP(model)
@@ -69,13 +63,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         state["grads_agree"] = torch.tensor(grads_agree)
         save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        # no rank tears gloo down while its peer may still be in a collective
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 def test_ddp_matches_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for x, t, noise in _batches():
