@@ -59,7 +59,8 @@ class Row:
     Attributes:
         fields: config fields besides input_shape.
         lr: peak learning rate (None: the Trainer's default).
-        warmup: warm-up steps of :func:`tinydiff.warmup_cosine` (None: constant LR).
+        warmup: warm-up steps of :func:`tinydiff.warmup_cosine` over the run, 0 for a
+            constant LR (None: the Trainer's default schedule).
         ema: EMA decay, sampled with the EMA weights (None: no EMA).
         clip_x0, dynamic_threshold: the x0 limit used when sampling.
         doc: where the recipe comes from.
@@ -76,32 +77,46 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "bare": Row(doc="every default"),
-    "bare_eps": Row({"target_type": "pred_eps"}, doc="tinydiff 0.2's defaults (pred_eps)"),
-    "eps_clip1": Row({"target_type": "pred_eps"}, clip_x0=1.0, doc="pred_eps, clip_x0=(-1, 1)"),
-    "eps_clip3": Row({"target_type": "pred_eps"}, clip_x0=3.0, doc="pred_eps, clip_x0=(-3, 3)"),
+    "bare_eps": Row(
+        {"target_type": "pred_eps"}, warmup=0, doc="tinydiff 0.2's defaults (pred_eps)"
+    ),
+    "eps_clip1": Row(
+        {"target_type": "pred_eps"}, clip_x0=1.0, warmup=0, doc="pred_eps, clip_x0=(-1, 1)"
+    ),
+    "eps_clip3": Row(
+        {"target_type": "pred_eps"}, clip_x0=3.0, warmup=0, doc="pred_eps, clip_x0=(-3, 3)"
+    ),
     "eps_dynthr": Row(
         {"target_type": "pred_eps"},
         dynamic_threshold=(0.995, 2.0),
+        warmup=0,
         doc="pred_eps, dynamic_threshold=(0.995, 2)",
     ),
-    "x0": Row({"target_type": "pred_x_0"}, doc="pred_x_0"),
+    "x0": Row({"target_type": "pred_x_0"}, warmup=0, doc="pred_x_0"),
     # pred_eps on other VP tables: where does the 1/alpha(T) amplification start to hurt?
     "eps_linear": Row(
-        {"target_type": "pred_eps", "noise_schedule_type": "linear"}, doc="pred_eps, linear"
+        {"target_type": "pred_eps", "noise_schedule_type": "linear"},
+        warmup=0,
+        doc="pred_eps, linear",
     ),
     "eps_sigmoid": Row(
-        {"target_type": "pred_eps", "noise_schedule_type": "sigmoid"}, doc="pred_eps, sigmoid"
+        {"target_type": "pred_eps", "noise_schedule_type": "sigmoid"},
+        warmup=0,
+        doc="pred_eps, sigmoid",
     ),
     "eps_scaled": Row(
         {"target_type": "pred_eps", "noise_schedule_type": "scaled_linear"},
+        warmup=0,
         doc="pred_eps, scaled_linear",
     ),
-    "v": Row({"target_type": "pred_v"}, doc="pred_v (README, issue table)"),
-    "v_ema": Row({"target_type": "pred_v"}, ema=0.999, doc="pred_v, EMA 0.999"),
+    "v": Row({"target_type": "pred_v"}, warmup=0, doc="pred_v (README, issue table)"),
+    "v_ema": Row({"target_type": "pred_v"}, ema=0.999, warmup=0, doc="pred_v, EMA 0.999"),
     "v_wc": Row({"target_type": "pred_v"}, lr=2e-3, warmup=100, doc="pred_v, warmup-cosine 2e-3"),
-    "v_lr3e-4": Row({"target_type": "pred_v"}, lr=3e-4, doc="pred_v, constant LR 3e-4"),
-    "v_lr5e-4": Row({"target_type": "pred_v"}, lr=5e-4, doc="pred_v, constant LR 5e-4"),
-    "v_lr2e-3": Row({"target_type": "pred_v"}, lr=2e-3, doc="pred_v, constant LR 2e-3"),
+    "v_const": Row({"target_type": "pred_v"}, warmup=0, doc="pred_v, constant LR 1e-3 (0.2's)"),
+    "v_lr3e-4": Row({"target_type": "pred_v"}, lr=3e-4, warmup=0, doc="pred_v, constant 3e-4"),
+    "v_lr5e-4": Row({"target_type": "pred_v"}, lr=5e-4, warmup=0, doc="pred_v, constant 5e-4"),
+    "v_lr2e-3": Row({"target_type": "pred_v"}, lr=2e-3, warmup=0, doc="pred_v, constant 2e-3"),
+    "bare_lr2e-3": Row(lr=2e-3, doc="every default but the peak LR, 2e-3"),
     "recipe": Row(
         {"target_type": "pred_v"},
         lr=2e-3,
@@ -118,8 +133,8 @@ ROWS: dict[str, Row] = {
     ),
 }
 TOY_ROWS = ("bare", "bare_eps", "eps_clip1", "eps_clip3", "eps_dynthr", "x0", "v", "v_ema")
-TOY_ROWS += ("v_wc", "recipe", "recipe_swiss")
-DIGITS_ROWS = ("bare", "bare_eps", "eps_clip1", "recipe")
+TOY_ROWS += ("v_wc", "recipe", "recipe_swiss", "v_const")
+DIGITS_ROWS = ("bare", "bare_eps", "eps_clip1", "recipe", "v_const")
 
 
 class _Limited:
@@ -176,9 +191,13 @@ def train(
     options: dict[str, Any] = {"batch_size": bsz, "seed": seed, "progress": False}
     if row.lr is not None:
         options["lr"] = row.lr
-    if row.warmup is not None:
+    if row.warmup == 0:
+        options["lr_scheduler"] = None
+    elif row.warmup is not None:
         warm = row.warmup
         options["lr_scheduler"] = lambda opt: warmup_cosine(opt, warm, steps)
+    else:
+        options["lr_scheduler"] = "default"
     Trainer(model, data, **options).fit(steps)
     return model
 

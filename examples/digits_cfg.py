@@ -21,7 +21,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
+from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer
 from tinydiff.nn import UNet
 from tinydiff.plotting import image_grid
 
@@ -63,8 +63,7 @@ def main() -> None:
         x,
         cond=y,
         batch_size=128,
-        lr=2e-3,
-        lr_scheduler=lambda opt: warmup_cosine(opt, 200, args.steps),
+        lr_scheduler="warmup_cosine",  # the default: warm-up, cosine decay from 2e-3
     )
     start = time.time()
     history = trainer.fit(args.steps)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
+from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer
 from tinydiff.datasets import swiss_roll
 from tinydiff.nn import MLP
 from tinydiff.plotting import save_gif, scatter_frame
@@ -50,8 +50,7 @@ def main() -> None:
         model,
         data,
         batch_size=256,
-        lr=2e-3,
-        lr_scheduler=lambda opt: warmup_cosine(opt, 100, args.steps),
+        lr_scheduler="warmup_cosine",  # the default: warm-up, cosine decay from 2e-3
         callbacks=[(args.snapshot_every, snapshot)],
     )
     history = trainer.fit(args.steps)

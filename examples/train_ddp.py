@@ -66,7 +66,7 @@ def main() -> None:
         model,
         two_moons(20_000, torch.Generator().manual_seed(0)),
         batch_size=args.batch_size,
-        lr=2e-3,
+        lr_scheduler="warmup_cosine",  # the default: warm-up, cosine decay from 2e-3
         checkpoint_path=checkpoint,
         checkpoint_every=500,
         callbacks=[(500, log)],

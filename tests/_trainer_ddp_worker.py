@@ -41,6 +41,7 @@ def make_trainer(model: DiffusionModel, out: Path, **kw: object) -> Trainer:
         data(),
         batch_size=BSZ,
         lr=1e-2,
+        lr_scheduler="warmup_cosine",  # planned over fit(STEPS), resumed from the checkpoint
         grad_clip=0.5,
         progress=False,
         seed=3,

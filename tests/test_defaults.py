@@ -168,10 +168,11 @@ def test_bare_config_trains_a_good_model() -> None:
     """DiffusionModelConfig(input_shape=(2,)) with MLP(2) and the Trainer's defaults, 300 steps
     of batch 256 on eight Gaussians, then sample(2000, 20) with every sampling default.
 
-    Measured (benchmarks/defaults.py, 300 steps, 3 seeds): this config 0.13-0.16 sliced
-    Wasserstein to held-out data, the digits example's recipe (pred_v, warmup-cosine, EMA)
-    0.15; tinydiff 0.2's bare config (pred_eps) ~1e3 with samples near 1e4. The bound is
-    twice the recipe's distance; the data-vs-data floor is 0.06.
+    Measured (benchmarks/defaults.py, 300 steps, 3 seeds): this config with the Trainer's
+    default schedule (warm-up + cosine, peak 2e-3) 0.127-0.145 sliced Wasserstein to held-out
+    data; with 0.2's constant LR 1e-3 0.147-0.227 (0.188 on this seed); the digits example's
+    recipe (pred_v, warmup-cosine, EMA) 0.15; tinydiff 0.2's bare config (pred_eps) ~1e3 with
+    samples near 1e4. The bound is 1.15x the recipe's distance; the data-vs-data floor is 0.06.
     """
     from tinydiff import Trainer
     from tinydiff.datasets import make_toy
@@ -184,7 +185,7 @@ def test_bare_config_trains_a_good_model() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny MLP: one thread is fastest, and never oversubscribed
     try:
-        Trainer(model, data, batch_size=256, progress=False).fit(300)
+        Trainer(model, data, batch_size=256, progress=False, lr_scheduler="default").fit(300)
         model.eval()
         with torch.no_grad():
             x = model.sample(2000, 20, generator=torch.Generator().manual_seed(2))
@@ -192,4 +193,4 @@ def test_bare_config_trains_a_good_model() -> None:
         torch.set_num_threads(threads)
     assert float(x.abs().max()) < 10 * float(data.abs().max())
     sw = sliced_wasserstein(x, held_out, generator=torch.Generator().manual_seed(3))
-    assert sw < 0.30, sw
+    assert sw < 0.17, sw

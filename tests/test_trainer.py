@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,7 +151,8 @@ def _fn(trainer: Trainer, step: int) -> None:
         ({"lr": float("inf")}, ValueError, "lr must be a finite number"),
         ({"lr": "1e-3"}, TypeError, "lr must be a real number"),
         ({"optimizer": "adam"}, TypeError, "optimizer must be a torch.optim.Optimizer"),
-        ({"lr_scheduler": "cosine"}, TypeError, "lr_scheduler must be None"),
+        ({"lr_scheduler": "cosine"}, ValueError, "lr_scheduler must be .default., .warmup_cosine."),
+        ({"lr_scheduler": 3}, TypeError, "lr_scheduler must be None"),
         ({"callbacks": [(0, _fn)]}, ValueError, "every_n_steps >= 1"),
         ({"callbacks": [(True, _fn)]}, ValueError, "every_n_steps >= 1"),
         ({"callbacks": [(5, "fn")]}, ValueError, "every_n_steps >= 1"),
@@ -278,7 +281,7 @@ def test_scheduler_state_must_match(tmp_path: Path) -> None:
     with_sched = _trainer(_model(0))
     with_sched.fit(3)
     with_sched.save(tmp_path / "sched.safetensors")
-    plain = Trainer(_model(0), x, cond=y, batch_size=32, progress=False)
+    plain = Trainer(_model(0), x, cond=y, batch_size=32, progress=False, lr_scheduler=None)
     plain.fit(3)
     plain.save(tmp_path / "plain.safetensors")
     before = _snapshot(plain)
@@ -301,3 +304,67 @@ def test_loader_trainer_refuses_a_tensor_data_checkpoint(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="written by a Trainer on tensor data"):
         trainer.resume(tmp_path / "c.safetensors")
     assert trainer.step == 0
+
+
+def _lr(trainer: Trainer) -> float:
+    return float(trainer.optimizer.param_groups[0]["lr"])
+
+
+def test_default_schedule_is_warmup_cosine_over_the_first_fit() -> None:
+    x, y = _data()
+    with pytest.warns(FutureWarning, match="default lr_scheduler is now a warm-up"):
+        trainer = Trainer(_model(0), x, cond=y, batch_size=32, lr=1e-3, progress=False)
+    used: list[float] = []  # the LR of each optimizer step, read as the step runs
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kw: used.append(_lr(trainer)))
+    trainer.fit(40)
+    # warm-up over 10% of the 40 steps (4), then 0.5 (1 + cos(pi p)) down to 0 at step 40
+    expected = [
+        1e-3 * ((s + 1) / 4 if s < 4 else 0.5 * (1 + math.cos(math.pi * (s - 4) / 36)))
+        for s in range(40)
+    ]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert _lr(trainer) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_default_schedule_resumes_exactly_and_stretches_with_a_warning(tmp_path: Path) -> None:
+    x, y = _data()
+    path = tmp_path / "c.safetensors"
+    kw: dict[str, Any] = dict(cond=y, batch_size=32, lr=1e-3, progress=False)
+    full = Trainer(_model(0), x, lr_scheduler="warmup_cosine", **kw)
+    full.fit(30)
+
+    class Stop(Exception):
+        pass
+
+    def stop(t: Trainer, step: int) -> None:
+        t.save(path)
+        raise Stop
+
+    first = Trainer(_model(0), x, lr_scheduler="warmup_cosine", callbacks=[(12, stop)], **kw)
+    with pytest.raises(Stop):
+        first.fit(30)  # planned over 30 steps, interrupted at step 12
+    again = Trainer(_model(1), x, lr_scheduler="warmup_cosine", **kw)
+    assert again.resume(path) == 12
+    again.fit(30)
+    assert again.history == full.history  # bitwise: the plan came back with the checkpoint
+    with pytest.warns(UserWarning, match="planned for 30 steps.*stretches"):
+        again.fit(40)
+    assert again.step == 40 and _lr(again) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_a_constant_lr_checkpoint_resumes_at_a_constant_lr(tmp_path: Path) -> None:
+    x, y = _data()
+    path = tmp_path / "c.safetensors"
+    kw: dict[str, Any] = dict(cond=y, batch_size=32, lr=1e-3, progress=False)
+    old = Trainer(_model(0), x, lr_scheduler=None, checkpoint_path=path, checkpoint_every=5, **kw)
+    old.fit(5)
+    old.fit(10)
+    with pytest.warns(FutureWarning):
+        new = Trainer(_model(1), x, **kw)
+    with pytest.warns(UserWarning, match="trained at a constant LR"):
+        new.resume(path)  # 0.2's default Trainer wrote no scheduler state
+    assert new.scheduler is None
+    new.fit(15)
+    replay = Trainer(_model(0), x, lr_scheduler=None, **kw)
+    replay.fit(15)
+    assert new.history == replay.history  # the constant-LR run continued as it was

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from _trainer_ddp_worker import BSZ, MID, STEPS, data, make_model
 from safetensors.torch import load_file
 
-from tinydiff import Trainer
+from tinydiff import Trainer, warmup_cosine
 from tinydiff.checkpoint import read_checkpoint
 
 WORLD = 2
@@ -34,6 +34,7 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list
     documented draws: one shared permutation, per-rank t and eps generators."""
     model = make_model(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0)
+    sched = warmup_cosine(opt, 1, STEPS)  # the Trainer's plan: warm-up over 10% (at least 1)
     x_all = data()
     data_gen = torch.Generator().manual_seed(3)
     noise_gens = [torch.Generator().manual_seed(3 + 1 + (r << 32)) for r in range(WORLD)]
@@ -52,6 +53,7 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
+        sched.step()
         model.update_ema()
         history.append(float(loss.detach()))
     return model.state_dict(), model.ema_state_dict(), history

@@ -503,6 +503,16 @@ def _restore(
     return step, extra
 
 
+def _holds_state(path: str | os.PathLike[str], name: str) -> bool:
+    """Whether the checkpoint at ``path`` holds ``name`` (``"optimizer"``, ``"scheduler"``)
+    state; reads the header only. Raises what `read_checkpoint` raises on a bad file."""
+    ckpt = _Checkpoint(path, _MAX_HEADER_BYTES, "cpu")
+    try:
+        return ckpt.meta[name] is not None
+    finally:
+        ckpt.close()
+
+
 def _check_nothing_dropped(
     ckpt: _Checkpoint, optimizer: torch.optim.Optimizer | None, scheduler: Any | None
 ) -> None:

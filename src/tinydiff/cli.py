@@ -102,7 +102,7 @@ def run_demo(
         frames.append(scatter_frame([("data", held_out), (f"step {step}", draw(True))], lim=lim))
 
     every = max(1, steps // max(1, snapshots))
-    trainer = _demo_trainer(model, train, steps, seed, progress, [(every, snapshot)])
+    trainer = _demo_trainer(model, train, seed, progress, [(every, snapshot)])
     trainer.fit(steps)
     trained = draw(use_ema=True)
     if steps % every:
@@ -148,22 +148,20 @@ def _demo_model(schedule: str, sampler: str) -> DiffusionModel:
 def _demo_trainer(
     model: DiffusionModel,
     train: torch.Tensor,
-    steps: int,
     seed: int,
     progress: bool,
     callbacks: list[tuple[int, Callback]],
 ) -> Trainer:
-    """The demo's trainer: AdamW with warm-up and cosine decay over ``steps``."""
-    from tinydiff import Trainer, warmup_cosine
+    """The demo's trainer: AdamW with warm-up and cosine decay over the steps of ``fit``."""
+    from tinydiff import Trainer
 
     return Trainer(
         model,
         train,
         batch_size=512,
-        lr=2e-3,
         seed=seed,
         progress=progress,
-        lr_scheduler=lambda opt: warmup_cosine(opt, min(200, steps // 10), steps),
+        lr_scheduler="warmup_cosine",  # peak 2e-3, planned over the steps of fit()
         callbacks=callbacks,
     )
 
