@@ -93,6 +93,46 @@ def test_network_calls_are_counted() -> None:
     assert res.network_calls == Counting.calls > 0
 
 
+def test_fast_budget_bounds_the_cost_and_explicit_arguments_win(held_out) -> None:
+    """budget="fast": 64 samples, a 100-step reference, at most 40 runs, so at most
+    100 + (8 + 40) * S calls of 64 rows; the result still never loses to the best built-in
+    spacing on held-out noise (against the independent RK4 flow)."""
+    model, z, ref = held_out
+    calls: list[int] = []
+    model.nn_module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    res = optimize_timesteps(
+        model,
+        5,
+        sampler="dpmpp_2m",
+        budget="fast",
+        return_info=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert isinstance(res, TimestepSearchResult)
+    assert res.evaluations <= 40 and set(calls) == {64}
+    assert res.network_calls == len(calls) <= 100 + (len(spacings.names()) + 40) * 5
+    best = min(
+        held_out_error(model, "dpmpp_2m", model.sampling_timesteps(5, name), z, ref)
+        for name in spacings.names()
+    )
+    assert held_out_error(model, "dpmpp_2m", res.timesteps, z, ref) <= best * 1.02
+    calls.clear()
+    small = optimize_timesteps(
+        model,
+        5,
+        sampler="dpmpp_2m",
+        budget="fast",
+        max_evals=3,
+        num_samples=16,
+        return_info=True,
+    )
+    assert small.evaluations <= 3 and set(calls) == {16}
+    with pytest.raises(ValueError, match="budget must be one of"):
+        optimize_timesteps(model, 5, budget="quick")
+    with pytest.raises(TypeError, match="max_evals must be an int"):
+        optimize_timesteps(model, 5, max_evals=2.5)
+
+
 @pytest.mark.parametrize("name", samplers.names())
 def test_times_are_valid_for_every_sampler(name: str) -> None:
     model = exact_model(MIX, noise_schedule_type="linear")

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike as DiffusionModel
     from tinydiff.process import GaussianProcess
 
-__all__ = ["TimestepSearchResult", "optimize_timesteps"]
+__all__ = ["BUDGETS", "TimestepSearchResult", "optimize_timesteps"]
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,11 @@ def optimize_timesteps(
     cond: dict[str, Any] | None = None,
     guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
-    num_samples: int = 512,
-    reference_steps: int = 1000,
+    num_samples: int | None = None,
+    reference_steps: int | None = None,
     reference_sampler: str = "dpmpp_3m",
     reference_spacing: str = "logsnr_trailing",
-    max_evals: int = 400,
+    max_evals: int | None = None,
     tol: float = 0.02,
     t_min: float | None = None,
     objective: str = "mean",
@@ -149,6 +149,7 @@ def optimize_timesteps(
     use_ema: bool = False,
     progress: bool = False,
     return_info: bool = False,
+    budget: str = "default",
 ) -> Tensor | TimestepSearchResult:
     """Sampling times for ``model`` and ``sampler`` with ``num_steps`` steps.
 
@@ -167,13 +168,16 @@ def optimize_timesteps(
         guidance_scale: classifier-free guidance scale (needs ``cond``).
         generator: source of the batch of initial noise (and the fixed per-step noise of
             stochastic samplers); on the model's device.
-        num_samples: the batch the error is measured on (the sample budget).
-        reference_steps: steps of the reference solution (1000: on a trained 2-d MLP, 500
+        num_samples: the batch the error is measured on (the sample budget; default: the
+            ``budget``'s).
+        reference_steps: steps of the reference solution (default: the ``budget``'s; 1000 in
+            ``"default"``: on a trained 2-d MLP, 500
             steps of dpmpp_3m were still 5e-3 from 1000, a third of the error at S = 20;
             benchmarks/timestep_search_cost.py).
         reference_sampler: the sampler of the reference solution (a deterministic one).
         reference_spacing: its spacing.
-        max_evals: the most S-step runs the search may make (the run budget).
+        max_evals: the most S-step runs the search may make (the run budget; default: the
+            ``budget``'s).
         tol: stop when every step of the pattern search is below this, in full log-SNR
             log(alpha^2 / sigma^2) (= 2 lambda).
         objective: how per-sample distances d_k to the reference are pooled: ``"mean"``
@@ -192,6 +196,19 @@ def optimize_timesteps(
         use_ema: score the EMA weights.
         progress: show a progress bar over the runs.
         return_info: return a :class:`TimestepSearchResult` instead of the times.
+        budget: the defaults of ``num_samples``, ``reference_steps`` and ``max_evals``
+            (arguments given explicitly win), see `BUDGETS`. The cost in network calls, each on
+            ``num_samples`` rows (twice that with guidance), is at most
+            ``reference_steps`` (the 3rd-order reference: one call per step)
+            ``+ (8 + max_evals) * S * nfe`` (the 8 registered spacings tried first, then the
+            search; ``nfe`` calls per step, 1 for every built-in but ``heun``):
+            - ``"default"`` (512 samples, 1000 reference steps, 400 runs): at S = 20 up to
+              9160 calls of 512 rows; about half an hour on 2 CPU cores for the guided 8x8
+              digits UNet of ``examples/digits_cfg.py``, seconds for a 2-d MLP;
+            - ``"fast"`` (64 samples, 100 reference steps, 40 runs): at S = 20 up to 1060
+              calls of 64 rows, 1/70 of the default's work (`benchmarks/timestep_search_cost.py`
+              times it on the digits UNet); noisier, so its held-out check more often keeps
+              the best built-in spacing.
 
     Returns:
         float64 (S + 1,) times, or the :class:`TimestepSearchResult`.
@@ -199,6 +216,9 @@ def optimize_timesteps(
     Raises:
         ValueError: num_steps < 2 or above T, a stochastic reference sampler, bad budgets.
     """
+    num_samples, reference_steps, max_evals = _budget(
+        budget, num_samples, reference_steps, max_evals
+    )
     _check_args(
         model, num_steps, num_samples, max_evals, reference_steps, t_min, objective, holdout
     )
@@ -208,6 +228,25 @@ def optimize_timesteps(
     search = _PatternSearch.start(_Scorer.of(runs, objective, holdout), t_min, tol / 2)  # 2 lambda
     result = search.run(max_evals, progress)
     return result if return_info else result.timesteps
+
+
+#: ``optimize_timesteps(budget=...)``: (num_samples, reference_steps, max_evals)
+BUDGETS: dict[str, tuple[int, int, int]] = {"default": (512, 1000, 400), "fast": (64, 100, 40)}
+
+
+def _budget(
+    budget: str, num_samples: int | None, reference_steps: int | None, max_evals: int | None
+) -> tuple[int, int, int]:
+    """The budget's (num_samples, reference_steps, max_evals), where not given explicitly."""
+    if not isinstance(budget, str) or budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
+    preset = BUDGETS[budget]
+    given = (num_samples, reference_steps, max_evals)
+    out = tuple(p if g is None else g for g, p in zip(given, preset, strict=True))
+    for name, value in zip(("num_samples", "reference_steps", "max_evals"), out, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    return out  # type: ignore[return-value]
 
 
 def _check_args(
