@@ -405,6 +405,33 @@ def test_unipc_converges_at_order_three_from_pure_noise_on_rectified_flow():
         assert math.isfinite(errs[0]) and order >= low, (variant, errs, order)
 
 
+def test_unipc_last_step_blend_is_fourth_order_on_a_gaussian():
+    """The last step to sigma = 0 from a point on the exact flow of N(mu, s^2 I), where
+    y = x / alpha = mu + (e - mu) sqrt(s^2 + sigma_hat^2) / s ends at e: the first-order
+    step (c = 0, x = D) errs by (y - mu)(1 - s / sqrt(s^2 + sigma_hat^2))... ~ sigma_hat^2,
+    the blend c = 1/2 ((y + D) / 2) by ~ sigma_hat^4 (closed forms; measured 1.9-2.0 and
+    3.8-4.0 over sigma_hat = 0.2 -> 0.05)."""
+    mu, s = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.5
+    gauss1 = GaussianMixture(mu[None], [s])
+    model = exact_model(gauss1, **PROCESSES["rf"])
+    e = mu + s * gauss(64)
+    for c, order in ((0.0, 2), (0.5, 4)):
+        errs = []
+        for sigma_hat in (0.2, 0.1, 0.05):
+            sig = sigma_hat / (1 + sigma_hat)  # rectified flow: sigma_hat = s / (1 - s)
+            x = (1 - sig) * (mu + (e - mu) * math.sqrt(s**2 + sigma_hat**2) / s)
+            out = model.sample(
+                64,
+                sampler="unipc",
+                sampler_kwargs={"last_step_blend": c},
+                init_noise=x,
+                timestep_spacing=[T * sig, 0.0],
+            )
+            errs.append(float((out - e).abs().max()))
+        slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+        assert min(slopes) > order - 0.25, (c, errs, slopes)
+
+
 def test_diffusers_edm_euler_agrees_with_euler():
     diffusers = pytest.importorskip("diffusers")
     steps = 12
