@@ -81,9 +81,9 @@ class UniPC(Sampler):
     terminal SNR, the last steps with ``lower_order_final``) are zero weights in the plan.
     The last step to t = 0 has h = inf, so its predictor is first order,
     :math:`x_S = m_{S-1}`, and it is not corrected (no evaluation at t = 0). That step is
-    exact only where D is constant along the flow below :math:`\sigma_{S-1}`; for a data
+    exact only where D is constant along the flow below $\sigma_{S-1}$; for a data
     component of standard deviation s its error is about
-    :math:`|y - \mu|\,\hat\sigma_{S-1}^2/(2s^2)` (:math:`\hat\sigma = \sigma/\alpha`), so
+    $|y - \mu|\,\hat\sigma_{S-1}^2/(2s^2)$ ($\hat\sigma = \sigma/\alpha$), so
     on times whose last nonzero level falls like 1/S (``trailing``, ``uniform``, diffusers'
     flow grid) it bounds the global order by 2 and dominates from about 10 steps on (the
     "plateau" of benchmarks/results/flow_quality.md); spacings that end lower
@@ -94,14 +94,14 @@ class UniPC(Sampler):
         lower_order_final: with fewer than ``LOWER_ORDER_FINAL_STEPS`` (15) steps, cap the order of step i at S - i.
         variant: the B(h) of the UniP / UniC update (Zhao et al. 2023, sec. 3.2, eq. 8;
             diffusers' ``solver_type``): with h the step in lambda, every history term
-            enters as :math:`-\alpha_{i+1} B(h) \sum_m a_m (D_m - D_i)/r_m`, and the order
-            conditions :math:`\sum_m a_m r_m^{k-1} = k!\,\varphi_{k+1}(h)/B(h)` fix the
-            a_m. "bh2" (default): :math:`B(h) = e^{h} - 1` (as ``expm1`` of -h in the
-            data-prediction sign convention); "bh1": :math:`B(h) = h`. Both have the same
+            enters as $-\alpha_{i+1} B(h) \sum_m a_m (D_m - D_i)/r_m$, and the order
+            conditions $\sum_m a_m r_m^{k-1} = k!\,\varphi_{k+1}(h)/B(h)$ fix the
+            a_m. "bh2" (default): $B(h) = e^{h} - 1$ (as ``expm1`` of -h in the
+            data-prediction sign convention); "bh1": $B(h) = h$. Both have the same
             order; with the fixed ``rho`` they differ on long steps, where bh1's
-            :math:`B(h)\rho` grows like h. A step from or to an infinite noise level
+            $B(h)\rho$ grows like h. A step from or to an infinite noise level
             (lambda = -inf at x_T of rectified flow, +inf at t = 0) takes bh2's finite
-            :math:`B = -1` in either variant (bh1's would be infinite: NaN samples before
+            $B = -1$ in either variant (bh1's would be infinite: NaN samples before
             0.3). Measured over the mixtures of benchmarks/flow_quality.py's rectified-flow
             block (a 2-d ring, two Gaussians, a 64-d mixture) on VP linear and cosine and
             rectified flow with shift 1 and 3, NFE 5, 10, 20, every built-in spacing: bh1's
@@ -114,16 +114,15 @@ class UniPC(Sampler):
             benchmarks/sampler_quality.py's grid its error is 0.81x the solved one's
             (geometric mean over every cell and spacing; up to 50x lower at NFE 10-20 on
             sharp modes, up to 1.8x higher at NFE 5). A float in (0, 1] fixes it there.
-
         last_step_blend: c in [0, 1), 0 by default. The last step to sigma = 0 returns
-            :math:`x_S = \alpha_S[(1 - c)\,m_{S-1} + c\,x^c_{S-1}/\alpha_{S-1}]`, a blend of
-            the exact first-order step (c = 0: :math:`x_S = m_{S-1}`, the default and the
+            $x_S = \alpha_S[(1 - c)\,m_{S-1} + c\,x^c_{S-1}/\alpha_{S-1}]$, a blend of
+            the exact first-order step (c = 0: $x_S = m_{S-1}$, the default and the
             rule of every data-prediction solver) and the corrected iterate, in Karras'
-            variables :math:`y = x/\alpha`. c = 1/2 is the trapezoidal rule in
-            :math:`\hat\sigma` for :math:`\hat\epsilon = (y - D)/\hat\sigma` with
-            :math:`\hat\epsilon \to 0` at :math:`\hat\sigma = 0`: exact to
-            :math:`O(\hat\sigma^4)` for data with a smooth density (Gaussian components wider
-            than :math:`\hat\sigma_{S-1}`), but it leaves half the remaining noise where the
+            variables $y = x/\alpha$. c = 1/2 is the trapezoidal rule in
+            $\hat\sigma$ for $\hat\epsilon = (y - D)/\hat\sigma$ with
+            $\hat\epsilon \to 0$ at $\hat\sigma = 0$: exact to
+            $O(\hat\sigma^4)$ for data with a smooth density (Gaussian components wider
+            than $\hat\sigma_{S-1}$), but it leaves half the remaining noise where the
             data are sharper than that (images at 8 bits). Best fitted per model, like the
             times (benchmarks/results/flow_quality.md: c fitted in-sample took unipc's error
             on ``trailing`` to 0.10-1.00x that of c = 0). Ignored where sigma(0) > 0 and on
