@@ -10,8 +10,10 @@ reference (:func:`flow_reference`):
   flow-capable diffusers configuration (:func:`flow_peer_makers`): FlowMatchEulerDiscrete,
   FlowMatchHeunDiscrete, DPMSolverMultistep (2M and 3M) and UniPCMultistep with B(h) =
   "bh1" and "bh2", each with ``use_flow_sigmas`` (shifted, final sigma 0) and with
-  ``use_karras_sigmas`` as well (diffusers then ignores ``flow_shift``: Karras levels of its
-  default VP table, mapped to s = k / (1 + k)). tinydiff runs every deterministic sampler
+  ``use_karras_sigmas`` as well (UniPC then ignores ``flow_shift``: Karras levels of its
+  default VP table, mapped to s = k / (1 + k); diffusers 0.42.1's DPMSolverMultistep does not
+  map them, its sigmas stay 157 .. 0.01 with alpha = 1 - sigma < 0, so its Karras runs are
+  NaN, listed as failures, as is UniPC-bh1 whose last step to sigma = 0 is inf * 0). tinydiff runs every deterministic sampler
   (and unipc with ``variant="bh1"``) with every built-in spacing; its unipc, dpmpp_2m,
   dpmpp_3m and deis also run on diffusers' own flow grid (the same times, passed as explicit
   times: "same grid" rows, not counted as built-in);
