@@ -21,10 +21,12 @@ Methods (all in this process):
   generator than the benchmark's x_T: held-out noise).
 * diffusers, VP (same float64 schedule via ``trained_betas``): its timestep k is our
   t = k + 1; the exact "network" maps k to its noise level (log-sigma interpolation for
-  fractional k). Rectified flow: FlowMatchEulerDiscrete, FlowMatchHeunDiscrete, and
-  DPMSolverMultistep / UniPCMultistep with ``use_flow_sigmas`` and ``flow_prediction``,
-  shift 1, run by :func:`flow_quality.run_flow_peer` (shared with
-  ``benchmarks/flow_quality.py``; the FlowMatch schedulers' ``step`` computes in float32).
+  fractional k). Rectified flow: :func:`flow_quality.flow_peer_makers` (FlowMatchEuler /
+  FlowMatchHeunDiscrete, and DPMSolverMultistep 2M / 3M and UniPCMultistep bh1 / bh2 with
+  ``use_flow_sigmas`` and ``flow_prediction``, with and without Karras sigmas; UniPC-bh1
+  fails with NaN at its last step to sigma = 0), shift 1, run by
+  :func:`flow_quality.run_flow_peer` (shared with ``benchmarks/flow_quality.py``, which has
+  shift 3 too; the FlowMatch schedulers' ``step`` computes in float32).
 * k-diffusion 0.1.1.post1: euler, heun, dpm_2, lms, dpmpp_2m, dpmpp_3m_sde (eta = 0) over
   karras, exponential and polyexponential (rho = 2) sigmas from sigma_max to sigma(1), and
   dpm_adaptive (the most accurate of several tolerances whose NFE fits the budget), in

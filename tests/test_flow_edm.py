@@ -314,6 +314,124 @@ def test_diffusers_flow_match_euler_agrees_with_euler(shift):
     torch.testing.assert_close(ours, torch.stack(traj), rtol=0, atol=1e-5)
 
 
+def _diffusers_unipc_flow(
+    diffusers: Any, variant: str, shift: float, steps: int, z: Tensor
+) -> tuple[Tensor, Tensor]:
+    """diffusers' UniPCMultistepScheduler on its own flow grid (shifted, first sigma nudged to
+    1 - 1e-6, final sigma 0) with the exact velocity, in float64 (its float32 sigmas are
+    widened after ``set_timesteps``, so that every coefficient is computed in float64).
+    Returns (sigmas, trajectory (steps + 1, n, 2))."""
+    sched = diffusers.UniPCMultistepScheduler(
+        num_train_timesteps=T,
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        prediction_type="flow_prediction",
+        solver_type=variant,
+    )
+    sched.set_timesteps(steps)
+    sched.sigmas = sched.sigmas.double()
+    sig = sched.sigmas
+    x, traj = z.clone(), [z]
+    for i, ts in enumerate(sched.timesteps):
+        s = float(sig[i])
+        v = (x - _mixture_d(x, 1 - s, s)) / s
+        x = sched.step(v, ts, x).prev_sample
+        traj.append(x)
+    return sig, torch.stack(traj)
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_unipc_is_diffusers_unipc_on_its_flow_grid(variant, shift):
+    """UniPC-bh1/bh2 (Zhao et al. 2023) on the same times from the same x_T with the same
+    exact denoiser: every iterate equals diffusers' to 1e-6 of the largest |x| (measured
+    2e-8 .. 8e-8: the process recomputes alpha = 1 - sigma from the unshifted time, and
+    alpha(t_0) = 1e-6 loses digits to cancellation, which bh1's large B(h) on the first,
+    long step amplifies). diffusers' bh1 ends in NaN: its
+    last step to sigma = 0 multiplies B(h) = h = inf by a zero history term; ours takes the
+    exact first-order step there, x_S = D(x_{S-1}) (the samplers' rule for h = inf)."""
+    diffusers = pytest.importorskip("diffusers")
+    steps, z = 10, gauss(32)
+    sig, theirs = _diffusers_unipc_flow(diffusers, variant, shift, steps, z)
+    model = exact_model(**PROCESSES["rf"], schedule_kwargs={"shift": shift})
+    times = T * sig / (shift - (shift - 1) * sig)  # invert the shift: t = T s
+    ours = model.sample(
+        32,
+        sampler="unipc",
+        sampler_kwargs={"variant": variant},
+        init_noise=z,
+        timestep_spacing=times,
+        return_trajectory=True,
+    )
+    last = steps if variant == "bh2" else steps - 1
+    scale = theirs[1 : last + 1].abs().amax()
+    torch.testing.assert_close(ours[: last + 1], theirs[: last + 1], rtol=0, atol=1e-6 * scale)
+    if variant == "bh1":
+        assert torch.isnan(theirs[-1]).all()
+        a, s = (float(v) for v in model.process.alpha_sigma(times[-2]))
+        torch.testing.assert_close(ours[-1], MIX.denoise(ours[-2], a, s), rtol=0, atol=1e-12)
+
+
+def test_unipc_converges_at_order_three_from_pure_noise_on_rectified_flow():
+    """From x_T itself (alpha(T) = 0, lambda = -inf: the first step and its correction have
+    h = inf; bh1 was NaN there) to the exact flow: the corrected UniPC-2 is third order on
+    ``quadratic`` times, whose last nonzero level sigma ~ S^-2 makes the error of the
+    first-order last step to sigma = 0 (~ sigma^2) negligible. Measured over 20 -> 80 steps:
+    bh2 3.05 and 3.08 (shift 1, 3), bh1 2.46 (shift 1, still settling) and 3.29. On
+    uniform-in-sigma times (``trailing``, diffusers' flow grid) that last step's error ~ S^-2
+    dominates from about 10 steps on (benchmarks/results/flow_quality.md)."""
+    z = gauss(64)
+    k = 1e6  # x_T = z stands for the state at sigma / alpha = 1e6 (an error ~1e-6 |x0|)
+    # the flow's end from x_T does not depend on the shift (a change of time variable)
+    ref = probability_flow_reference(
+        MIX, z, start=(1 / (1 + k), k / (1 + k)), end=(1 - 1e-5, 1e-5), num_steps=200
+    )
+    cases = [(shift, "bh1", 2.3) for shift in (1.0, 3.0)] + [(1.0, "bh2", 2.8), (3.0, "bh2", 2.8)]
+    for shift, variant, low in cases:
+        model = exact_model(**PROCESSES["rf"], schedule_kwargs={"shift": shift})
+        errs = []
+        for steps in (20, 80):
+            out = model.sample(
+                64,
+                steps,
+                sampler="unipc",
+                sampler_kwargs={"variant": variant},
+                init_noise=z,
+                timestep_spacing="quadratic",
+            )
+            errs.append(float(((out - ref) ** 2).mean().sqrt()))
+        order = math.log2(errs[0] / errs[1]) / 2
+        print(f"unipc {variant} shift {shift:g}: errors {errs}, order {order:.2f}")
+        assert math.isfinite(errs[0]) and order >= low, (variant, errs, order)
+
+
+def test_unipc_last_step_blend_is_fourth_order_on_a_gaussian():
+    """The last step to sigma = 0 from a point on the exact flow of N(mu, s^2 I), where
+    y = x / alpha = mu + (e - mu) sqrt(s^2 + sigma_hat^2) / s ends at e: the first-order
+    step (c = 0, x = D) errs by (y - mu)(1 - s / sqrt(s^2 + sigma_hat^2))... ~ sigma_hat^2,
+    the blend c = 1/2 ((y + D) / 2) by ~ sigma_hat^4 (closed forms; measured 1.9-2.0 and
+    3.8-4.0 over sigma_hat = 0.2 -> 0.05)."""
+    mu, s = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.5
+    gauss1 = GaussianMixture(mu[None], [s])
+    model = exact_model(gauss1, **PROCESSES["rf"])
+    e = mu + s * gauss(64)
+    for c, order in ((0.0, 2), (0.5, 4)):
+        errs = []
+        for sigma_hat in (0.2, 0.1, 0.05):
+            sig = sigma_hat / (1 + sigma_hat)  # rectified flow: sigma_hat = s / (1 - s)
+            x = (1 - sig) * (mu + (e - mu) * math.sqrt(s**2 + sigma_hat**2) / s)
+            out = model.sample(
+                64,
+                sampler="unipc",
+                sampler_kwargs={"last_step_blend": c},
+                init_noise=x,
+                timestep_spacing=[T * sig, 0.0],
+            )
+            errs.append(float((out - e).abs().max()))
+        slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+        assert min(slopes) > order - 0.25, (c, errs, slopes)
+
+
 def test_diffusers_edm_euler_agrees_with_euler():
     diffusers = pytest.importorskip("diffusers")
     steps = 12

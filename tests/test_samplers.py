@@ -312,6 +312,8 @@ def test_unknown_option_is_a_type_error_listing_the_accepted_ones(name):
         ("unipc", {"order": 0}),
         ("unipc", {"variant": "bh3"}),
         ("unipc", {"rho": 0.0}),
+        ("unipc", {"last_step_blend": 1.0}),
+        ("unipc", {"last_step_blend": -0.1}),
         ("deis", {"order": 4}),
     ],
 )

@@ -1,6 +1,6 @@
 r"""UniPC: unified predictor-corrector (Zhao et al. 2023, "UniPC: A Unified
-Predictor-Corrector Framework for Fast Sampling of Diffusion Models"), B(h) = e^h - 1
-("bh2"), data prediction."""
+Predictor-Corrector Framework for Fast Sampling of Diffusion Models"), data prediction,
+B(h) = e^h - 1 ("bh2", default) or h ("bh1")."""
 
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def _unipc_weights(
     h = lam[0] - lam[1]
     hh = -h
     phi_1 = math.expm1(hh)  # -1 for h = inf
-    b_h = hh if variant == "bh1" else phi_1
+    # bh1's B(h) = h is infinite on a step from or to infinite noise level (lambda = -inf at
+    # the start of rectified flow, +inf at t = 0), where B(h) * a would be inf * 0 (NaN) for
+    # the last predictor and inf for a fixed rho: such a step takes bh2's finite B(h) = -1
+    b_h = hh if variant == "bh1" and math.isfinite(hh) else phi_1
     x_coef = sigma_ratio
     w0 = -alpha_n * phi_1
     num_hist = order - 1
@@ -77,13 +80,33 @@ class UniPC(Sampler):
     order p has order p + 1. Lower orders (first steps, an infinite-noise start under zero
     terminal SNR, the last steps with ``lower_order_final``) are zero weights in the plan.
     The last step to t = 0 has h = inf, so its predictor is first order,
-    :math:`x_S = m_{S-1}`, and it is not corrected (no evaluation at t = 0).
+    :math:`x_S = m_{S-1}`, and it is not corrected (no evaluation at t = 0). That step is
+    exact only where D is constant along the flow below $\sigma_{S-1}$; for a data
+    component of standard deviation s its error is about
+    $|y - \mu|\,\hat\sigma_{S-1}^2/(2s^2)$ ($\hat\sigma = \sigma/\alpha$), so
+    on times whose last nonzero level falls like 1/S (``trailing``, ``uniform``, diffusers'
+    flow grid) it bounds the global order by 2 and dominates from about 10 steps on (the
+    "plateau" of benchmarks/results/flow_quality.md); spacings that end lower
+    (``quadratic``) keep the full order.
 
     Args:
         order: 1, 2 (default) or 3; the predictor order.
         lower_order_final: with fewer than ``LOWER_ORDER_FINAL_STEPS`` (15) steps, cap the order of step i at S - i.
-        variant: "bh2" (default, B(h) = e^h - 1) or "bh1" (B(h) = h) (Zhao et al. 2023,
-            sec. 3.2); both have the same order.
+        variant: the B(h) of the UniP / UniC update (Zhao et al. 2023, sec. 3.2, eq. 8;
+            diffusers' ``solver_type``): with h the step in lambda, every history term
+            enters as $-\alpha_{i+1} B(h) \sum_m a_m (D_m - D_i)/r_m$, and the order
+            conditions $\sum_m a_m r_m^{k-1} = k!\,\varphi_{k+1}(h)/B(h)$ fix the
+            a_m. "bh2" (default): $B(h) = e^{h} - 1$ (as ``expm1`` of -h in the
+            data-prediction sign convention); "bh1": $B(h) = h$. Both have the same
+            order; with the fixed ``rho`` they differ on long steps, where bh1's
+            $B(h)\rho$ grows like h. A step from or to an infinite noise level
+            (lambda = -inf at x_T of rectified flow, +inf at t = 0) takes bh2's finite
+            $B = -1$ in either variant (bh1's would be infinite: NaN samples before
+            0.3). Measured over the mixtures of benchmarks/flow_quality.py's rectified-flow
+            block (a 2-d ring, two Gaussians, a 64-d mixture) on VP linear and cosine and
+            rectified flow with shift 1 and 3, NFE 5, 10, 20, every built-in spacing: bh1's
+            error is 1.42x bh2's (geometric mean; best spacing per cell: 0.76 .. 29x, below
+            1 only at NFE 5 and in one rectified-flow cell at NFE 10), hence bh2 by default.
         rho: 0.5 (default) fixes the single coefficient of the order-2 predictor and the
             order-1 corrector at its small-h limit, as the authors' code and diffusers do;
             None solves the order conditions for it as well. Orders are the same (see
@@ -91,6 +114,19 @@ class UniPC(Sampler):
             benchmarks/sampler_quality.py's grid its error is 0.81x the solved one's
             (geometric mean over every cell and spacing; up to 50x lower at NFE 10-20 on
             sharp modes, up to 1.8x higher at NFE 5). A float in (0, 1] fixes it there.
+        last_step_blend: c in [0, 1), 0 by default. The last step to sigma = 0 returns
+            $x_S = \alpha_S[(1 - c)\,m_{S-1} + c\,x^c_{S-1}/\alpha_{S-1}]$, a blend of
+            the exact first-order step (c = 0: $x_S = m_{S-1}$, the default and the
+            rule of every data-prediction solver) and the corrected iterate, in Karras'
+            variables $y = x/\alpha$. c = 1/2 is the trapezoidal rule in
+            $\hat\sigma$ for $\hat\epsilon = (y - D)/\hat\sigma$ with
+            $\hat\epsilon \to 0$ at $\hat\sigma = 0$: exact to
+            $O(\hat\sigma^4)$ for data with a smooth density (Gaussian components wider
+            than $\hat\sigma_{S-1}$), but it leaves half the remaining noise where the
+            data are sharper than that (images at 8 bits). Best fitted per model, like the
+            times (benchmarks/results/flow_quality.md: c fitted in-sample took unipc's error
+            on ``trailing`` to 0.10-1.00x that of c = 0). Ignored where sigma(0) > 0 and on
+            a single step from x_T (alpha = 0).
 
     State: the last corrected iterate and ``order`` past model outputs.
     NFE: one per step, ``nfe(S) = S``.
@@ -106,6 +142,7 @@ class UniPC(Sampler):
         lower_order_final: bool = True,
         variant: str = "bh2",
         rho: float | None = 0.5,
+        last_step_blend: float = 0.0,
     ) -> None:
         if isinstance(order, bool) or order not in (1, 2, 3):
             raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
@@ -120,6 +157,16 @@ class UniPC(Sampler):
             or not 0 < rho <= 1
         ):
             raise ValueError(f"unipc rho must be None or a float in (0, 1], got {rho!r}")
+        if (
+            isinstance(last_step_blend, bool)
+            or not isinstance(last_step_blend, (int, float))
+            or not 0 <= last_step_blend < 1
+        ):
+            raise ValueError(
+                f"unipc last_step_blend must be a float in [0, 1), got {last_step_blend!r}; "
+                "0 keeps the exact first-order last step"
+            )
+        self.last_step_blend = float(last_step_blend)
         self.variant = variant
         self.rho = None if rho is None else float(rho)
         self.order = order
@@ -163,6 +210,11 @@ class UniPC(Sampler):
             corr[i, 0] = x_coef
             corr[i, 1] = w[-1]
             corr[i, 2 : 2 + o] = torch.tensor(w[:-1])
+        # x_S = alpha_S (1 - c) m + c x^c / alpha_{S-1} (not from x_T itself where alpha = 0)
+        if self.last_step_blend and math.isinf(lam[-1]) and float(v.alpha[-2]) > 0:
+            c = self.last_step_blend
+            pred[-1, 0] = c * float(v.alpha[-1] / v.alpha[-2])
+            pred[-1, 1:] *= 1 - c
         return {"keep": keep, "pred": pred, "corr": corr}
 
     def init_state(self, x: Tensor) -> State:
