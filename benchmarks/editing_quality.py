@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampler_quality import IsotropicMixture, check_fast_denoiser  # noqa: E402
+from sampler_quality import IsotropicMixture, check_fast_denoiser
 
-from tinydiff import DiffusionModel  # noqa: E402
-from tinydiff.testing import ExactDenoiser, GaussianMixture  # noqa: E402
+from tinydiff import DiffusionModel
+from tinydiff.testing import ExactDenoiser, GaussianMixture
 
 T = 1000
 STEPS = (10, 20, 50)
@@ -154,6 +154,21 @@ def run_diffusers(
     return rel(z, x), calls
 
 
+def best_peer(
+    cache: dict[int, tuple[float, str]],
+    model: DiffusionModel,
+    mixture: GaussianMixture,
+    x: torch.Tensor,
+    steps: int,
+) -> tuple[float, str]:
+    """The better diffusers round trip at ``steps`` steps: (error, description)."""
+    if steps not in cache:
+        runs = {p: run_diffusers(p, model, mixture, x, steps) for p in ("ddim", "dpm")}
+        best = min(runs, key=lambda p: runs[p][0])
+        cache[steps] = (runs[best][0], f"{best}, {runs[best][1]} calls")
+    return cache[steps]
+
+
 # -- the table ---------------------------------------------------------------------------------
 def inversion_block(n: int) -> tuple[list[str], list[str]]:
     lines = [
@@ -166,14 +181,7 @@ def inversion_block(n: int) -> tuple[list[str], list[str]]:
         flow = pname == "rect-flow"
         for dname, (mixture, x) in datasets(n).items():
             model = exact_model(mixture, config)
-            peer_cache: dict[int, tuple[float, str]] = {}
-
-            def peer(steps: int) -> tuple[float, str]:
-                if steps not in peer_cache:
-                    runs = {p: run_diffusers(p, model, mixture, x, steps) for p in ("ddim", "dpm")}
-                    best = min(runs, key=lambda p: runs[p][0])
-                    peer_cache[steps] = (runs[best][0], f"{best}, {runs[best][1]} calls")
-                return peer_cache[steps]
+            cache: dict[int, tuple[float, str]] = {}
 
             for steps in STEPS:
                 for sampler in SAMPLERS:
@@ -186,7 +194,7 @@ def inversion_block(n: int) -> tuple[list[str], list[str]]:
                                 f"{err:.2e} | - | - |"
                             )
                             continue
-                        p_err, p_what = peer((iters + 1) * steps)
+                        p_err, p_what = best_peer(cache, model, mixture, x, (iters + 1) * steps)
                         ratio = err / p_err
                         lines.append(
                             f"| {pname} | {dname} | {steps} | {label} | {calls} | {err:.2e} | "

@@ -2,20 +2,20 @@ r"""Editing real samples: SDEdit (img2img) and inversion of a deterministic samp
 
 **SDEdit** (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations"): noise a given sample x to the level of an intermediate time t,
-:math:`x_t = \alpha(t)\,x + \sigma(t)\,z`, and run the sampler from there to t = 0. With
-``strength`` s and S steps, the last :math:`k = \lfloor sS \rfloor` steps of the S-step
+$x_t = \alpha(t)\,x + \sigma(t)\,z$, and run the sampler from there to t = 0. With
+`strength` s and S steps, the last $k = \lfloor sS \rfloor$ steps of the S-step
 spacing are run (diffusers' img2img convention): s = 1 is sampling from
-:math:`\alpha(T)x + \sigma(T)z`, s = 0 returns x. `sdedit_start` turns (times, x, s) into
-the tail of the times and the noised start; ``model.sample(..., x_start=x, strength=s)``
+$\alpha(T)x + \sigma(T)z$, s = 0 returns x. `sdedit_start` turns (times, x, s) into
+the tail of the times and the noised start; `model.sample(..., x_start=x, strength=s)`
 uses it.
 
 **Inversion** finds x_T such that sampling from it with a deterministic sampler gives back a
 given x (DDIM inversion, Song et al. 2021, sec. 4.3; Mokady et al. 2023). `invert` runs
 the sampler's own scheme forward in time: the probability-flow ODE from t = 0 up to
-``times[0]`` is the ODE of the *mirrored* process (alpha and sigma swapped, time reversed:
-:math:`\alpha'(T - t) = \sigma(t)`, :math:`\sigma'(T - t) = \alpha(t)`, so
-:math:`\lambda' = -\lambda`) with the roles of the two predictions swapped (its data
-prediction is the noise prediction :math:`\hat\epsilon`). Any sampler's plan built on the
+`times[0]` is the ODE of the *mirrored* process (alpha and sigma swapped, time reversed:
+$\alpha'(T - t) = \sigma(t)$, $\sigma'(T - t) = \alpha(t)$, so
+$\lambda' = -\lambda$) with the roles of the two predictions swapped (its data
+prediction is the noise prediction $\hat\epsilon$). Any sampler's plan built on the
 mirrored process is therefore a solver of the inversion ODE of the same order: DDIM becomes
 DDIM inversion, DPM-Solver++(2M) the second-order multistep inversion with its history taken
 from the lower noise levels already visited (as diffusers' DPMSolverMultistepInverseScheduler
@@ -23,28 +23,28 @@ does), and so on for Heun, UniPC, DEIS and registered plugins.
 
 Two steps need care because lambda is infinite there:
 
-* the first step leaves t = 0, where :math:`\sigma = 0` and the noise prediction is
-  undefined. The last sampling step maps :math:`x_{S-1}` to :math:`D(x_{S-1}, t_{S-1})`, so
-  its inverse solves :math:`x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(x_{S-1})`;
-  one fixed-point iteration from :math:`\alpha_{S-1}x` gives
-  :math:`x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(\alpha_{S-1}x, t_{S-1})`;
-* the last step reaches :math:`\alpha(t_0) = 0` on processes with zero terminal SNR (e.g.
+* the first step leaves t = 0, where $\sigma = 0$ and the noise prediction is
+  undefined. The last sampling step maps $x_{S-1}$ to $D(x_{S-1}, t_{S-1})$, so
+  its inverse solves $x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(x_{S-1})$;
+  one fixed-point iteration from $\alpha_{S-1}x$ gives
+  $x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(\alpha_{S-1}x, t_{S-1})$;
+* the last step reaches $\alpha(t_0) = 0$ on processes with zero terminal SNR (e.g.
   rectified flow), where the sampler's first step is
-  :math:`x_1 = \frac{\sigma_1}{\sigma_0}x_T + \alpha_1 D_T` with :math:`D_T` independent of
-  :math:`x_T`: it is inverted exactly, :math:`x_T = \frac{\sigma_0}{\sigma_1}(x_1 - \alpha_1 D_T)`.
+  $x_1 = \frac{\sigma_1}{\sigma_0}x_T + \alpha_1 D_T$ with $D_T$ independent of
+  $x_T$: it is inverted exactly, $x_T = \frac{\sigma_0}{\sigma_1}(x_1 - \alpha_1 D_T)$.
 
-**Refinement** (``fixed_point_iters`` = k > 0): the round trip :math:`R = \Phi\circ\Psi`
+**Refinement** (`fixed_point_iters` = k > 0): the round trip $R = \Phi\circ\Psi$
 (sample after invert) differs from the identity by the solvers' discretisation errors.
-Fixed-point iteration on the target, :math:`y_0 = x`,
-:math:`y_{j+1} = y_j + (x - \Phi(\Psi(y_j)))`, returns :math:`\Psi(y_k)`: a fixed point
-satisfies :math:`\Phi(\Psi(y)) = x` exactly, and each iteration shrinks the round-trip error
-by the Lipschitz constant of :math:`R - I`, itself of the order of the solvers' error
+Fixed-point iteration on the target, $y_0 = x$,
+$y_{j+1} = y_j + (x - \Phi(\Psi(y_j)))$, returns $\Psi(y_k)$: a fixed point
+satisfies $\Phi(\Psi(y)) = x$ exactly, and each iteration shrinks the round-trip error
+by the Lipschitz constant of $R - I$, itself of the order of the solvers' error
 (defect correction; cf. the fixed-point inversions of Pan et al. 2023 and Garibi et al.
 2024, here applied to the whole trajectory, so that multistep samplers, whose step depends
 on noisier iterates not yet known during inversion, are made exact as well). It works with
 any deterministic sampler.
 
-Network calls, with N = ``sampler.nfe(S)`` (S for one-call samplers, 2S for Heun):
+Network calls, with N = `sampler.nfe(S)` (S for one-call samplers, 2S for Heun):
 `invert` makes at most N calls, plus 2N per refinement iteration (one sampling and one
 inversion pass), so (2k + 1) N in all.
 """
@@ -94,13 +94,13 @@ def sdedit_start(
         times: float64 (S + 1,), the S-step spacing, decreasing to 0.
         x_start: the sample to edit, (bsz, *input_shape), on the device and in the dtype to
             sample in.
-        strength: s in [0, 1]; the last :math:`k = \lfloor sS\rfloor` steps are run.
+        strength: s in [0, 1]; the last $k = \lfloor sS\rfloor$ steps are run.
         generator: source of z, on x_start's device.
 
     Returns:
         (times_tail, x_t): float64 (k + 1,) the last k + 1 times, and
-        :math:`\alpha(t)x + \sigma(t)z` at ``t = times_tail[0]`` (z ~ N(0, I) drawn from
-        ``generator``), x_start's shape and dtype; for k = 0, (``times[-1:]``, a copy of x_start).
+        $\alpha(t)x + \sigma(t)z$ at `t = times_tail[0]` (z ~ N(0, I) drawn from
+        `generator`), x_start's shape and dtype; for k = 0, (`times[-1:]`, a copy of x_start).
 
     Raises:
         TypeError / ValueError: a strength that is not a number in [0, 1].
@@ -242,7 +242,7 @@ def _replacement(out: Any, like: Tensor, i: int) -> Tensor:
 
 
 def check_invertible(solver: Sampler) -> Sampler:
-    """``solver`` if it is deterministic, else a ValueError naming the deterministic ones."""
+    """`solver` if it is deterministic, else a ValueError naming the deterministic ones."""
     if solver.is_stochastic:
         raise ValueError(
             f"{type(solver).__name__} with these options is stochastic and cannot be inverted "
@@ -267,14 +267,14 @@ def invert(
     compile: bool | CompileOptions | StepCache = False,
     progress: bool = False,
 ) -> Tensor:
-    r"""The x at ``times[0]`` from which `tinydiff.sampling.sample` with the same arguments
-    returns (approximately, or to any accuracy with ``fixed_point_iters``) the given x.
+    r"""The x at `times[0]` from which `tinydiff.sampling.sample` with the same arguments
+    returns (approximately, or to any accuracy with `fixed_point_iters`) the given x.
 
     See the module docstring for the method (the sampler's scheme on the mirrored process,
     exact first and last steps, and the fixed-point refinement).
 
     Args:
-        denoiser: the model as samplers see it (``model.denoiser(cond=..., ...)``).
+        denoiser: the model as samplers see it (`model.denoiser(cond=..., ...)`).
         process: the model's process.
         sampler: a deterministic sampler: a registered name or a `Sampler` instance.
         times: float (S + 1,), the sampling times, strictly decreasing to 0 (as for
@@ -282,23 +282,23 @@ def invert(
         x: the samples at t = 0 to invert, (bsz, *input_shape).
         sampler_kwargs: options of a sampler given by name.
         fixed_point_iters: k >= 0 refinement iterations; each costs one sampling and one
-            inversion pass, so (2k + 1) ``sampler.nfe(S)`` network calls in all.
-        callback: ``callback(i, t_next, x_next, x0_hat) -> Tensor | None`` after each
-            inversion step i of the final pass (i = 0 leaves t = 0; ``t_next`` is the time
-            reached, ``x0_hat`` the step's first x0 estimate); a returned tensor replaces
-            ``x_next``.
+            inversion pass, so (2k + 1) `sampler.nfe(S)` network calls in all.
+        callback: `callback(i, t_next, x_next, x0_hat) -> Tensor | None` after each
+            inversion step i of the final pass (i = 0 leaves t = 0; `t_next` is the time
+            reached, `x0_hat` the step's first x0 estimate); a returned tensor replaces
+            `x_next`.
         compile: run the refinement's sampling passes compiled (see
             `tinydiff.sampling.sample`); the inversion passes run eagerly.
         progress: show a progress bar over the passes.
 
     Returns:
-        x at ``times[0]``, x's shape and dtype.
+        x at `times[0]`, x's shape and dtype.
 
     Raises:
         ValueError: a stochastic sampler (the message names the deterministic ones); times
-            not strictly decreasing to 0; a negative ``fixed_point_iters``; a callback
+            not strictly decreasing to 0; a negative `fixed_point_iters`; a callback
             returning a tensor of another shape.
-        TypeError: an unknown sampler type or option; a non-int ``fixed_point_iters``.
+        TypeError: an unknown sampler type or option; a non-int `fixed_point_iters`.
     """
     solver = check_invertible(sampling.resolve_sampler(sampler, sampler_kwargs))
     times = sampling.check_times(times)
@@ -325,12 +325,12 @@ def invert(
 
 
 # -- the model's side: argument preparation of sample() and invert() ---------------------------
-#: the keyword arguments of ``DiffusionModel.sample`` that `prepare` takes
 SAMPLE_OPTIONS = frozenset(
     "sampler sampler_kwargs timestep_spacing init_noise x_start strength generator device cond "
     "guidance guidance_scale guidance_rescale guidance_kwargs use_ema check_finite clip_x0 "
     "dynamic_threshold".split()
 )
+"""The keyword arguments of `DiffusionModel.sample` that `prepare` takes."""
 
 
 def prepare(
@@ -357,10 +357,10 @@ def prepare(
     dynamic_threshold: Any = None,
     x_name: str = "init_noise",
 ) -> tuple[Denoiser, Sampler, Tensor, Tensor]:
-    """The (denoiser, sampler, times, x at times[0]) of a ``model.sample`` call (arguments
-    as there), every argument checked before any network call. With ``x_start`` the times
-    and start are SDEdit's (`sdedit_start`); ``x_name`` names ``init_noise`` in errors
-    (``model.invert`` passes its x there)."""
+    """The (denoiser, sampler, times, x at times[0]) of a `model.sample` call (arguments
+    as there), every argument checked before any network call. With `x_start` the times
+    and start are SDEdit's (`sdedit_start`); `x_name` names `init_noise` in errors
+    (`model.invert` passes its x there)."""
     if x_start is not None and init_noise is not None:
         raise ValueError(
             "pass either init_noise (the sample at the first time) or x_start (a sample to "
@@ -402,8 +402,8 @@ def prepare(
 
 
 class EditingMixin:
-    """``invert`` on a model (`tinydiff.DiffusionModel` inherits it): the inverse of
-    ``sample`` with a deterministic sampler."""
+    """`invert` on a model (`tinydiff.DiffusionModel` inherits it): the inverse of
+    `sample` with a deterministic sampler."""
 
     @_validation.in_eval_mode
     @torch.no_grad()
@@ -427,24 +427,24 @@ class EditingMixin:
         compile: bool = False,
         progress: bool = False,
     ) -> Tensor:
-        """x_T such that ``model.sample(len(x), sampling_timesteps, init_noise=x_T)`` with the
+        """x_T such that `model.sample(len(x), sampling_timesteps, init_noise=x_T)` with the
         same settings returns x (`invert`: the sampler's scheme run forward in time, exact at
-        both ends; ``fixed_point_iters`` refines it to any accuracy).
+        both ends; `fixed_point_iters` refines it to any accuracy).
 
         Args:
             x: the samples to invert, (bsz, *input_shape) (cast to the network's dtype and
                 device).
-            sampling_timesteps, sampler, sampler_kwargs, timestep_spacing: as for ``sample``
-                (``sampler=None``: the config's); the sampler must be deterministic.
+            sampling_timesteps, sampler, sampler_kwargs, timestep_spacing: as for `sample`
+                (`sampler=None`: the config's); the sampler must be deterministic.
             cond, guidance, guidance_scale, guidance_rescale, guidance_kwargs, use_ema: as for
-                ``sample``.
-            fixed_point_iters: k >= 0 refinement iterations, 2 ``sampler.nfe(S)`` network
-                calls each; the inversion alone makes at most ``sampler.nfe(S)``.
-            generator: accepted for symmetry with ``sample``: inverting a deterministic
+                `sample`.
+            fixed_point_iters: k >= 0 refinement iterations, 2 `sampler.nfe(S)` network
+                calls each; the inversion alone makes at most `sampler.nfe(S)`.
+            generator: accepted for symmetry with `sample`: inverting a deterministic
                 sampler draws no noise.
-            callback: ``callback(i, t_next, x_next, x0_hat)`` after each inversion step
+            callback: `callback(i, t_next, x_next, x0_hat)` after each inversion step
                 (see `invert`).
-            compile: run the refinement's sampling passes compiled (see ``sample``).
+            compile: run the refinement's sampling passes compiled (see `sample`).
             progress: show a progress bar.
 
         Returns:
@@ -452,7 +452,7 @@ class EditingMixin:
 
         Raises:
             ValueError / TypeError: a stochastic sampler (the message names the deterministic
-                ones) or any argument ``sample`` would refuse, before any network call.
+                ones) or any argument `sample` would refuse, before any network call.
         """
         model: Any = self
         x = model.check_data(x)
