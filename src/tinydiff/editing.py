@@ -16,17 +16,28 @@ the sampler's own scheme forward in time: the probability-flow ODE from t = 0 up
 $\alpha'(T - t) = \sigma(t)$, $\sigma'(T - t) = \alpha(t)$, so
 $\lambda' = -\lambda$) with the roles of the two predictions swapped (its data
 prediction is the noise prediction $\hat\epsilon$). Any sampler's plan built on the
-mirrored process is therefore a solver of the inversion ODE of the same order: DDIM becomes
-DDIM inversion, DPM-Solver++(2M) the second-order multistep inversion with its history taken
-from the lower noise levels already visited (as diffusers' DPMSolverMultistepInverseScheduler
-does), and so on for Heun, UniPC, DEIS and registered plugins.
+mirrored process is therefore a solver of the inversion ODE of the same order: DPM-Solver++(2M)
+becomes the second-order multistep inversion with its history taken from the lower noise
+levels already visited (as diffusers' DPMSolverMultistepInverseScheduler does), and so on for
+UniPC, DEIS and registered multistep plugins.
 
-Two steps need care because lambda is infinite there:
+A sampler without history (DDIM, Euler, Heun: `init_state` holds nothing) maps each
+$x_k$ to $x_{k+1} = F_k(x_k)$, and is inverted step by step instead: from the DDIM
+inversion with the last noise prediction, $z = \frac{\alpha_k}{\alpha_{k+1}}x_{k+1} +
+(\sigma_k - \frac{\alpha_k\sigma_{k+1}}{\alpha_{k+1}})\hat\epsilon_{\rm last}$, one
+fixed-point iteration of $F_k(z) = x_{k+1}$,
+$z \leftarrow z + \frac{\alpha_k}{\alpha_{k+1}}(x_{k+1} - F_k(z))$ (exact for a noise
+prediction that is constant over the step). Its local error is a factor h smaller than
+evaluating the noise at the lower level (diffusers' DDIMInverseScheduler evaluates it at
+$(x_{k+1}, t_k)$), at the same one call per step.
+
+Two steps of the mirrored run need care because lambda is infinite there:
 
 * the first step leaves t = 0, where $\sigma = 0$ and the noise prediction is
-  undefined. The last sampling step maps $x_{S-1}$ to $D(x_{S-1}, t_{S-1})$, so
-  its inverse solves $x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(x_{S-1})$;
-  one fixed-point iteration from $\alpha_{S-1}x$ gives
+  undefined (its posterior mean is 0). The last sampling step maps $x_{S-1}$ to
+  $D(x_{S-1}, t_{S-1})$, so its inverse solves
+  $x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(x_{S-1})$; one fixed-point iteration
+  from $\alpha_{S-1}x$ gives
   $x_{S-1} = \alpha_{S-1}x + \sigma_{S-1}\hat\epsilon(\alpha_{S-1}x, t_{S-1})$;
 * the last step reaches $\alpha(t_0) = 0$ on processes with zero terminal SNR (e.g.
   rectified flow), where the sampler's first step is
@@ -35,18 +46,20 @@ Two steps need care because lambda is infinite there:
 
 **Refinement** (`fixed_point_iters` = k > 0): the round trip $R = \Phi\circ\Psi$
 (sample after invert) differs from the identity by the solvers' discretisation errors.
-Fixed-point iteration on the target, $y_0 = x$,
-$y_{j+1} = y_j + (x - \Phi(\Psi(y_j)))$, returns $\Psi(y_k)$: a fixed point
-satisfies $\Phi(\Psi(y)) = x$ exactly, and each iteration shrinks the round-trip error
-by the Lipschitz constant of $R - I$, itself of the order of the solvers' error
-(defect correction; cf. the fixed-point inversions of Pan et al. 2023 and Garibi et al.
-2024, here applied to the whole trajectory, so that multistep samplers, whose step depends
-on noisier iterates not yet known during inversion, are made exact as well). It works with
-any deterministic sampler.
+Fixed-point iteration on the target, $y_0 = x$, $y_{j+1} = y_j + (x - \Phi(\Psi(y_j)))$
+(defect correction; cf. the fixed-point inversions of Pan et al. 2023 and Garibi et al. 2024,
+here over the whole trajectory, so that multistep samplers, whose step depends on noisier
+iterates not yet known during inversion, are refined as well): a fixed point satisfies
+$\Phi(\Psi(y)) = x$ exactly, and each iteration shrinks the round-trip error by the
+Lipschitz constant of $R - I$, of the order of the solvers' error. Where it does not contract
+(samples whose trajectory passes near the boundary between sharp modes, where sampling is
+ill-conditioned), each sample keeps the candidate $\Psi(y_j)$ of least measured round-trip
+error, so refinement never makes a sample's round trip worse. It works with any deterministic
+sampler.
 
 Network calls, with N = `sampler.nfe(S)` (S for one-call samplers, 2S for Heun):
-`invert` makes at most N calls, plus 2N per refinement iteration (one sampling and one
-inversion pass), so (2k + 1) N in all.
+`invert` makes at most N calls; with k > 0 refinement iterations, (2k + 2) N (each iteration
+one sampling and one inversion pass, plus one sampling pass measuring the last candidate).
 """
 
 from __future__ import annotations
@@ -144,31 +157,36 @@ class _Mirror(GaussianProcess):
         return self.real.points(self.num_timesteps - self._as_time(t))
 
 
-class _MirrorView:
-    """The denoiser as the mirrored process sees it: (x0, eps) swapped; carries the guidance
-    state from call to call and records the first (real) x0 estimate."""
+class _View:
+    """The denoiser during one step: carries the guidance state from call to call, records
+    the first (real) x0 and eps estimates, and, for the mirrored process, swaps them."""
 
-    def __init__(self, denoise: Any, state: Any, step: Tensor | None) -> None:
-        self.denoise, self.state, self.step = denoise, state, step
+    def __init__(self, denoise: Any, state: Any, step: int, device: Any, mirrored: bool) -> None:
+        self.denoise, self.state, self.mirrored = denoise, state, mirrored
+        self.step = torch.full((), step, dtype=torch.int64, device=device)
         self.variance = denoise.variance
-        self.first_x0: Tensor | None = None
+        self.first: Prediction | None = None
 
     def real(self, x: Tensor, point: Tensor) -> Prediction:
         if isinstance(self.denoise, Denoiser):
             pred, self.state = self.denoise.predict(x, Point.of(point, x), self.state, self.step)
         else:
             pred = self.denoise(x, point)
-        if self.first_x0 is None:
-            self.first_x0 = pred.x0
+        if self.first is None:
+            self.first = pred
         return pred
+
+    @property
+    def first_x0(self) -> Tensor | None:
+        return None if self.first is None else self.first.x0
 
     def __call__(self, x: Tensor, point: Tensor) -> Prediction:
         pred = self.real(x, point)
-        return Prediction(pred.eps, pred.x0, pred.var_out)
+        return Prediction(pred.eps, pred.x0, pred.var_out) if self.mirrored else pred
 
 
 class _Inverter:
-    """One inversion pass Psi (module docstring) for a sampler, a process and times."""
+    """The inversion pass Psi (module docstring) for a sampler, a process and times."""
 
     def __init__(
         self, solver: Sampler, process: GaussianProcess, times: Tensor, denoise: Any
@@ -176,13 +194,17 @@ class _Inverter:
         self.solver, self.denoise, self.times = solver, denoise, times
         self.path = path = process.path_values(times)
         self.num_steps = n = times.numel() - 1
+        self.points = process.points(times)
+        # a sampler without history: each step is a map x_i -> x_{i+1}, inverted step by step
+        self.one_step = not solver.init_state(torch.zeros(()))
         self.first = bool(path.sigma[n] == 0) and n >= 1  # leave t = 0 by the fixed point
         self.last = bool(path.alpha[0] == 0) and n >= 1 + self.first  # reach alpha = 0 exactly
-        self.points = process.points(times)
         lo, hi = int(self.last), n - int(self.first)  # the mirrored sampler runs t_hi .. t_lo
         self.plan: dict[str, Tensor] | None = None
         self.lo, self.hi = lo, hi
-        if hi > lo:
+        if self.one_step:
+            self.plan = build_plan(solver, path)
+        elif hi > lo:
             idx = torch.arange(hi, lo - 1, -1)
             mirror = _Mirror(process)
             mpath = PathValues(
@@ -195,15 +217,10 @@ class _Inverter:
             self.plan = build_plan(solver, mpath)
 
     def __call__(self, y: Tensor, callback: Callback | None = None) -> Tensor:
-        n, path, x = self.num_steps, self.path, y
+        n, x = self.num_steps, y
         gstate = self.denoise.init_state(x) if isinstance(self.denoise, Denoiser) else ()
         t_next = self.times.tolist()
-        point = self.points.to(device=x.device, dtype=x.dtype)
         i = 0  # inversion step: from times[n - i] up to times[n - i - 1]
-
-        def view(step: int) -> _MirrorView:
-            index = torch.full((), step, dtype=torch.int64, device=x.device)
-            return _MirrorView(self.denoise, gstate, index)
 
         def after(x_next: Tensor, x0_hat: Tensor | None) -> Tensor:
             if callback is None:
@@ -211,24 +228,52 @@ class _Inverter:
             out = callback(i, t_next[n - i - 1], x_next, x0_hat)
             return x_next if out is None else _replacement(out, x_next, i)
 
+        a, s = self.path.alpha.tolist(), self.path.sigma.tolist()
+        point = self.points.to(device=x.device, dtype=x.dtype)
+        if self.one_step:
+            assert self.plan is not None
+            table = {k: c.to(device=x.device, dtype=x.dtype) for k, c in self.plan.items()}
+            eps: Tensor | None = None  # the noise prediction at t = 0: 0
+            for i in range(n):
+                k = n - 1 - i  # the sampling step from t_k to t_{k+1}, inverted
+                row = {name: c[k] for name, c in table.items()}
+                # predictor: DDIM inversion with the last noise prediction
+                z = a[k] / a[k + 1] * x
+                if eps is not None:
+                    z = z + (s[k] - a[k] * s[k + 1] / a[k + 1]) * eps
+                # one fixed-point iteration z <- z + g (x - F(z)), g = (dF/dz)^-1 for a
+                # constant eps: z = (a_k / a_k+1) x + (...) eps(z, t_k), eps at the new point
+                gain = a[k] / a[k + 1] if a[k] > 0 else s[k] / s[k + 1]
+                v = _View(self.denoise, gstate, k, x.device, mirrored=False)
+                z = z + gain * (x - self.solver.step(z, (), row, v, None)[0])
+                assert v.first is not None
+                pred, gstate = v.first, v.state
+                eps = pred.eps
+                x = after(z, pred.x0)
+            return x
         if self.first:  # x_{S-1} = alpha x + sigma eps(alpha x, t_{S-1}) (x at sigma = 0)
-            a, s = float(path.alpha[n - 1] / path.alpha[n]), float(path.sigma[n - 1])
-            v = view(n - 1)
-            x = after(a * x + s * v.real(a * x, point[n - 1]).eps, v.first_x0)
+            v = _View(self.denoise, gstate, n - 1, x.device, mirrored=True)
+            z = a[n - 1] / a[n] * x
+            x = after(z + s[n - 1] * v.real(z, point[n - 1]).eps, v.first_x0)
             gstate, i = v.state, i + 1
         if self.plan is not None:
             table = {k: c.to(device=x.device, dtype=x.dtype) for k, c in self.plan.items()}
             state = self.solver.init_state(x)
             for j in range(self.hi - self.lo):
-                v = view(self.hi - 1 - j)
+                v = _View(self.denoise, gstate, self.hi - 1 - j, x.device, mirrored=True)
                 x, state = self.solver.step(x, state, {k: c[j] for k, c in table.items()}, v, None)
                 x = after(x, v.first_x0)
                 gstate, i = v.state, i + 1
         if self.last:  # exact inverse of x_1 = (sigma_1 / sigma_0) x_T + alpha_1 D(x_T, T)
-            v = view(0)
+            v = _View(self.denoise, gstate, 0, x.device, mirrored=True)
             d = v.real(x, point[0]).x0
-            x = after(float(path.sigma[0] / path.sigma[1]) * (x - float(path.alpha[1]) * d), d)
+            x = after(s[0] / s[1] * (x - a[1] * d), d)
         return x
+
+
+def _norms(r: Tensor) -> Tensor:
+    """Per-sample norms, (bsz, 1, ..., 1) to broadcast against r."""
+    return r.flatten(1).norm(dim=1).view(-1, *([1] * (r.dim() - 1)))
 
 
 def _replacement(out: Any, like: Tensor, i: int) -> Tensor:
@@ -281,11 +326,11 @@ def invert(
             `tinydiff.sampling.sample`).
         x: the samples at t = 0 to invert, (bsz, *input_shape).
         sampler_kwargs: options of a sampler given by name.
-        fixed_point_iters: k >= 0 refinement iterations; each costs one sampling and one
-            inversion pass, so (2k + 1) `sampler.nfe(S)` network calls in all.
+        fixed_point_iters: k >= 0 refinement iterations of the round trip (module
+            docstring): (2k + 2) `sampler.nfe(S)` network calls in all for k > 0.
         callback: `callback(i, t_next, x_next, x0_hat) -> Tensor | None` after each
-            inversion step i of the final pass (i = 0 leaves t = 0; `t_next` is the time
-            reached, `x0_hat` the step's first x0 estimate); a returned tensor replaces
+            inversion step i of the last inversion pass (i = 0 leaves t = 0; `t_next` is the
+            time reached, `x0_hat` the step's first x0 estimate); a returned tensor replaces
             `x_next`.
         compile: run the refinement's sampling passes compiled (see
             `tinydiff.sampling.sample`); the inversion passes run eagerly.
@@ -304,24 +349,38 @@ def invert(
     times = sampling.check_times(times)
     iters = _validation.check_int("fixed_point_iters", fixed_point_iters, min=0)
     inverter = _Inverter(solver, process, times, denoiser)
-    bar = progress_bar(total=2 * iters + 1, desc="inverting", leave=False) if progress else None
-    try:
-        target = x
-        x_t = inverter(target, callback if iters == 0 else None)
-        for j in range(iters):
-            if bar is not None:
-                bar.update(1)
-            back = sampling.sample(denoiser, process, solver, times, x_t, compile=compile)
-            target = target + (x - back)
-            x_t = inverter(target, callback if j == iters - 1 else None)
-            if bar is not None:
-                bar.update(1)
+    passes = 2 * iters + 2 if iters else 1
+    bar = progress_bar(total=passes, desc="inverting", leave=False) if progress else None
+
+    def tick() -> None:
         if bar is not None:
             bar.update(1)
+
+    def residual(x_t: Tensor) -> Tensor:
+        tick()
+        return x - sampling.sample(denoiser, process, solver, times, x_t, compile=compile)
+
+    try:
+        x_t = inverter(x, callback if iters == 0 else None)
+        tick()
+        if iters == 0:
+            return x_t
+        target, best, best_err = x, x_t, None
+        for j in range(iters):
+            res = residual(x_t)
+            err = _norms(res)
+            if best_err is not None:
+                keep = best_err <= err
+                best, err = torch.where(keep, best, x_t), torch.minimum(best_err, err)
+            best_err = err
+            target = target + res
+            x_t = inverter(target, callback if j == iters - 1 else None)
+            tick()
+        assert best_err is not None
+        return torch.where(best_err < _norms(residual(x_t)), best, x_t)
     finally:
         if bar is not None:
             bar.close()
-    return x_t
 
 
 # -- the model's side: argument preparation of sample() and invert() ---------------------------
@@ -438,8 +497,9 @@ class EditingMixin:
                 (`sampler=None`: the config's); the sampler must be deterministic.
             cond, guidance, guidance_scale, guidance_rescale, guidance_kwargs, use_ema: as for
                 `sample`.
-            fixed_point_iters: k >= 0 refinement iterations, 2 `sampler.nfe(S)` network
-                calls each; the inversion alone makes at most `sampler.nfe(S)`.
+            fixed_point_iters: k >= 0 refinement iterations of the round trip; the inversion
+                alone makes at most `sampler.nfe(S)` network calls, (2k + 2) times that for
+                k > 0.
             generator: accepted for symmetry with `sample`: inverting a deterministic
                 sampler draws no noise.
             callback: `callback(i, t_next, x_next, x0_hat)` after each inversion step
