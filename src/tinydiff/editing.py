@@ -243,7 +243,12 @@ class _Inverter:
                     z = z + (s[k] - a[k] * s[k + 1] / a[k + 1]) * eps
                 # one fixed-point iteration z <- z + g (x - F(z)), g = (dF/dz)^-1 for a
                 # constant eps: z = (a_k / a_k+1) x + (...) eps(z, t_k), eps at the new point
-                gain = a[k] / a[k + 1] if a[k] > 0 else s[k] / s[k + 1]
+                # (at alpha = 0 D is constant; a single step from alpha = 0 to sigma = 0
+                # returns D whatever x_T is: nothing to invert, the predictor stays)
+                if a[k] > 0:
+                    gain = a[k] / a[k + 1]
+                else:
+                    gain = s[k] / s[k + 1] if s[k + 1] > 0 else 0.0
                 v = _View(self.denoise, gstate, k, x.device, mirrored=False)
                 z = z + gain * (x - self.solver.step(z, (), row, v, None)[0])
                 assert v.first is not None
