@@ -9,7 +9,8 @@ Plugin registries (each with ``register``, ``get``, ``names``): :mod:`tinydiff.s
 :mod:`tinydiff.targets`, :mod:`tinydiff.variances`, :mod:`tinydiff.losses`,
 `tinydiff.samplers`, `tinydiff.spacings`, `tinydiff.guidance`. The core:
 `tinydiff.process` (the Gaussian process alpha(t), sigma(t)), `tinydiff.denoiser`
-and `tinydiff.sampling` (the sampling loop as a function, with per-step callbacks). Subpackages that need more
+and `tinydiff.sampling` (the sampling loop as a function, with per-step callbacks);
+`tinydiff.editing` (SDEdit and inversion). Subpackages that need more
 imports load on first access: ``tinydiff.nn``, ``tinydiff.testing``, ``tinydiff.likelihood``,
 ``tinydiff.hub``, ``tinydiff.metrics``, ``tinydiff.plotting``.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from tinydiff import (
     compat,
     denoiser,
+    editing,
     guidance,
     losses,
     process,
@@ -57,6 +59,7 @@ __all__ = [
     "Trainer",
     "__version__",
     "denoiser",
+    "editing",
     "guidance",
     "load_checkpoint",
     "load_plugins",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import tinydiff._validation as _validation
 from tinydiff import (
     conditioning,
+    editing,
     likelihood,
     losses,
     samplers,
@@ -32,18 +33,18 @@ from tinydiff._compile import CompileMixin
 from tinydiff.config import DiffusionModelConfig, merge_config, warn_if_fragile
 from tinydiff.denoiser import Denoiser
 from tinydiff.diffusers_compat import DiffusersMixin
+from tinydiff.editing import EditingMixin
 from tinydiff.ema import EMAMixin
 from tinydiff.guidance import Guidance
 from tinydiff.guidance import resolve as resolve_guidance
 from tinydiff.hub import HubMixin
 from tinydiff.process import GaussianProcess, Point
 from tinydiff.samplers.base import Callback, Sampler
-from tinydiff.thresholding import x0_limit
 
 __all__ = ["DiffusionModel"]
 
 
-class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module):
+class DiffusionModel(EMAMixin, CompileMixin, EditingMixin, HubMixin, DiffusersMixin, nn.Module):
     """A denoising diffusion model around any network: ``model.loss(x).mean()`` trains it,
     ``model.sample(bsz, sampling_timesteps)`` draws from it.
 
@@ -271,6 +272,8 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
         guidance_kwargs: dict[str, Any] | None = None,
         clip_x0: Any = None,
         dynamic_threshold: Any = None,
+        x_start: Tensor | None = None,
+        strength: float | None = None,
     ) -> Tensor:
         """Draw samples (bsz, *input_shape), in the network's dtype, by running a sampler from
         noise at t = T to t = 0. Bad arguments raise ValueError or TypeError before sampling.
@@ -297,28 +300,14 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
             guidance_kwargs: options of the guidance method.
             clip_x0: clip x0 estimates to (lo, hi) (`tinydiff.thresholding`; default: config).
             dynamic_threshold: Imagen's (percentile, max) threshold of x0 (default: config).
+            x_start: SDEdit: a sample to edit, (bsz, *input_shape) (not with init_noise).
+            strength: s in [0, 1] with x_start: the last floor(s S) steps run from its noised
+                version (`tinydiff.editing.sdedit_start`); 0 returns x_start.
         """
-        network = self.network(use_ema)
-        strategy = resolve_guidance(
-            guidance, guidance_scale, guidance_rescale, guidance_kwargs, cond=cond
-        )
-        solver = self.make_sampler(sampler, sampler_kwargs)
-        times = self.sampling_timesteps(
-            sampling_timesteps,
-            timestep_spacing,
-            sampler=sampler,
-            start_given=init_noise is not None,
-        )
-        shape = (bsz, *self.input_shape)
-        x = sampling.initial_noise(
-            self.process, shape, self.nn_module, device, generator, init_noise, check_finite
-        )
-        if cond is not None:
-            cond = conditioning.check_cond(network, cond, bsz, device=x.device)
-        limit = x0_limit(clip_x0, dynamic_threshold, default=self.config.x0_limit())
-        denoiser = Denoiser(
-            network, self.target, self.variance, cond=cond, guidance=strategy, x0_limit=limit
-        )
+        options = {k: v for k, v in locals().items() if k in editing.SAMPLE_OPTIONS}
+        denoiser, solver, times, x = editing.prepare(self, bsz, sampling_timesteps, **options)
+        if times.numel() == 1:  # SDEdit with strength < 1 / S: no step, x_start itself
+            return x[None] if return_trajectory else x
         out = sampling.sample(
             denoiser,
             self.process,

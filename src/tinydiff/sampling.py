@@ -32,7 +32,14 @@ from tinydiff.denoiser import Denoiser
 from tinydiff.process import GaussianProcess
 from tinydiff.samplers.base import Callback, Sampler, build_plan, run_sampler
 
-__all__ = ["Callback", "CompileOptions", "initial_noise", "sample"]
+__all__ = [
+    "Callback",
+    "CompileOptions",
+    "check_times",
+    "initial_noise",
+    "resolve_sampler",
+    "sample",
+]
 
 # compiled steps of functional calls, one cache per compile options; the network of a run is
 # read from the cache's slot, so entries serve every denoiser with the same layout
@@ -50,7 +57,13 @@ def _step_cache(compile: bool | CompileOptions | StepCache) -> StepCache:
     return cache
 
 
-def _sampler(sampler: str | Sampler, options: Mapping[str, Any] | None) -> Sampler:
+def resolve_sampler(sampler: str | Sampler, options: Mapping[str, Any] | None = None) -> Sampler:
+    """A `Sampler` from a registered name and its options, or the instance itself.
+
+    Raises:
+        ValueError: options given with an instance; an unknown name or option value.
+        TypeError: neither a name nor a `Sampler`; an unknown option.
+    """
     if isinstance(sampler, Sampler):
         if options:
             raise ValueError("sampler_kwargs apply to a sampler name, not to a Sampler instance")
@@ -71,10 +84,12 @@ def initial_noise(
     generator: torch.Generator | None = None,
     init_noise: Tensor | None = None,
     check_finite: bool | None = None,
+    name: str = "init_noise",
 ) -> Tensor:
     """x_T for a batch of ``shape`` = (bsz, *input_shape), in the network's dtype, on
     ``device`` (default: the network's): N(0, I) times ``process.prior_std()`` (1 on
-    variance-preserving processes), or ``init_noise`` checked and moved there.
+    variance-preserving processes), or ``init_noise`` checked and moved there (``name``
+    names it in errors, e.g. ``"x_start"``).
 
     Raises:
         TypeError: a generator that is not a torch.Generator.
@@ -101,12 +116,25 @@ def initial_noise(
         got = (
             tuple(init_noise.shape) if isinstance(init_noise, Tensor) else type(init_noise).__name__
         )
-        raise ValueError(f"init_noise must have shape (bsz, *input_shape) = {shape}, got {got}")
+        raise ValueError(f"{name} must have shape (bsz, *input_shape) = {shape}, got {got}")
     if init_noise.is_meta:
-        raise ValueError("init_noise is on the meta device (it holds no data); pass real values")
+        raise ValueError(f"{name} is on the meta device (it holds no data); pass real values")
     x = init_noise.to(device=device, dtype=dtype)
-    _validation.check_finite("init_noise", x, check_finite)
+    _validation.check_finite(name, x, check_finite)
     return x
+
+
+def check_times(times: Tensor) -> Tensor:
+    """``times`` as a float64 CPU tensor, if 1-d with at least 2 entries, strictly decreasing
+    and ending at 0; else a ValueError."""
+    times = torch.as_tensor(times, dtype=torch.float64).cpu()
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError(
+            f"times must be 1-d with at least 2 entries, got shape {tuple(times.shape)}"
+        )
+    if not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
+        raise ValueError(f"times must be strictly decreasing and end at 0, got {times.tolist()}")
+    return times
 
 
 @torch.no_grad()
@@ -158,14 +186,8 @@ def sample(
             callback that returns a tensor of another shape.
         TypeError: an unknown sampler type or sampler option.
     """
-    solver = _sampler(sampler, sampler_kwargs)
-    times = torch.as_tensor(times, dtype=torch.float64).cpu()
-    if times.dim() != 1 or times.numel() < 2:
-        raise ValueError(
-            f"times must be 1-d with at least 2 entries, got shape {tuple(times.shape)}"
-        )
-    if not bool((times[1:] < times[:-1]).all()) or float(times[-1]) != 0.0:
-        raise ValueError(f"times must be strictly decreasing and end at 0, got {times.tolist()}")
+    solver = resolve_sampler(sampler, sampler_kwargs)
+    times = check_times(times)
     plan = build_plan(solver, process.path_values(times))
     loop = None
     if compile is not False:
