@@ -2,21 +2,21 @@ r"""Inpainting and linear inverse problems: sample x from $p(x \mid y)$ for $y =
 
 A diffusion model is a prior $p(x)$. Given an observation $y = A x + s\,n$, $n \sim
 \mathcal N(0, I)$, with $A$ linear (a matrix over flattened samples, a linear callable, or a
-mask: inpainting) and $s \ge 0$ (``noise_std``), the methods here draw approximate samples of
+mask: inpainting) and $s \ge 0$ (`noise_std`), the methods here draw approximate samples of
 the posterior $p(x \mid y) \propto p(x)\,\mathcal N(y; A x, s^2 I)$ with the model's
 denoiser $D(x_t, t) \approx \mathbb E[x_0 \mid x_t]$ and no training.
 
 | name | method | network calls per sample | exact? |
 |---|---|---|---|
-| ``repaint`` | replacement with resampling jumps (Lugmayr et al. 2022); masks only | steps + jumps | no |
-| ``dps`` | diffusion posterior sampling (Chung et al. 2023) | 2 per step (1 forward, 1 backward) | no |
-| ``mmps`` | moment-matching posterior sampling (Rozet et al. 2024) | (2 + ``cg_iters``) per step | no |
-| ``mcgdiff`` | sequential Monte Carlo (Cardoso et al. 2024) | steps x ``num_particles`` | as particles, steps grow |
+| `repaint` | replacement with resampling jumps (Lugmayr et al. 2022); masks only | steps + jumps | no |
+| `dps` | diffusion posterior sampling (Chung et al. 2023) | 2 per step (1 forward, 1 backward) | no |
+| `mmps` | moment-matching posterior sampling (Rozet et al. 2024) | (2 + `cg_iters`) per step | no |
+| `mcgdiff` | sequential Monte Carlo (Cardoso et al. 2024) | steps x `num_particles` | as particles, steps grow |
 
 All methods step with the ancestral (DDPM) kernel of any Gaussian path (the posterior
-$q(x_s \mid x_t, x_0 = \hat x_0)$, `tinydiff.variances.gaussian_posterior`), with an ``eta``
+$q(x_s \mid x_t, x_0 = \hat x_0)$, `tinydiff.variances.gaussian_posterior`), with an `eta`
 in [0, 1] for the non-particle ones (0: deterministic DDIM steps). Masks follow RePaint's
-convention: ``known_mask`` is 1 (True) where the value is known. diffusers' inpainting
+convention: `known_mask` is 1 (True) where the value is known. diffusers' inpainting
 pipelines use the opposite (1 = repaint).
 
 Register your own method:
@@ -70,8 +70,8 @@ __all__ = [
     "sample",
 ]
 
-#: an operator given as a linear callable: ``A(x)`` for x (bsz, *input_shape) -> (bsz, m)
 LinearCallable = Callable[[Tensor], Tensor]
+"""An operator given as a linear callable: `A(x)` for x (bsz, *input_shape) -> (bsz, m)."""
 
 
 # -- the observation ------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class Observation:
         Args:
             y: (bsz, m) observations (or (m,): one observation, bsz = 1).
             operator: A as a matrix (m, d) over flattened samples, d = prod(input_shape), or
-                a linear callable ``A(x)`` for x (bsz, *input_shape) -> (bsz, m).
+                a linear callable `A(x)` for x (bsz, *input_shape) -> (bsz, m).
             noise_std: s >= 0 (0: noiseless observations).
             input_shape: the shape of one sample.
             dtype, device: where to compute (default: y's).
@@ -359,19 +359,19 @@ def _selection_columns(A: Tensor) -> Tensor | None:
 
 # -- the method contract and registry ---------------------------------------------------------------
 class PosteriorMethod:
-    """Base class of posterior sampling methods. Options are keyword arguments of ``__init__``.
+    """Base class of posterior sampling methods. Options are keyword arguments of `__init__`.
 
     Subclasses implement `run`; particle methods set `num_particles`, methods that need
     gradients through the denoiser set `needs_grad`, and `calls` states the cost.
     """
 
-    #: particles per sample: the denoiser is called on bsz * num_particles rows
     num_particles: int = 1
-    #: whether `run` differentiates through the denoiser (it is then run with autograd on)
+    """Particles per sample: the denoiser is called on bsz * num_particles rows."""
     needs_grad: bool = False
+    """Whether `run` differentiates through the denoiser (it then runs with autograd on)."""
 
     def calls(self, num_steps: int) -> int:
-        """Network evaluations per sample (a backward pass counts as one) for ``num_steps``."""
+        """Network evaluations per sample (a backward pass counts as one) for `num_steps`."""
         return num_steps * self.num_particles
 
     def run(
@@ -393,7 +393,7 @@ class PosteriorMethod:
             times: float64 (S + 1,), strictly decreasing from T to 0.
             obs: the observation (bsz rows).
             generator: source of all randomness.
-            callback: ``callback(i, t_next, x_next, x0_hat)`` after each step (particle
+            callback: `callback(i, t_next, x_next, x0_hat)` after each step (particle
                 methods: x_next holds all particles, (bsz * num_particles, *input_shape));
                 a returned tensor replaces x_next.
             progress: show a progress bar.
@@ -419,13 +419,14 @@ register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names
 
-#: the method used when none is named
 DEFAULT_METHOD = "mcgdiff"
+"""The method used when none is named: the one that is consistent (exact as particles and
+steps grow)."""
 
 
 def build(name: str | None = None, options: Mapping[str, Any] | None = None) -> PosteriorMethod:
-    """Instantiate the registered method ``name`` (default `DEFAULT_METHOD`) with
-    ``options``.
+    """Instantiate the registered method `name` (default `DEFAULT_METHOD`) with
+    `options`.
 
     Raises:
         ValueError: unknown name (with close matches) or a bad option value.
@@ -563,12 +564,12 @@ class RePaint(PosteriorMethod):
     Each step from t to s draws the unknown entries from the ancestral kernel and the known
     ones from the forward process, $x_s^{known} = \alpha_s y + \sqrt{\max(\sigma_s^2 -
     \alpha_s^2 s^2, 0)}\,z$; at s = 0 the known entries equal y exactly. After reaching a
-    step index k with $0 < k < S$ and k a multiple of ``jump_length``, the sample is noised
-    back ``jump_length`` steps by $q(x_{t_{k - j}} \mid x_{t_k})$ and the steps are redone,
-    ``num_resample - 1`` times, which harmonises known and generated parts.
+    step index k with $0 < k < S$ and k a multiple of `jump_length`, the sample is noised
+    back `jump_length` steps by $q(x_{t_{k - j}} \mid x_{t_k})$ and the steps are redone,
+    `num_resample - 1` times, which harmonises known and generated parts.
 
     Cost: $S + (r - 1)\,j\,\lfloor (S - 1)/j \rfloor$ network calls per sample (S steps, j =
-    ``jump_length``, r = ``num_resample``); r = 1 is plain replacement. Biased: the known
+    `jump_length`, r = `num_resample`); r = 1 is plain replacement. Biased: the known
     entries are not conditioned on through the prior, so mixture weights of the posterior
     are wrong; the jumps reduce but do not remove the bias.
 
@@ -587,7 +588,7 @@ class RePaint(PosteriorMethod):
 
     def moves(self, num_steps: int) -> list[tuple[int, int]]:
         """The index moves (from, to) on the S + 1 times: down by one (a network call) or up
-        by ``jump_length`` (forward noising)."""
+        by `jump_length` (forward noising)."""
         j, out = self.jump_length, []
         for k in range(1, num_steps + 1):
             out.append((k - 1, k))
@@ -654,14 +655,14 @@ def _grad_pred(net: _Net, x: Tensor, point: Tensor) -> tuple[Tensor, Prediction]
 class DPS(PosteriorMethod):
     r"""Diffusion posterior sampling (Chung et al. 2023, Alg. 1).
 
-    Each step takes the ancestral (``eta`` = 1) or DDIM step with the denoiser's
+    Each step takes the ancestral (`eta` = 1) or DDIM step with the denoiser's
     $(\hat x_0, \hat\epsilon)$, then moves along the gradient of the residual norm through
     the denoiser: $x_s \leftarrow x_s - \zeta\,\nabla_{x_t}\lVert y - A\hat x_0(x_t)\rVert$,
-    per sample (the authors' code; $\zeta$ = ``step_size``).
+    per sample (the authors' code; $\zeta$ = `step_size`).
 
     Cost: 2 network calls per step (a forward and a backward pass). Biased: the likelihood
     $p(y \mid x_t)$ is replaced by a point estimate at $\hat x_0$ with a hand-set step, so
-    the samples are neither the posterior's spread nor its mixture weights; ``noise_std``
+    the samples are neither the posterior's spread nor its mixture weights; `noise_std`
     is not used.
 
     Args:
@@ -718,12 +719,12 @@ class MMPS(PosteriorMethod):
 
     $$\hat x_0^y = \hat x_0 + V A^\top (s^2 I + A V A^\top)^{-1} (y - A\hat x_0),$$
 
-    the system solved by ``cg_iters`` conjugate-gradient iterations whose products with V
+    the system solved by `cg_iters` conjugate-gradient iterations whose products with V
     are vector-Jacobian products through the denoiser (no Jacobian is formed). The step
     then uses $(\hat x_0^y, \hat\epsilon^y = (x_t - \alpha_t \hat x_0^y)/\sigma_t)$. With
     $V = r_t^2 I$ in the solve this is PiGDM (Song et al. 2023).
 
-    Cost: 1 forward and ``cg_iters`` + 1 backward passes per step: (2 + ``cg_iters``)
+    Cost: 1 forward and `cg_iters` + 1 backward passes per step: (2 + `cg_iters`)
     network calls. Biased on non-Gaussian priors (the Gaussian approximation of
     $p(x_0 \mid x_t)$), exact for a Gaussian prior with enough CG iterations.
 
@@ -764,7 +765,7 @@ class MMPS(PosteriorMethod):
         try:
             for i in range(steps.num_steps):
                 a_t, s_t = steps.alpha[i], steps.sigma[i]
-                scale = s_t * s_t / max(a_t, 1e-12)
+                scale = s_t * s_t / a_t if a_t > 0 else 0.0
                 with torch.enable_grad():
                     xg, pred = _grad_pred(net, x, steps.point(i))
                     x0 = pred.x0
@@ -778,18 +779,22 @@ class MMPS(PosteriorMethod):
                     def matvec(u: Tensor) -> Tensor:
                         return s2 * u + obs.apply(cov(obs.adjoint(u)))
 
-                    r = obs.y - obs.apply(x0.detach())
-                    u = torch.zeros_like(r)
-                    p, rr = r, dot(r, r)
-                    for _ in range(self.cg_iters):
-                        q = matvec(p)
-                        step = rr / dot(p, q).clamp_min(1e-300)
-                        u = u + step * p
-                        r = r - step * q
-                        rr_new = dot(r, r)
-                        p = r + rr_new / rr.clamp_min(1e-300) * p
-                        rr = rr_new
-                    x0_y = (x0 + cov(obs.adjoint(u))).detach()
+                    if a_t > 0:  # at alpha = 0 (rectified flow's T) x_t says nothing of x0
+                        r = obs.y - obs.apply(x0.detach())
+                        u = torch.zeros_like(r)
+                        p, rr = r, dot(r, r)
+                        for _ in range(self.cg_iters):
+                            q = matvec(p)
+                            pq = dot(p, q)
+                            step = torch.where(pq > 0, rr / pq.clamp_min(1e-300), 0)
+                            u = u + step * p
+                            r = r - step * q
+                            rr_new = dot(r, r)
+                            p = r + torch.where(rr > 0, rr_new / rr.clamp_min(1e-300), 0) * p
+                            rr = rr_new
+                        x0_y = (x0 + cov(obs.adjoint(u))).detach()
+                    else:
+                        x0_y = x0.detach()
                 net.next_step()
                 eps_y = (x - a_t * x0_y) / s_t
                 x = _eta_step(steps, i, x0_y, eps_y, self.eta, generator)
@@ -804,7 +809,7 @@ class MCGDiff(PosteriorMethod):
     r"""Sequential Monte Carlo with Gaussian-conditioned proposals (MCGdiff, Cardoso et al.
     2024), for any linear A via the Gaussian gain form.
 
-    Each sample carries K = ``num_particles`` particles targeting $p(x_t)\,g_t(x_t)$ with
+    Each sample carries K = `num_particles` particles targeting $p(x_t)\,g_t(x_t)$ with
     the potential $g_t(x_t) = \mathcal N(\alpha_t y;\, A x_t,\, \Sigma_t)$, $\Sigma_t =
     \sigma_t^2 A A^\top + \alpha_t^2 s^2 I$ (the law of $A x_t$ when $A x_0$ is the
     observation); $g_0$ is the likelihood $\mathcal N(y; A x_0, s^2 I)$. A step from t to
@@ -815,7 +820,7 @@ class MCGDiff(PosteriorMethod):
     e \sim \mathcal N(0, \Sigma_s),\quad S = (v + \sigma_s^2) A A^\top + \alpha_s^2 s^2 I,$$
 
     and reweights it by $\mathcal N(\alpha_s y; A m, S) / g_t(x_t)$; particles are resampled
-    (``resampling``) where the effective sample size falls below ``ess_threshold`` K. The
+    (`resampling`) where the effective sample size falls below `ess_threshold` K. The
     last kernel, from $t_1$ to 0, is $\mathcal N(\hat x_0, r^2 I)$ with $r^2 =
     \sigma_{t_1}^2 / (\alpha_{t_1}^2 + \sigma_{t_1}^2)$ (Tweedie's variance for unit-variance
     data), so that noiseless observations have a density. One sample per row is drawn from
@@ -830,7 +835,7 @@ class MCGDiff(PosteriorMethod):
     Args:
         num_particles: K >= 1.
         ess_threshold: resample where ESS < ess_threshold K, in [0, 1] (1: every step).
-        resampling: ``"systematic"`` or ``"multinomial"``.
+        resampling: `"systematic"` or `"multinomial"`.
     """
 
     def __init__(
@@ -992,7 +997,7 @@ def sample(
         method: a registered name (`names`; default `DEFAULT_METHOD`) or a `PosteriorMethod`.
         method_kwargs: the options of a named method.
         generator: source of all randomness.
-        callback: ``callback(i, t_next, x_next, x0_hat)`` after each step.
+        callback: `callback(i, t_next, x_next, x0_hat)` after each step.
         progress: show a progress bar.
 
     Returns:
@@ -1061,18 +1066,18 @@ class PosteriorMixin:
                 matrix is run as a mask (`inpaint`).
             noise_std: s >= 0 (0: noiseless).
             sampling_timesteps: S, the number of steps (default T).
-            method: a `tinydiff.posterior` method name (default ``"mcgdiff"``) or object.
-            method_kwargs: the method's options (e.g. ``{"num_particles": 32}``).
+            method: a `tinydiff.posterior` method name (default `"mcgdiff"`) or object.
+            method_kwargs: the method's options (e.g. `{"num_particles": 32}`).
             timestep_spacing: a spacing name or explicit times (default: config's, else the
-                ``ddpm`` sampler's).
+                `ddpm` sampler's).
             cond: keyword arguments of the network, tensors with leading dim bsz.
-            guidance_scale: w of classifier-free guidance (or of ``guidance``).
+            guidance_scale: w of classifier-free guidance (or of `guidance`).
             guidance_rescale: phi in [0, 1].
             guidance: a guidance method name or strategy (`tinydiff.guidance`).
             guidance_kwargs: its options.
             use_ema: use the EMA weights.
             generator: source of all randomness, on the network's device.
-            callback: ``callback(i, t_next, x_next, x0_hat)`` after each step; may replace
+            callback: `callback(i, t_next, x_next, x0_hat)` after each step; may replace
                 x_next (particle methods: all particles, (bsz K, *input_shape)).
             compile: not supported yet by posterior methods (raises); sample eagerly.
             progress: show a progress bar.
@@ -1116,19 +1121,19 @@ class PosteriorMixin:
         progress: bool = False,
     ) -> Tensor:
         """Fill in the unknown entries of x_known: posterior samples given the entries where
-        ``known_mask`` is 1 (`posterior_sample` with A selecting them).
+        `known_mask` is 1 (`posterior_sample` with A selecting them).
 
-        ``known_mask`` is 1 (True) where the value is known: RePaint's convention. diffusers'
-        inpainting pipelines use the opposite (``mask_image`` 1 = repaint), so pass
-        ``1 - mask`` when coming from them.
+        `known_mask` is 1 (True) where the value is known: RePaint's convention. diffusers'
+        inpainting pipelines use the opposite (`mask_image` 1 = repaint), so pass
+        `1 - mask` when coming from them.
 
         Args:
             x_known: (bsz, *input_shape); the values at unknown entries are ignored.
             known_mask: bool or 0/1, broadcastable to x_known (e.g. (*input_shape,) or
                 (bsz, 1, H, W)).
             sampling_timesteps: S.
-            noise_std: noise of the known values (default 0: kept exactly by ``repaint``).
-            method: as for `posterior_sample` (default ``"mcgdiff"``).
+            noise_std: noise of the known values (default 0: kept exactly by `repaint`).
+            method: as for `posterior_sample` (default `"mcgdiff"`).
             method_kwargs, timestep_spacing, cond, guidance_scale, guidance_rescale,
                 guidance, guidance_kwargs, use_ema, generator, callback, compile, progress:
                 as for `posterior_sample`.
