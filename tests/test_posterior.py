@@ -243,3 +243,24 @@ def test_a_method_registered_from_user_code_runs() -> None:
         assert torch.equal(x[:, 0], x_known[:, 0])
     finally:
         posterior.REGISTRY.unregister("test_replace_x0")
+
+
+def test_condition_reaches_every_particle() -> None:
+    from tinydiff.testing import ClassConditionalDenoiser, ClassConditionalMixture
+
+    classes = [
+        GaussianMixture([[2.0, 0.0], [0.0, 2.0]], 0.4),
+        GaussianMixture([[-2.0, 0.0], [0.0, -2.0]], 0.4),
+    ]
+    mixture = ClassConditionalMixture(classes)
+    config = {"input_shape": (2,), "noise_schedule_type": "linear", "num_timesteps": 100}
+    model = tinydiff.DiffusionModel(ClassConditionalDenoiser(mixture, config), config).double()
+    n, mask = 300, torch.tensor([False, True])
+    x_known = torch.zeros(n, 2, dtype=F64)  # x1 = 0 known: class 0 puts x0 near +2
+    labels = torch.zeros(n, dtype=torch.long)
+    x = model.inpaint(
+        x_known, mask, 20, method="mcgdiff", method_kwargs={"num_particles": 4},
+        cond={"class_labels": labels}, generator=_gen(0),
+    )  # fmt: skip
+    exact = classes[0].posterior(torch.zeros(1, dtype=F64), torch.tensor([[0.0, 1.0]]), 0.0)
+    assert abs(float(x[:, 0].mean() - exact.mean()[0])) < 0.15

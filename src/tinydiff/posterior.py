@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from tinydiff import _validation
+from tinydiff import _validation, conditioning
 from tinydiff._progress import progress_bar
 from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff.denoiser import Denoiser
@@ -821,9 +821,11 @@ class MCGDiff(PosteriorMethod):
 
     and reweights it by $\mathcal N(\alpha_s y; A m, S) / g_t(x_t)$; particles are resampled
     (`resampling`) where the effective sample size falls below `ess_threshold` K. The
-    last kernel, from $t_1$ to 0, is $\mathcal N(\hat x_0, r^2 I)$ with $r^2 =
-    \sigma_{t_1}^2 / (\alpha_{t_1}^2 + \sigma_{t_1}^2)$ (Tweedie's variance for unit-variance
-    data), so that noiseless observations have a density. One sample per row is drawn from
+    last step, from $t_1$ to 0, is the ancestral chain's ($x_0 = \hat x_0$) for noise_std > 0;
+    for noiseless observations it is $\mathcal N(\hat x_0, r^2 P)$, $P = A^\top (A
+    A^\top)^+ A$ the projection on A's row space and $r^2 = \sigma_{t_1}^2 / (\alpha_{t_1}^2
+    + \sigma_{t_1}^2)$ (Tweedie's variance for unit-variance data), so that the observed
+    directions have a density and the others end at $\hat x_0$ as in the chain. One sample per row is drawn from
     the final weights.
 
     Cost: S x K network calls per sample, no backward pass; A A^T is diagonalised once
@@ -889,15 +891,19 @@ class MCGDiff(PosteriorMethod):
                 pred = net(x, steps.point(i))
                 net.next_step()
                 last = i == steps.num_steps - 1
-                if last:
+                z = _noise(pred.x0, generator)
+                if last and s2 == 0:  # noise only in A's row space: P z = A^T (A A^T)^+ A z
                     a_t, s_t = steps.alpha[i], steps.sigma[i]
                     m, v = pred.x0, s_t * s_t / (a_t * a_t + s_t * s_t)
+                    z = part.adjoint(part.solve(part.apply(z), 1.0, 0.0))
+                elif last:  # the ancestral chain's own last step: x0 = x0_hat
+                    m, v = pred.x0, 0.0
                 else:
                     c_x0, c_eps, v = steps.kernel(i)
                     m = c_x0 * pred.x0 + c_eps * pred.eps
                 a_s, s_s = steps.alpha[i + 1], steps.sigma[i + 1]
                 c1, c2 = v + s_s * s_s, a_s * a_s * s2
-                x_prop = m + math.sqrt(v) * _noise(m, generator)
+                x_prop = m + math.sqrt(v) * z
                 e = s_s * part.apply(_noise(m, generator))
                 if c2 > 0:
                     e = e + a_s * obs.noise_std * _noise(e, generator)
@@ -1169,8 +1175,6 @@ class PosteriorMixin:
         compile: bool,
         progress: bool,
     ) -> Tensor:
-        from tinydiff import conditioning
-
         model: Any = self
         if compile:
             raise ValueError(
