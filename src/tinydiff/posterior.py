@@ -564,7 +564,8 @@ class RePaint(PosteriorMethod):
     Each step from t to s draws the unknown entries from the ancestral kernel and the known
     ones from the forward process, $x_s^{known} = \alpha_s y + \sqrt{\max(\sigma_s^2 -
     \alpha_s^2 s^2, 0)}\,z$; at s = 0 the known entries equal y exactly. After reaching a
-    step index k with $0 < k < S$ and k a multiple of `jump_length`, the sample is noised
+    step index k with $S - k \in \{0, j, 2j, \dots\}$ and $k > j$ (j = `jump_length`; the
+    paper's schedule, which also jumps back from the clean sample), the sample is noised
     back `jump_length` steps by $q(x_{t_{k - j}} \mid x_{t_k})$ and the steps are redone,
     `num_resample - 1` times, which harmonises known and generated parts.
 
@@ -592,7 +593,8 @@ class RePaint(PosteriorMethod):
         j, out = self.jump_length, []
         for k in range(1, num_steps + 1):
             out.append((k - 1, k))
-            if k < num_steps and k % j == 0 and k >= j:
+            # the paper's schedule: jumps at t = 0, j, 2j, ... < S - j steps from the end
+            if k > j and (num_steps - k) % j == 0:
                 for _ in range(self.num_resample - 1):
                     out.append((k, k - j))
                     out.extend((n - 1, n) for n in range(k - j + 1, k + 1))
@@ -1131,7 +1133,9 @@ class PosteriorMixin:
 
         `known_mask` is 1 (True) where the value is known: RePaint's convention. diffusers'
         inpainting pipelines use the opposite (`mask_image` 1 = repaint), so pass
-        `1 - mask` when coming from them.
+        `1 - mask` when coming from them. The arguments not listed here (`method_kwargs`,
+        `timestep_spacing`, `cond`, the guidance options, `use_ema`, `generator`, `callback`,
+        `compile`, `progress`) are those of `posterior_sample`.
 
         Args:
             x_known: (bsz, *input_shape); the values at unknown entries are ignored.
@@ -1140,9 +1144,6 @@ class PosteriorMixin:
             sampling_timesteps: S.
             noise_std: noise of the known values (default 0: kept exactly by `repaint`).
             method: as for `posterior_sample` (default `"mcgdiff"`).
-            method_kwargs, timestep_spacing, cond, guidance_scale, guidance_rescale,
-                guidance, guidance_kwargs, use_ema, generator, callback, compile, progress:
-                as for `posterior_sample`.
 
         Returns:
             (bsz, *input_shape) in the network's dtype.
