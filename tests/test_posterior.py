@@ -264,3 +264,12 @@ def test_condition_reaches_every_particle() -> None:
     )  # fmt: skip
     exact = classes[0].posterior(torch.zeros(1, dtype=F64), torch.tensor([[0.0, 1.0]]), 0.0)
     assert abs(float(x[:, 0].mean() - exact.mean()[0])) < 0.15
+
+
+@pytest.mark.parametrize("method", ["repaint", "dps", "mmps", "mcgdiff"])
+def test_a_seed_repeats_bitwise(method: str) -> None:
+    model = exact_model(RING4, noise_schedule_type="cosine")
+    x_known = RING4.sample(3, _gen(0))
+    mask = torch.tensor([True, False])
+    a, b = (model.inpaint(x_known, mask, 6, method=method, generator=_gen(7)) for _ in range(2))
+    assert torch.equal(a, b)

@@ -166,10 +166,11 @@ class Observation:
                     f"operator matrix must have shape (m, d) = ({m}, {d}) (m: y.shape[1], d: "
                     f"prod(input_shape={shape})), got {tuple(A.shape)}"
                 )
+            cols = _selection_columns(A.detach().cpu())  # one transfer, at setup
             A = A.to(device=device, dtype=dtype)
             _finite("operator", A)
-            cols = _selection_columns(A)
             if cols is not None:
+                cols = cols.to(device)
                 bsz = y.shape[0]
                 mask = torch.zeros(1, d, device=device, dtype=dtype)
                 mask[:, cols] = 1
@@ -348,7 +349,7 @@ def _finite(name: str, value: Tensor) -> None:
 def _selection_columns(A: Tensor) -> Tensor | None:
     """The observed columns if A is a selection matrix (one 1 per row, zeros elsewhere,
     distinct columns), else None."""
-    if A.device.type != "cpu" or A.shape[0] > A.shape[1]:
+    if A.shape[0] > A.shape[1]:
         return None
     ones = A == 1
     if not bool(((A == 0) | ones).all()) or not bool((ones.sum(1) == 1).all()):
