@@ -38,13 +38,16 @@ from tinydiff.ema import EMAMixin
 from tinydiff.guidance import Guidance
 from tinydiff.guidance import resolve as resolve_guidance
 from tinydiff.hub import HubMixin
+from tinydiff.posterior import PosteriorMixin
 from tinydiff.process import GaussianProcess, Point
 from tinydiff.samplers.base import Callback, Sampler
 
 __all__ = ["DiffusionModel"]
 
 
-class DiffusionModel(EMAMixin, CompileMixin, EditingMixin, HubMixin, DiffusersMixin, nn.Module):
+class DiffusionModel(
+    EMAMixin, CompileMixin, EditingMixin, PosteriorMixin, HubMixin, DiffusersMixin, nn.Module
+):
     """A denoising diffusion model around any network: ``model.loss(x).mean()`` trains it,
     ``model.sample(bsz, sampling_timesteps)`` draws from it.
 
