@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tinydiff import _validation, conditioning
 from tinydiff._progress import progress_bar
@@ -955,6 +955,12 @@ def _method(method: str | PosteriorMethod | None, options: Mapping[str, Any] | N
     return build(method, options)
 
 
+def _compiled(network: nn.Module, options: Any) -> nn.Module:
+    """``torch.compile(network)`` with `tinydiff._compile.CompileOptions` (mode for inductor)."""
+    kwargs = {"mode": options.mode} if options.backend == "inductor" else {}
+    return cast(nn.Module, torch.compile(network, backend=options.backend, **kwargs))
+
+
 def _run(
     denoiser: Denoiser,
     process: GaussianProcess,
@@ -1088,7 +1094,9 @@ class PosteriorMixin:
             generator: source of all randomness, on the network's device.
             callback: `callback(i, t_next, x_next, x0_hat)` after each step; may replace
                 x_next (particle methods: all particles, (bsz K, *input_shape)).
-            compile: not supported yet by posterior methods (raises); sample eagerly.
+            compile: run the network compiled (`torch.compile` with the options of
+                `compile_sampler`: backend and mode). The methods' own loops (gradients,
+                particles, resampling jumps) stay eager.
             progress: show a progress bar.
 
         Returns:
@@ -1178,15 +1186,13 @@ class PosteriorMixin:
         progress: bool,
     ) -> Tensor:
         model: Any = self
-        if compile:
-            raise ValueError(
-                "compile=True is not supported by posterior methods yet (they run their own "
-                "loops, some with gradients or particles); call with compile=False"
-            )
         solver = _method(method, method_kwargs)
         generator = _validation.check_generator(generator)
         times = model.sampling_timesteps(sampling_timesteps, timestep_spacing, sampler="ddpm")
         network = model.network(use_ema)
+        # the methods run their own loops (with gradients, particles, jumps): compile=True
+        # compiles the network they call, with the model's `compile_sampler` options
+        called = _compiled(network, model._compile_options) if compile else network
         if cond is not None:
             cond = conditioning.check_cond(network, cond, obs.bsz, device=obs.y.device)
             k = solver.num_particles
@@ -1199,7 +1205,7 @@ class PosteriorMixin:
             cond=cond,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
-            use_ema=use_ema,
+            network=called,
             guidance=guidance,
             guidance_kwargs=guidance_kwargs,
         )
