@@ -597,3 +597,26 @@ def test_demo_trains_and_writes_pictures_on_flow_and_edm(schedule, tmp_path):
     assert math.isfinite(result["sw_trained"])
     assert result["paths"]["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["paths"]["gif"].stat().st_size > 0
+
+
+def test_inference_mode_and_compiled_exact_denoisers_see_the_derivatives() -> None:
+    """d alpha / ds and d sigma / ds come from forward-mode differentiation: under
+    torch.inference_mode (where backward-mode autograd records nothing, and they used to be
+    silently 0: NaN samples for velocity models) and inside the compiled step's opaque network
+    operator (where the exact denoiser computes them) they are those of the closed form."""
+    cfg = DiffusionModelConfig(
+        input_shape=(2,), noise_schedule_type="rectified_flow", target_type="pred_velocity"
+    )
+    t = torch.tensor([250.0, 1000.0], dtype=torch.float64)
+    with torch.inference_mode():
+        d_alpha, d_sigma = cfg.process().derivatives(t)
+    assert d_alpha.tolist() == [-1.0, -1.0] and d_sigma.tolist() == [1.0, 1.0]
+    model = exact_model(MIX, noise_schedule_type="rectified_flow", target_type="pred_velocity")
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eager = model.sample(16, 8, sampler="ddim", init_noise=z)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.sample(16, 8, sampler="ddim", init_noise=z), eager)
+    model.compile_sampler(backend="eager")
+    torch.testing.assert_close(
+        model.sample(16, 8, sampler="ddim", init_noise=z, compile=True), eager
+    )

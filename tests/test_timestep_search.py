@@ -220,3 +220,52 @@ def test_bad_arguments() -> None:
             optimize_timesteps(model, 3, holdout=holdout, num_samples=4, reference_steps=10)
     with pytest.raises(ValueError, match="leaves no sample"):
         optimize_timesteps(model, 3, holdout=0.1, num_samples=4, reference_steps=10)
+
+
+def test_fitted_coefficients_beat_times_alone_and_plug_into_the_config() -> None:
+    """coefficients=True fits unipc's last_step_blend after the times: on rectified flow,
+    where the first-order last step to sigma = 0 dominates at few steps, the held-out error
+    against a converged solution (dpmpp_3m, 700 quadratic steps; 7e-6 from 1000) drops
+    (measured 0.60x at S = 8 with 80 runs); the result configures a model that samples the
+    same, eager and compiled."""
+    model = exact_model(MIX, noise_schedule_type="rectified_flow", target_type="pred_velocity")
+    z = torch.randn(256, 2, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    ref = model.sample(256, 700, sampler="dpmpp_3m", timestep_spacing="quadratic", init_noise=z)
+    budget = {"num_samples": 64, "reference_steps": 200, "max_evals": 40, "return_info": True}
+    results = [
+        optimize_timesteps(
+            model, 8, sampler="unipc", coefficients=c, generator=torch.Generator().manual_seed(0),
+            **budget,
+        )
+        for c in (False, True)
+    ]  # fmt: skip
+
+    def error(res: TimestepSearchResult) -> float:
+        out = model.sample(
+            256, 8, sampler=res.sampler, sampler_kwargs=res.sampler_kwargs,
+            timestep_spacing=res.timesteps, init_noise=z,
+        )  # fmt: skip
+        return float((out - ref).norm(dim=1).mean())
+
+    plain, fitted = results
+    assert plain.sampler_kwargs == {} and 0 < fitted.sampler_kwargs["last_step_blend"] <= 0.95
+    assert error(fitted) < 0.85 * error(plain)
+    config = model.config.model_copy(
+        update={
+            "sampler_type": fitted.sampler,
+            "sampler_kwargs": fitted.sampler_kwargs,
+            "timestep_spacing": tuple(fitted.timesteps.tolist()),
+        }
+    )
+    configured = DiffusionModel(model.nn_module, config)
+    direct = model.sample(
+        16, 8, sampler="unipc", sampler_kwargs=fitted.sampler_kwargs,
+        timestep_spacing=fitted.timesteps, init_noise=z[:16],
+    )  # fmt: skip
+    assert torch.equal(configured.sample(16, init_noise=z[:16]), direct)
+    configured.compile_sampler(backend="eager")
+    torch.testing.assert_close(configured.sample(16, init_noise=z[:16], compile=True), direct)
+    with pytest.raises(ValueError, match="return_info=True"):
+        optimize_timesteps(model, 8, sampler="unipc", coefficients=True)
+    with pytest.raises(ValueError, match="no tunable coefficients.*unipc"):
+        optimize_timesteps(model, 8, sampler="ddim", coefficients=True, return_info=True)

@@ -170,18 +170,15 @@ class GaussianProcess:
         return (alpha / sigma) ** 2
 
     def derivatives(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """(d alpha / ds, d sigma / ds) with s = t / T, float64, by automatic differentiation."""
+        """(d alpha / ds, d sigma / ds) with s = t / T, float64, by forward-mode automatic
+        differentiation (`torch.func.jvp`: unlike backward mode it also works under
+        `torch.inference_mode` and inside custom operators, where autograd records nothing)."""
         t = self._as_time(t).detach()
-        with torch.enable_grad():
-            s = (t / self.num_timesteps).requires_grad_(True)
-            alpha, sigma = self.alpha_sigma(s * self.num_timesteps)
-            grads = [
-                torch.autograd.grad(v.sum(), s, retain_graph=True, allow_unused=True)[0]
-                if v.requires_grad
-                else None
-                for v in (alpha, sigma)
-            ]
-        d_alpha, d_sigma = (torch.zeros_like(t) if g is None else g.detach() for g in grads)
+        T = self.num_timesteps
+        s = t / T
+        _, (d_alpha, d_sigma) = torch.func.jvp(
+            lambda u: self.alpha_sigma(u * T), (s,), (torch.ones_like(s),)
+        )
         return d_alpha, d_sigma
 
     def points(self, t: Tensor) -> Tensor:

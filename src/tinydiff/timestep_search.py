@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from tinydiff import spacings
+from tinydiff import samplers, spacings
 from tinydiff._progress import progress_bar
 from tinydiff._validation import dtype_device, in_eval_mode
 
@@ -83,6 +83,11 @@ class TimestepSearchResult:
         network_calls: network calls in all, the reference included (each on
             ``num_samples`` rows; twice that with guidance).
         history: the best error after each evaluation.
+        sampler: the sampler the times are for (a registered name).
+        sampler_kwargs: its options to sample with: the ones given, with the fitted
+            coefficients when ``coefficients=True``. Pass both with the times:
+            ``model.sample(n, S, sampler=r.sampler, sampler_kwargs=r.sampler_kwargs,
+            timestep_spacing=r.timesteps)`` (or store all three in the config).
     """
 
     timesteps: Tensor
@@ -93,11 +98,18 @@ class TimestepSearchResult:
     evaluations: int
     network_calls: int
     history: list[float] = field(repr=False)
+    sampler: str = ""
+    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 #: the smallest gap in lambda between neighbouring times that a move may leave (5e-7: 1e-6 in
 #: full log-SNR)
 _MIN_GAP = 5e-7
+
+#: the coefficient search (after the times'): at most this many runs per coefficient, until
+#: its step is below _COEF_TOL of its range
+_COEF_EVALS = 16
+_COEF_TOL = 0.01
 
 #: the error of a run is the power mean (mean of d^p)^(1/p) of the per-sample distances d:
 #: "mean" (p = 1) is robust (a few samples that switch modes do not dominate), "rms" is p = 2
@@ -150,6 +162,7 @@ def optimize_timesteps(
     progress: bool = False,
     return_info: bool = False,
     budget: str = "default",
+    coefficients: bool = False,
 ) -> Tensor | TimestepSearchResult:
     """Sampling times for ``model`` and ``sampler`` with ``num_steps`` steps.
 
@@ -196,6 +209,12 @@ def optimize_timesteps(
         use_ema: score the EMA weights.
         progress: show a progress bar over the runs.
         return_info: return a :class:`TimestepSearchResult` instead of the times.
+        coefficients: also fit the sampler's tunable coefficients (`Sampler.tunable`, e.g.
+            unipc's ``last_step_blend``) together with the times, by the same search and the
+            same held-out selection: after the time search, a pattern search of each
+            coefficient at the best times found (at most 16 more runs each). The times then
+            belong with the fitted options: needs ``return_info=True`` and sampling with
+            ``result.sampler_kwargs``. A sampler with nothing tunable raises ValueError.
         budget: the defaults of ``num_samples``, ``reference_steps`` and ``max_evals``
             (arguments given explicitly win), see `BUDGETS`. The cost in network calls, each on
             ``num_samples`` rows (twice that with guidance), is at most
@@ -222,10 +241,21 @@ def optimize_timesteps(
     _check_args(
         model, num_steps, num_samples, max_evals, reference_steps, t_min, objective, holdout
     )
+    if coefficients and not return_info:
+        raise ValueError(
+            "coefficients=True fits sampler options that the times need: pass "
+            "return_info=True and sample with result.sampler_kwargs and result.timesteps"
+        )
     common = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
     ref, solver = (reference_sampler, reference_spacing, reference_steps), (sampler, sampler_kwargs)
     runs = _Runs.prepare(model, num_steps, solver, ref, generator, num_samples, common)
-    search = _PatternSearch.start(_Scorer.of(runs, objective, holdout), t_min, tol / 2)  # 2 lambda
+    tuned = _tunable(model, runs, coefficients)
+    search = _PatternSearch.start(
+        _Scorer.of(runs, objective, holdout),
+        t_min,
+        tol / 2,
+        tuned,  # tol in 2 lambda
+    )
     result = search.run(max_evals, progress)
     return result if return_info else result.timesteps
 
@@ -247,6 +277,24 @@ def _budget(
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
     return out  # type: ignore[return-value]
+
+
+def _tunable(model: DiffusionModel, runs: _Runs, coefficients: bool) -> dict[str, Any]:
+    """``{option: (start value, lo, hi)}`` of the coefficients to fit (empty unless asked)."""
+    if not isinstance(coefficients, bool):
+        raise TypeError(f"coefficients must be a bool, got {coefficients!r}")
+    if not coefficients:
+        return {}
+    solver = model.make_sampler(runs.sampler, runs.sampler_kwargs)
+    if not solver.tunable:
+        raise ValueError(
+            f"sampler {runs.sampler!r} has no tunable coefficients (Sampler.tunable); samplers "
+            "with some: " + ", ".join(n for n in samplers.names() if samplers.get(n).tunable)
+        )
+    return {
+        name: (float(getattr(solver, name)), float(lo), float(hi))
+        for name, (lo, hi) in solver.tunable.items()
+    }
 
 
 def _check_args(
@@ -362,9 +410,10 @@ class _Runs:
             calls=calls,
         )
 
-    def run(self, times: Tensor) -> Tensor:
-        """The S-step solution on ``times`` from ``z``, float64 (stochastic samplers draw the
-        same per-step noise in every run: common random numbers)."""
+    def run(self, times: Tensor, options: dict[str, float] | None = None) -> Tensor:
+        """The S-step solution on ``times`` (with ``options`` over the sampler's) from ``z``,
+        float64 (stochastic samplers draw the same per-step noise in every run: common
+        random numbers)."""
         run_gen = None
         if self.stochastic:
             run_gen = torch.Generator(device=self.device).manual_seed(self.noise_seed)
@@ -373,7 +422,7 @@ class _Runs:
             self.z.shape[0],
             self.num_steps,
             sampler=self.sampler,
-            sampler_kwargs=self.sampler_kwargs,
+            sampler_kwargs={**(self.sampler_kwargs or {}), **(options or {})},
             timestep_spacing=times,
             init_noise=self.z,
             generator=run_gen,
@@ -402,11 +451,13 @@ class _Scorer:
         held = slice(num_samples - num_held, num_samples) if num_held else fit
         return cls(runs, _OBJECTIVES[objective], fit, held, num_held)
 
-    def error_of(self, times: Tensor) -> tuple[float, float, Tensor | None]:
+    def error_of(
+        self, times: Tensor, options: dict[str, float] | None = None
+    ) -> tuple[float, float, Tensor | None]:
         """(error on the search part, error on the held-out part, the held-out per-sample
         terms the error averages: distances, or squared distances for "rms"; None for
         stochastic samplers) of one run."""
-        out, reference = self.runs.run(times), self.runs.reference
+        out, reference = self.runs.run(times, options), self.runs.reference
         terms = None
         if self.runs.stochastic:
             values = [_sliced_w2(out[part], reference[part]) for part in (self.fit, self.held)]
@@ -490,7 +541,13 @@ class _PatternSearch:
     best registered spacing, and the choice of the times to return (``holdout``)."""
 
     def __init__(
-        self, scorer: _Scorer, scored: dict[str, _Scored], start: str, box: _Box, tol_lam: float
+        self,
+        scorer: _Scorer,
+        scored: dict[str, _Scored],
+        start: str,
+        box: _Box,
+        tol_lam: float,
+        tuned: dict[str, tuple[float, float, float]] | None = None,
     ) -> None:
         self.scorer, self.box, self.tol_lam = scorer, box, tol_lam
         self.scored, self.start_spacing = scored, start
@@ -505,9 +562,21 @@ class _PatternSearch:
         self.lam = box.process.lam(first.times[1:-1]).clamp(max=box.lam_hi)
         gaps = torch.diff(box.with_ends(self.lam))
         self.step = (0.5 * torch.minimum(gaps[:-1], gaps[1:])).clamp_min(4 * tol_lam)
+        # the sampler's coefficients, fitted after the times: value, range, step (a quarter of
+        # the range at first); the chosen ones go with the chosen times
+        self.bounds = {k: (lo, hi) for k, (_, lo, hi) in (tuned or {}).items()}
+        self.coef = {k: v for k, (v, _, _) in (tuned or {}).items()}
+        self.coef_step = {k: 0.25 * (hi - lo) for k, (lo, hi) in self.bounds.items()}
+        self.chosen_coef = dict(self.coef)
 
     @classmethod
-    def start(cls, scorer: _Scorer, t_min: float | None, tol_lam: float) -> _PatternSearch:
+    def start(
+        cls,
+        scorer: _Scorer,
+        t_min: float | None,
+        tol_lam: float,
+        tuned: dict[str, tuple[float, float, float]] | None = None,
+    ) -> _PatternSearch:
         """Step 1: start from the best registered spacing, in the box above ``t_min`` (default:
         the smallest last nonzero time of the spacings, but not below the process's smallest
         trained time)."""
@@ -519,12 +588,15 @@ class _PatternSearch:
             t_min = max(process.t_min, min(float(s.times[-2]) for s in scored.values()))
         lam_hi = _lam_at_t_min(model.process, t_min)
         lam_top = float(process.lam(float(T)))
-        return cls(scorer, scored, start, _Box(process, float(T), t_min, lam_top, lam_hi), tol_lam)
+        box = _Box(process, float(T), t_min, lam_top, lam_hi)
+        return cls(scorer, scored, start, box, tol_lam, tuned)
 
     def run(self, max_evals: int, progress: bool) -> TimestepSearchResult:
-        """Sweep the interior times until every step is below tol or the budget is spent."""
+        """Sweep the interior times until every step is below tol or the budget is spent,
+        then fit the coefficients (if any) at the best times found."""
+        extra = _COEF_EVALS * len(self.coef)
         bar = progress_bar(
-            total=max_evals, enabled=progress, desc="optimizing timesteps", leave=False
+            total=max_evals + extra, enabled=progress, desc="optimizing timesteps", leave=False
         )
         try:
             while self.evals < max_evals and bool((self.step > self.tol_lam).any()):
@@ -535,6 +607,12 @@ class _PatternSearch:
                         continue
                     improved = self._move(i, max_evals, bar)
                     self.step[i] = self.step[i] * (1.5 if improved else 0.5)
+            budget = self.evals + extra
+            for name in self.coef:
+                lo, hi = self.bounds[name]
+                while self.evals < budget and self.coef_step[name] > _COEF_TOL * (hi - lo):
+                    improved = self._move_coef(name, budget, bar)
+                    self.coef_step[name] *= 1.5 if improved else 0.5
         finally:
             bar.close()
         return self.result()
@@ -546,22 +624,43 @@ class _PatternSearch:
             trial[i] = trial[i] + sign * self.step[i]
             if not self.box.feasible(trial):
                 continue
-            times = self.box.times_of(trial)
-            value, value_held, terms = self.scorer.error_of(times)
-            self.evals += 1
-            bar.update(1)
-            improved = value < self.best
-            if improved:
-                self.best, self.best_times, self.lam = value, times, trial
-                start_terms = self.start_terms
-                if value_held <= self.chosen and self.scorer.significantly_better(
-                    terms, start_terms
-                ):
-                    self.chosen_times, self.chosen, self.chosen_fit = times, value_held, value
-            self.history.append(self.best)
-            if improved or self.evals >= max_evals:
-                return improved
+            if self._try(self.box.times_of(trial), self.coef, bar):
+                self.lam = trial
+                return True
+            if self.evals >= max_evals:
+                return False
         return False
+
+    def _move_coef(self, name: str, max_evals: int, bar: Any) -> bool:
+        """The same for one coefficient, within its range."""
+        lo, hi = self.bounds[name]
+        for sign in (1.0, -1.0):
+            value = self.coef[name] + sign * self.coef_step[name]
+            if not lo <= value <= hi:
+                continue
+            trial = {**self.coef, name: value}
+            if self._try(self.best_times, trial, bar):
+                self.coef = trial
+                return True
+            if self.evals >= max_evals:
+                return False
+        return False
+
+    def _try(self, times: Tensor, coef: dict[str, float], bar: Any) -> bool:
+        """Score one candidate; keep it as the best (and maybe the chosen) if it is better."""
+        value, value_held, terms = self.scorer.error_of(times, coef)
+        self.evals += 1
+        bar.update(1)
+        improved = value < self.best
+        if improved:
+            self.best, self.best_times = value, times
+            if value_held <= self.chosen and self.scorer.significantly_better(
+                terms, self.start_terms
+            ):
+                self.chosen_times, self.chosen, self.chosen_fit = times, value_held, value
+                self.chosen_coef = dict(coef)
+        self.history.append(self.best)
+        return improved
 
     def result(self) -> TimestepSearchResult:
         """The chosen times (validated, float64) and what the search cost."""
@@ -575,4 +674,6 @@ class _PatternSearch:
             evaluations=self.evals,
             network_calls=self.scorer.runs.calls,
             history=self.history,
+            sampler=self.scorer.runs.sampler,
+            sampler_kwargs={**(self.scorer.runs.sampler_kwargs or {}), **self.chosen_coef},
         )

@@ -113,6 +113,9 @@ class Sampler:
     #: the :mod:`tinydiff.spacings` name used when neither the call nor the config names a
     #: timestep spacing (chosen per sampler from ``benchmarks/sampler_quality.py``)
     default_spacing: ClassVar[str] = "trailing"
+    #: float options that `tinydiff.timestep_search.optimize_timesteps(coefficients=True)` may
+    #: fit per model, with the interval each may take: ``{name: (lo, hi)}``
+    tunable: ClassVar[Mapping[str, tuple[float, float]]] = {}
 
     @property
     def is_stochastic(self) -> bool:

@@ -135,6 +135,7 @@ class UniPC(Sampler):
     #: geometric mean over benchmarks/sampler_quality.py's quick grid (VP and rectified flow)
     #: of error / best spacing's: 1.63
     default_spacing = "quadratic"
+    tunable = {"last_step_blend": (0.0, 0.95)}
 
     def __init__(
         self,
