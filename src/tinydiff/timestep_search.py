@@ -322,7 +322,7 @@ class _Runs:
         solver = model.make_sampler(name, kwargs)
         if kwargs is None:
             kwargs = model.config.sampler_kwargs if name is None else {}
-        name = model.config.sampler_type if name is None else name
+        name = model.config.sampler_name(model.process) if name is None else name
         ref_sampler, ref_spacing, ref_steps = reference
         ref_solver = model.make_sampler(ref_sampler, {})
         if ref_solver.is_stochastic:
