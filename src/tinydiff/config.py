@@ -99,9 +99,9 @@ class DiffusionModelConfig(BaseModel):
         loss_kwargs: options for the loss function (e.g. ``{"delta": 0.5}`` for huber).
         min_snr_gamma: if set, min-SNR-gamma loss weighting (Hang et al. 2023).
         sampler_type: default sampler, name in :mod:`tinydiff.samplers`, or None (the
-            default): the process's default sampler (:func:`tinydiff.samplers.default_sampler`:
+            default): the process's default sampler (`tinydiff.samplers.default_sampler`:
             ``ddpm`` on variance-preserving processes, ``unipc`` on rectified flow, EDM and
-            other paths; :meth:`sampler_name`). tinydiff 0.2's default was ``ddpm`` on every
+            other paths; ``sampler_name()``). tinydiff 0.2's default was ``ddpm`` on every
             process (configs saved by 0.2 write it out and keep it).
         sampler_kwargs: default options of that sampler.
         timestep_spacing: default sampling times: a name in :mod:`tinydiff.spacings`, an
@@ -164,12 +164,12 @@ class DiffusionModelConfig(BaseModel):
         return None
 
     def sampler_name(self, process: GaussianProcess | None = None, *, warn: bool = False) -> str:
-        """The sampler used when a call names none: :attr:`sampler_type`, or where it is None
-        the process's default (:func:`tinydiff.samplers.default_sampler`).
+        """The sampler used when a call names none: `sampler_type`, or where it is None
+        the process's default (`tinydiff.samplers.default_sampler`).
 
         Args:
             process: this config's process (built when not given).
-            warn: give the FutureWarning of :func:`tinydiff.samplers.default_sampler` where
+            warn: give the FutureWarning of `tinydiff.samplers.default_sampler` where
                 the default differs from tinydiff 0.2's ``ddpm`` (the call's meaning changed).
         """
         if self.sampler_type is not None:

@@ -70,13 +70,13 @@ StepResult = tuple[Tensor, State]
 LOWER_ORDER_FINAL_STEPS = 15
 
 #: the sampler of a config without ``sampler_type`` on a process that is not variance
-#: preserving (rectified flow, EDM, other paths): see :func:`default_sampler`
+#: preserving (rectified flow, EDM, other paths): see `default_sampler`
 PATH_DEFAULT_SAMPLER = "unipc"
 #: steps of a deterministic sampler when a call gives no step count (``Sampler.default_num_steps``)
 DEFAULT_NUM_STEPS = 50
 #: on a process that is not variance preserving, the default spacing is ``quadratic`` where
 #: lambda = 0 (SNR 1) is reached before this fraction of the time range, else ``trailing``
-#: (:meth:`Sampler.spacing_for`)
+#: (`Sampler.spacing_for`)
 QUADRATIC_BELOW = 1 / 3
 _SILENCE = (
     'Silence it with warnings.filterwarnings("ignore", category=FutureWarning, module="tinydiff")'
@@ -141,11 +141,11 @@ class Sampler:
     def spacing_for(cls, process: GaussianProcess) -> str:
         r"""The spacing used on ``process`` when neither the call nor the config names one.
 
-        Variance-preserving processes: :attr:`default_spacing` (tinydiff 0.2's default).
+        Variance-preserving processes: `default_spacing` (tinydiff 0.2's default).
         Other processes (rectified flow, EDM, other paths), one rule for every sampler in
-        terms of where the process crosses :math:`\lambda = 0` (signal and noise of equal
-        size), at :math:`t_0 = t(\lambda = 0)`: ``quadratic`` (denser near t = 0, its last
-        nonzero level at T / S^2) when :math:`t_0 < T/3` (`QUADRATIC_BELOW`: most of a
+        terms of where the process crosses $\lambda = 0$ (signal and noise of equal
+        size), at $t_0 = t(\lambda = 0)$: ``quadratic`` (denser near t = 0, its last
+        nonzero level at T / S^2) when $t_0 < T/3$ (`QUADRATIC_BELOW`: most of a
         uniform grid would sit at high noise, e.g. rectified flow with shift 3, t_0 = T/4),
         else ``trailing`` (uniform in t: rectified flow with shift 1, t_0 = T/2; EDM,
         t_0 = 0.40 T, where uniform t are Karras' rho = 7 levels). Measured in
