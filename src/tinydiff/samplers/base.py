@@ -241,8 +241,8 @@ def sampling_defaults(
     spacing: str | Sequence[float] | Any | None,
     num_steps: int | None,
 ) -> tuple[str, int | None]:
-    """(default spacing, number of steps) of a sampling call, with a FutureWarning for each
-    default that changed since tinydiff 0.2 where the call relies on it.
+    """(default spacing, number of steps) of a sampling call, with one FutureWarning naming
+    the defaults that changed since tinydiff 0.2 where the call relies on them.
 
     Args:
         sampler: the call's sampler.
@@ -256,26 +256,24 @@ def sampling_defaults(
         `tinydiff.spacings.resolve`.
     """
     T, name = process.num_timesteps, type(sampler).__name__
-    default = sampler.spacing_for(process)
+    default, steps, changes = sampler.spacing_for(process), num_steps, []
     if spacing is None and default != sampler.default_spacing:
-        warnings.warn(
-            f"{name} with no timestep_spacing now uses {default!r} on {process!r} (the "
-            f"default spacing is chosen per process, see Sampler.spacing_for), not "
-            f"{sampler.default_spacing!r} as in tinydiff 0.2. Keep the old with "
-            f"timestep_spacing={sampler.default_spacing!r}; name a spacing to silence this. "
-            f"{_SILENCE}",
-            FutureWarning,
-            stacklevel=4,
+        changes.append(
+            f"with no timestep_spacing it now uses {default!r} on {process!r} (chosen per "
+            f"process, see Sampler.spacing_for), not {sampler.default_spacing!r}: pass "
+            f"timestep_spacing={sampler.default_spacing!r} to keep the old"
         )
-    if num_steps is not None or not (spacing is None or isinstance(spacing, str)):
-        return default, num_steps
-    steps = sampler.default_num_steps(T)
-    if steps != T:
+    if num_steps is None and (spacing is None or isinstance(spacing, str)):
+        steps = sampler.default_num_steps(T)
+        if steps != T:
+            changes.append(
+                f"with no sampling_timesteps it now runs {steps} steps (it is deterministic), "
+                f"not all T = {T}: pass sampling_timesteps={T} to keep the old"
+            )
+    if changes:  # one warning per call, however many defaults changed
         warnings.warn(
-            f"sample() with no sampling_timesteps now runs {steps} steps of the "
-            f"deterministic {name}, not all T = {T} as in tinydiff 0.2. Pass "
-            f"sampling_timesteps={T} to keep the old, or a number of steps to silence this. "
-            f"{_SILENCE}",
+            f"{name}'s defaults changed since tinydiff 0.2: {'; '.join(changes)}. Name "
+            f"the spacing and the number of steps to silence this. {_SILENCE}",
             FutureWarning,
             stacklevel=4,
         )
