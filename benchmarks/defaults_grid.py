@@ -149,6 +149,14 @@ def summary_line(model: DiffusionModel, row: dict[str, Any]) -> str:
     )
 
 
+def _pair_ratio(row: dict[str, Any], names: list[str]) -> float:
+    """The default sampler's error (ddim's on VP) / the best (sampler, spacing) pair's."""
+    default = DEFAULT_OF[row["process"]]
+    shown = "ddim" if default == "ddpm" else default
+    best = min(e for n in names for e in row["cell"][n].values())
+    return row["cell"][shown]["default"] / best
+
+
 def write_markdown(rows: list[dict[str, Any]], path: Path, seconds: float) -> None:
     names = deterministic()
     lines = [
@@ -174,6 +182,17 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, seconds: float) -> No
             ratio = errs["default"] / best
             vals.append(f"{ratio:.2f}" + (f" ({sp})" if ratio > GOAL else ""))
         lines.append(f"| {r['process']} | {r['data']} | {r['budget']} | " + " | ".join(vals) + " |")
+    lines += ["", "Cells within the goal, per process:", ""]
+    for proc in PROCESSES:
+        ratios = [
+            errs["default"] / _best(errs)[0]
+            for r in rows
+            if r["process"] == proc
+            for errs in r["cell"].values()
+        ]
+        ok = sum(x <= GOAL for x in ratios)
+        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        lines.append(f"- {proc}: {ok} of {len(ratios)} (geometric mean ratio {geo:.2f})")
     lines += [
         "",
         "## The default sampler (default spacing) / the best (sampler, spacing) pair",
@@ -195,6 +214,11 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, seconds: float) -> No
             f"{'*' if default == 'ddpm' else ''} | {err:.3e} | {best[1]} | {best[0]:.3e} | "
             f"{err / best[0]:.2f} |"
         )
+    lines += ["", "Cells within the goal, per process:", ""]
+    for proc in PROCESSES:
+        ratios = [_pair_ratio(r, names) for r in rows if r["process"] == proc]
+        ok = sum(x <= GOAL for x in ratios)
+        lines.append(f"- {proc}: {ok} of {len(ratios)}")
     lines += [
         "",
         "## Every error",
