@@ -46,7 +46,7 @@ FRAGILE_SNR_AMPLITUDE = 1e-2
 #: config fields whose default changed, with the default of the versions before the change:
 #: (major, minor) of the first version with the new default -> {field: old default}
 _CHANGED_DEFAULTS: dict[tuple[int, int], dict[str, Any]] = {
-    (0, 3): {"target_type": "pred_eps"},
+    (0, 3): {"target_type": "pred_eps", "sampler_type": "ddpm"},
 }
 
 
@@ -98,7 +98,11 @@ class DiffusionModelConfig(BaseModel):
         loss_type: name in :mod:`tinydiff.losses`.
         loss_kwargs: options for the loss function (e.g. ``{"delta": 0.5}`` for huber).
         min_snr_gamma: if set, min-SNR-gamma loss weighting (Hang et al. 2023).
-        sampler_type: default sampler, name in :mod:`tinydiff.samplers`.
+        sampler_type: default sampler, name in :mod:`tinydiff.samplers`, or None (the
+            default): the process's default sampler (`tinydiff.samplers.default_sampler`:
+            ``ddpm`` on variance-preserving processes, ``unipc`` on rectified flow, EDM and
+            other paths; ``sampler_name()``). tinydiff 0.2's default was ``ddpm`` on every
+            process (configs saved by 0.2 write it out and keep it).
         sampler_kwargs: default options of that sampler.
         timestep_spacing: default sampling times: a name in :mod:`tinydiff.spacings`, an
             explicit tuple of times (strictly decreasing, in [0, T], ending at 0: a final 0 is
@@ -141,7 +145,7 @@ class DiffusionModelConfig(BaseModel):
     loss_type: str = "l2"
     loss_kwargs: dict[str, Any] = Field(default_factory=dict)
     min_snr_gamma: float | None = Field(default=None, gt=0)
-    sampler_type: str = "ddpm"
+    sampler_type: str | None = None
     sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
     timestep_spacing: str | tuple[float, ...] | None = None
     zero_terminal_snr: bool = False
@@ -158,6 +162,19 @@ class DiffusionModelConfig(BaseModel):
         if self.dynamic_threshold is not None:
             return thresholding.DynamicThreshold(*self.dynamic_threshold)
         return None
+
+    def sampler_name(self, process: GaussianProcess | None = None, *, warn: bool = False) -> str:
+        """The sampler used when a call names none: `sampler_type`, or where it is None
+        the process's default (`tinydiff.samplers.default_sampler`).
+
+        Args:
+            process: this config's process (built when not given).
+            warn: give the FutureWarning of `tinydiff.samplers.default_sampler` where
+                the default differs from tinydiff 0.2's ``ddpm`` (the call's meaning changed).
+        """
+        if self.sampler_type is not None:
+            return self.sampler_type
+        return samplers.default_sampler(self.process() if process is None else process, warn=warn)
 
     def training_times(self) -> tuple[str, dict[str, Any]]:
         """(name, options) of the training-time distribution the loss draws from."""
@@ -197,7 +214,9 @@ class DiffusionModelConfig(BaseModel):
 
     @field_validator(*_COMPONENT_FIELDS)
     @classmethod
-    def _component(cls, v: Any, info: ValidationInfo) -> str:
+    def _component(cls, v: Any, info: ValidationInfo) -> str | None:
+        if v is None and info.field_name == "sampler_type":
+            return None  # the process's default sampler
         return _registry_name(_COMPONENT_FIELDS[str(info.field_name)], v)
 
     @field_validator("time_sampling")
@@ -260,7 +279,8 @@ class DiffusionModelConfig(BaseModel):
             check_kwargs(
                 "loss", self.loss_type, losses.get(self.loss_type), None, None, **self.loss_kwargs
             )
-            samplers.get(self.sampler_type).check_options(self.sampler_kwargs)
+            if self.sampler_type is not None or self.sampler_kwargs:
+                samplers.get(self.sampler_name()).check_options(self.sampler_kwargs)
             ts_name, ts_kwargs = self.training_times()
             check_kwargs(
                 "time-sampling distribution",
@@ -414,7 +434,8 @@ def config_from_saved(fields: dict[str, Any], tinydiff_version: str | None) -> D
     version had, so a file loads with the values it was saved with.
 
     tinydiff writes every field, so this only matters for files written or edited by hand.
-    Defaults changed since 0.2: ``target_type`` (``pred_eps`` before 0.3, ``pred_v`` since).
+    Defaults changed since 0.2: ``target_type`` (``pred_eps`` before 0.3, ``pred_v`` since)
+    and ``sampler_type`` (``"ddpm"`` before 0.3, None = the process's default since).
     An unreadable version is taken as the oldest (the old defaults apply).
 
     Raises:

@@ -446,7 +446,7 @@ def prepare(
     times = model.sampling_timesteps(
         sampling_timesteps,
         timestep_spacing,
-        sampler=sampler,
+        sampler=solver,
         start_given=init_noise is not None or x_start is not None,
     )
     given, name = (init_noise, x_name) if x_start is None else (x_start, "x_start")

@@ -219,7 +219,7 @@ class DiffusionModel(
     ) -> Sampler:
         """Instantiate a registered sampler (default: the config's, with its options);
         unknown names or option values raise ValueError, unknown options TypeError."""
-        name = self.config.sampler_type if sampler is None else samplers.REGISTRY.canonical(sampler)
+        name = self.config.sampler_name(self.process, warn=True) if sampler is None else sampler
         sampler_kwargs = _validation.check_kwargs_dict("sampler_kwargs", sampler_kwargs)
         if sampler_kwargs is None:
             sampler_kwargs = self.config.sampler_kwargs if sampler is None else {}
@@ -230,19 +230,18 @@ class DiffusionModel(
         sampling_timesteps: int | None = None,
         timestep_spacing: str | Sequence[float] | Tensor | None = None,
         *,
-        sampler: str | None = None,
+        sampler: str | Sampler | None = None,
         start_given: bool = True,
     ) -> Tensor:
         """The times a sampler visits, float64 (S + 1,) decreasing to 0: ``timestep_spacing``
-        (a name or explicit times), else the config's, else ``sampler``'s default spacing,
-        resolved by `tinydiff.spacings.resolve` (which raises on anything invalid; it warns
-        about explicit times starting below T unless ``start_given``)."""
+        (a name or explicit times), else the config's, else ``sampler``'s default spacing for
+        the process, with S steps (default: `tinydiff.samplers.sampling_defaults`), resolved by
+        `tinydiff.spacings.resolve` (raises on anything invalid; warns about explicit times
+        starting below T unless ``start_given``)."""
         spec = self.config.timestep_spacing if timestep_spacing is None else timestep_spacing
-        name = self.config.sampler_type if sampler is None else sampler
-        default = samplers.get(name).default_spacing
-        return spacings.resolve(
-            spec, self.process, sampling_timesteps, default, start_given=start_given
-        )
+        solver = sampler if isinstance(sampler, Sampler) else self.make_sampler(sampler)
+        default, steps = samplers.sampling_defaults(solver, self.process, spec, sampling_timesteps)
+        return spacings.resolve(spec, self.process, steps, default, start_given=start_given)
 
     def optimize_timesteps(self, num_steps: int, **kwargs: Any) -> Any:
         """Sampling times chosen for this model and a sampler; see
@@ -283,8 +282,8 @@ class DiffusionModel(
 
         Args:
             bsz: number of samples, >= 1.
-            sampling_timesteps: S, the number of steps in 1..T (default T).
-            sampler: a name in `tinydiff.samplers` (default: the config's sampler_type).
+            sampling_timesteps: S, the number of steps in 1..T (default: 50, T if stochastic).
+            sampler: a name in `tinydiff.samplers` (default: the config's or process's).
             sampler_kwargs: the sampler's options (default: the config's, for its sampler).
             timestep_spacing: a spacing name or explicit times (default: config's, sampler's).
             init_noise: x_T, (bsz, *input_shape) (default: N(0, prior_std^2 I)).
@@ -338,5 +337,5 @@ class DiffusionModel(
         return (
             f"input_shape={c.input_shape}, T={c.num_timesteps}, schedule={c.noise_schedule_type}, "
             f"target={c.target_type}, variance={c.variance_type}, loss={c.loss_type}, "
-            f"sampler={c.sampler_type}"
+            f"sampler={c.sampler_name(self.process)}"
         )

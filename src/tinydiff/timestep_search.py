@@ -370,7 +370,7 @@ class _Runs:
         solver = model.make_sampler(name, kwargs)
         if kwargs is None:
             kwargs = model.config.sampler_kwargs if name is None else {}
-        name = model.config.sampler_type if name is None else name
+        name = model.config.sampler_name(model.process) if name is None else name
         ref_sampler, ref_spacing, ref_steps = reference
         ref_solver = model.make_sampler(ref_sampler, {})
         if ref_solver.is_stochastic:
@@ -498,7 +498,7 @@ def _score_spacings(scorer: _Scorer) -> dict[str, _Scored]:
     model, T = scorer.runs.model, scorer.runs.model.num_timesteps
     scored: dict[str, _Scored] = {}
     for name in spacings.names():
-        times = model.sampling_timesteps(scorer.runs.num_steps, name)
+        times = model.sampling_timesteps(scorer.runs.num_steps, name, sampler=scorer.runs.sampler)
         if float(times[0]) != float(T):  # starts below T: x_T would be at the wrong level
             continue
         scored[name] = _Scored(times, *scorer.error_of(times))
@@ -666,7 +666,9 @@ class _PatternSearch:
         """The chosen times (validated, float64) and what the search cost."""
         model = self.scorer.runs.model
         return TimestepSearchResult(
-            timesteps=model.sampling_timesteps(None, self.chosen_times),
+            timesteps=model.sampling_timesteps(
+                None, self.chosen_times, sampler=self.scorer.runs.sampler
+            ),
             error=self.chosen,
             search_error=self.chosen_fit,
             start_spacing=self.start_spacing,

@@ -28,11 +28,13 @@ from tinydiff.samplers.base import (
     Denoiser,
     Prediction,
     Sampler,
+    default_sampler,
     get,
     names,
     register,
     run_loop,
     run_sampler,
+    sampling_defaults,
 )
 
 __all__ = [
@@ -40,11 +42,13 @@ __all__ = [
     "Denoiser",
     "Prediction",
     "Sampler",
+    "default_sampler",
     "get",
     "names",
     "register",
     "run_loop",
     "run_sampler",
+    "sampling_defaults",
 ]
 
 for _mod in pkgutil.iter_modules(__path__):

@@ -19,7 +19,8 @@ The network is reached only through a :class:`tinydiff.denoiser.Denoiser`, calle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -29,11 +30,13 @@ from tinydiff import denoiser as _denoiser
 from tinydiff._progress import progress_bar
 from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff.denoiser import Prediction
-from tinydiff.process import PathValues
+from tinydiff.process import GaussianProcess, PathValues
 from tinydiff.variances import Variance
 
 __all__ = [
+    "DEFAULT_NUM_STEPS",
     "LOWER_ORDER_FINAL_STEPS",
+    "PATH_DEFAULT_SAMPLER",
     "REGISTRY",
     "Denoiser",
     "Noise",
@@ -44,11 +47,13 @@ __all__ = [
     "State",
     "StepLoop",
     "StepResult",
+    "default_sampler",
     "get",
     "names",
     "register",
     "run_loop",
     "run_sampler",
+    "sampling_defaults",
 ]
 
 #: a sampler's history carried between steps
@@ -63,6 +68,19 @@ StepResult = tuple[Tensor, State]
 #: multistep samplers with ``lower_order_final`` lower the order of their final steps when a
 #: plan has fewer steps than this (Lu et al. 2022, sec. 4)
 LOWER_ORDER_FINAL_STEPS = 15
+
+#: the sampler of a config without ``sampler_type`` on a process that is not variance
+#: preserving (rectified flow, EDM, other paths): see `default_sampler`
+PATH_DEFAULT_SAMPLER = "unipc"
+#: steps of a deterministic sampler when a call gives no step count (``Sampler.default_num_steps``)
+DEFAULT_NUM_STEPS = 50
+#: on a process that is not variance preserving, the default spacing is ``quadratic`` where
+#: lambda = 0 (SNR 1) is reached before this fraction of the time range, else ``trailing``
+#: (`Sampler.spacing_for`)
+QUADRATIC_BELOW = 1 / 3
+_SILENCE = (
+    'Silence it with warnings.filterwarnings("ignore", category=FutureWarning, module="tinydiff")'
+)
 
 
 class Denoiser(Protocol):
@@ -123,6 +141,38 @@ class Sampler:
         return self.stochastic
 
     @classmethod
+    def spacing_for(cls, process: GaussianProcess) -> str:
+        r"""The spacing used on ``process`` when neither the call nor the config names one.
+
+        Variance-preserving processes: `default_spacing` (tinydiff 0.2's default).
+        Other processes (rectified flow, EDM, other paths), one rule for every sampler in
+        terms of where the process crosses $\lambda = 0$ (signal and noise of equal
+        size), at $t_0 = t(\lambda = 0)$: ``quadratic`` (denser near t = 0, its last
+        nonzero level at T / S^2) when $t_0 < T/3$ (`QUADRATIC_BELOW`: most of a
+        uniform grid would sit at high noise, e.g. rectified flow with shift 3, t_0 = T/4),
+        else ``trailing`` (uniform in t: rectified flow with shift 1, t_0 = T/2; EDM,
+        t_0 = 0.40 T, where uniform t are Karras' rho = 7 levels). Measured in
+        ``benchmarks/defaults_grid.py`` (results/defaults_grid.md). Override it in a
+        subclass for a sampler of your own.
+        """
+        if process.variance_preserving:
+            return cls.default_spacing
+        T = process.num_timesteps
+        lo, hi = process.lam_range()
+        if not lo < 0.0 < hi:  # never crosses SNR 1: nothing to place, uniform times
+            return "trailing"
+        t0 = float(process.time_at_lam(torch.tensor(0.0, dtype=torch.float64)))
+        return "quadratic" if t0 < QUADRATIC_BELOW * T else "trailing"
+
+    def default_num_steps(self, num_timesteps: int) -> int:
+        """S when a call gives no step count: min(`DEFAULT_NUM_STEPS`, T) (50) for a
+        deterministic sampler (its error at 50 steps is far below a trained network's, e.g.
+        benchmarks/results/sampler_quality.md); all T steps for a stochastic one, whose
+        ancestral noise converges only at order 1/2 in the step size and which tinydiff 0.2
+        ran with T steps (VP models sampled with ``ddpm`` keep their samples)."""
+        return num_timesteps if self.is_stochastic else min(DEFAULT_NUM_STEPS, num_timesteps)
+
+    @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> Sampler:
         """Build the sampler from ``options``, turning a bad option into a clear error.
 
@@ -156,6 +206,82 @@ class Sampler:
     def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         """One step from ``c["t"]`` to ``c["t_next"]``; returns (x_next, state)."""
         raise NotImplementedError
+
+
+def default_sampler(process: GaussianProcess, *, warn: bool = False) -> str:
+    """The sampler of a config that names none (``sampler_type=None``) on ``process``:
+    ``ddpm`` on a variance-preserving process (tinydiff 0.2's default everywhere), the
+    deterministic `PATH_DEFAULT_SAMPLER` (``unipc``) on any other (rectified flow, EDM): on
+    benchmarks/results/defaults_grid.md's exact-mixture grid it is within 1.25x of the best
+    (sampler, spacing) pair in 16 of the 27 rectified-flow and EDM cells, geometric mean
+    1.27x (the next best default, deis, 1.94x), where ``ddpm`` does not follow the
+    probability flow at all.
+
+    Args:
+        process: the model's process.
+        warn: give a FutureWarning where the answer differs from 0.2's ``ddpm`` (a sampling
+            call that relies on the default changes its samples); Python shows it once per
+            process kind.
+    """
+    if process.variance_preserving:
+        return "ddpm"
+    if warn:
+        warnings.warn(
+            f"this model's config leaves sampler_type unset, and on {process!r} (not "
+            f"variance preserving) the default sampler is now {PATH_DEFAULT_SAMPLER!r} "
+            "(deterministic, high order) instead of tinydiff 0.2's 'ddpm': sample() returns "
+            "different samples. Keep the old with sampler_type='ddpm' in the config (or "
+            f"sample(..., sampler='ddpm')); set sampler_type={PATH_DEFAULT_SAMPLER!r} to "
+            f"adopt the new default and silence this. {_SILENCE}",
+            FutureWarning,
+            stacklevel=4,
+        )
+    return PATH_DEFAULT_SAMPLER
+
+
+def sampling_defaults(
+    sampler: Sampler,
+    process: GaussianProcess,
+    spacing: str | Sequence[float] | Any | None,
+    num_steps: int | None,
+) -> tuple[str, int | None]:
+    """(default spacing, number of steps) of a sampling call, with one FutureWarning naming
+    the defaults that changed since tinydiff 0.2 where the call relies on them.
+
+    Args:
+        sampler: the call's sampler.
+        process: the model's process.
+        spacing: the call's (or config's) spacing: a name, explicit times, or None.
+        num_steps: the call's ``sampling_timesteps`` (None: `Sampler.default_num_steps`
+            when the times are named, else the count of the explicit times).
+
+    Returns:
+        ``sampler.spacing_for(process)`` and the step count to pass to
+        `tinydiff.spacings.resolve`.
+    """
+    T, name = process.num_timesteps, type(sampler).__name__
+    default, steps, changes = sampler.spacing_for(process), num_steps, []
+    if spacing is None and default != sampler.default_spacing:
+        changes.append(
+            f"with no timestep_spacing it now uses {default!r} on {process!r} (chosen per "
+            f"process, see Sampler.spacing_for), not {sampler.default_spacing!r}: pass "
+            f"timestep_spacing={sampler.default_spacing!r} to keep the old"
+        )
+    if num_steps is None and (spacing is None or isinstance(spacing, str)):
+        steps = sampler.default_num_steps(T)
+        if steps != T:
+            changes.append(
+                f"with no sampling_timesteps it now runs {steps} steps (it is deterministic), "
+                f"not all T = {T}: pass sampling_timesteps={T} to keep the old"
+            )
+    if changes:  # one warning per call, however many defaults changed
+        warnings.warn(
+            f"{name}'s defaults changed since tinydiff 0.2: {'; '.join(changes)}. Name "
+            f"the spacing and the number of steps to silence this. {_SILENCE}",
+            FutureWarning,
+            stacklevel=4,
+        )
+    return default, steps
 
 
 REGISTRY: Registry[type[Sampler]] = Registry(

@@ -5,6 +5,8 @@ B(h) = e^h - 1 ("bh2", default) or h ("bh1")."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -135,7 +137,7 @@ class UniPC(Sampler):
     #: geometric mean over benchmarks/sampler_quality.py's quick grid (VP and rectified flow)
     #: of error / best spacing's: 1.63
     default_spacing = "quadratic"
-    tunable = {"last_step_blend": (0.0, 0.95)}
+    tunable: ClassVar[Mapping[str, tuple[float, float]]] = {"last_step_blend": (0.0, 0.95)}
 
     def __init__(
         self,
