@@ -176,10 +176,8 @@ class GaussianProcess:
         t = self._as_time(t).detach()
         T = self.num_timesteps
         s = t / T
-        _, (d_alpha, d_sigma) = torch.func.jvp(
-            lambda u: self.alpha_sigma(u * T), (s,), (torch.ones_like(s),)
-        )
-        return d_alpha, d_sigma
+        tangents = torch.func.jvp(lambda u: self.alpha_sigma(u * T), (s,), (torch.ones_like(s),))[1]
+        return tangents[0], tangents[1]
 
     def points(self, t: Tensor) -> Tensor:
         """Process points at times t: float64 (*t.shape, 5), :data:`POINT_FIELDS` on the last dim.
