@@ -549,29 +549,35 @@ def test_save_pretrained_over_a_folder_without_manifest(tmp_path: Path) -> None:
     assert outcomes == {"step 1", "step 2", "MixedSaveError"}, outcomes
 
 
-def _pretrained_writer(folder: Path, parity: int, seconds: float) -> None:  # pragma: no cover
-    end, step = time.monotonic() + seconds, parity
-    while time.monotonic() < end:
+def _pretrained_writer(folder: Path, parity: int, stop: Path) -> None:  # pragma: no cover
+    end, step = time.monotonic() + 60.0, parity
+    while time.monotonic() < end and not stop.exists():
         _pretrained_at(step, ema=step % 4 < 2).save_pretrained(folder)
         step += 2
 
 
 def test_save_pretrained_two_writers_and_a_reader(tmp_path: Path) -> None:
-    """Two processes save_pretrained into one folder while this one loads it: every load is
-    one whole save, and none fails."""
-    _pretrained_at(0, ema=True).save_pretrained(tmp_path)
-    writers = [_fork(lambda p=p: _pretrained_writer(tmp_path, p, 1.2)) for p in (1, 2)]
+    """Two processes save_pretrained into one folder while this one loads it (at least 30
+    times, and until it has seen three different saves): every load is one whole save, and
+    none fails. Counts, not a time budget: a loaded CI host still interleaves the loads with
+    the writers' commits."""
+    folder, stop = tmp_path / "model", tmp_path / "stop"
+    _pretrained_at(0, ema=True).save_pretrained(folder)
+    writers = [_fork(lambda p=p: _pretrained_writer(folder, p, stop)) for p in (1, 2)]
     loads = errors = 0
-    end = time.monotonic() + 1.0
+    seen = set()
+    deadline = time.monotonic() + 50.0
     try:
-        while time.monotonic() < end:
+        while (loads + errors < 30 or len(seen) < 3) and time.monotonic() < deadline:
             try:
-                _load_pretrained(tmp_path)  # asserts: never a mix
+                seen.add(_load_pretrained(folder)[0])  # asserts: never a mix
                 loads += 1
             except MixedSaveError:  # still changing after the retries: a clear error
                 errors += 1
     finally:
+        stop.touch()
         assert [_wait(pid) for pid in writers] == [0, 0]
     # commits hold an exclusive flock of the folder and loads a shared one: no retry needed
-    assert loads > 20 and errors == 0, (loads, errors)
-    assert _load_pretrained(tmp_path)[0] >= 1  # the last commit left one whole save
+    assert loads >= 30 and errors == 0, (loads, errors)
+    assert len(seen) >= 3, seen  # the loads saw both writers' commits, not only the first save
+    assert _load_pretrained(folder)[0] >= 1  # the last commit left one whole save

@@ -57,8 +57,10 @@ def noise(n: int = BSZ, seed: int = 0) -> Tensor:
 
 
 def default_times(model: DiffusionModel, name: str, steps: int = STEPS) -> Tensor:
-    """The times model.sample uses for ``name`` by default, built without the model."""
-    return spacings.make_timesteps(samplers.get(name).default_spacing, T, steps, model.process)
+    """The times model.sample uses for ``name`` by default (its spacing for the process),
+    built without the model."""
+    spacing = samplers.get(name).spacing_for(model.process)
+    return spacings.make_timesteps(spacing, T, steps, model.process)
 
 
 def bare_denoiser(model: DiffusionModel) -> Denoiser:
