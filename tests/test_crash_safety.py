@@ -158,25 +158,29 @@ def test_safetensors_file_keeps_its_version(tmp_path: Path, monkeypatch) -> None
     assert not new.exists()
 
 
-def _writer_loop(path: Path, parity: int, seconds: float) -> None:  # pragma: no cover - child
-    end, step = time.monotonic() + seconds, parity
-    while time.monotonic() < end:
+def _writer_loop(path: Path, parity: int, stop: Path) -> None:  # pragma: no cover - child
+    end, step = time.monotonic() + 60.0, parity
+    while time.monotonic() < end and not stop.exists():
         save_checkpoint(path, _net_at(step), step=step, save_rng=False)
         step += 2
 
 
 def test_two_writers_and_a_reader_never_mix(tmp_path: Path) -> None:
-    path = tmp_path / "ckpt.safetensors"
+    """Counts, not a time budget (a loaded CI host): at least 30 loads, until three different
+    saves were seen."""
+    path, stop = tmp_path / "ckpt.safetensors", tmp_path / "stop"
     save_checkpoint(path, _net_at(0), step=0)
-    writers = [_fork(lambda p=p: _writer_loop(path, p, 2.0)) for p in (1, 2)]
-    loads, end = 0, time.monotonic() + 1.5
+    writers = [_fork(lambda p=p: _writer_loop(path, p, stop)) for p in (1, 2)]
+    loads, seen, deadline = 0, set(), time.monotonic() + 50.0
     try:
-        while time.monotonic() < end:
-            _load_step(path)  # asserts that the step and the weights agree
+        while (loads < 30 or len(seen) < 3) and time.monotonic() < deadline:
+            seen.add(_load_step(path))  # asserts that the step and the weights agree
             loads += 1
     finally:
+        stop.touch()
         assert [_wait(pid) for pid in writers] == [0, 0]
-    assert loads > 20
+    assert loads >= 30 and len(seen) >= 3, (loads, seen)
+    stop.unlink()
     assert not list(iter_temporaries(tmp_path))
 
 
@@ -312,28 +316,32 @@ def test_folder_crash_at_every_write_point(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def _folder_writer(folder: Path, parity: int, seconds: float) -> None:  # pragma: no cover
-    end, step = time.monotonic() + seconds, parity
-    while time.monotonic() < end:
+def _folder_writer(folder: Path, parity: int, stop: Path) -> None:  # pragma: no cover
+    end, step = time.monotonic() + 60.0, parity
+    while time.monotonic() < end and not stop.exists():
         _save_folder(folder, step, ema=step % 4 < 2)
         step += 2
 
 
 def test_folder_two_writers_and_a_reader(tmp_path: Path) -> None:
-    _save_folder(tmp_path, 0)
-    writers = [_fork(lambda p=p: _folder_writer(tmp_path, p, 2.0)) for p in (1, 2)]
+    """Counts, not a time budget (a loaded CI host): at least 15 whole loads."""
+    folder, stop = tmp_path / "folder", tmp_path / "stop"
+    folder.mkdir()
+    _save_folder(folder, 0)
+    writers = [_fork(lambda p=p: _folder_writer(folder, p, stop)) for p in (1, 2)]
     loads = retries = 0
-    end = time.monotonic() + 1.5
+    deadline = time.monotonic() + 50.0
     try:
-        while time.monotonic() < end:
+        while loads < 15 and time.monotonic() < deadline:
             try:
-                _load_folder(tmp_path)  # asserts: never a mix
+                _load_folder(folder)  # asserts: never a mix
                 loads += 1
             except (MixedSaveError, FileNotFoundError):  # changed while read: retry
                 retries += 1
     finally:
+        stop.touch()
         assert [_wait(pid) for pid in writers] == [0, 0]
-    assert loads > 10, (loads, retries)
+    assert loads >= 15, (loads, retries)
 
 
 def test_foreign_and_live_temporaries_are_kept(tmp_path: Path) -> None:
