@@ -190,7 +190,7 @@ def test_sigkill_while_saving_a_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(path, _net_at(0), step=0)
     rng = random.Random(0)
     for kill in range(6):
-        pid = _fork(lambda kill=kill: _writer_loop(path, 1 + kill * 1000, 30.0))
+        pid = _fork(lambda kill=kill: _writer_loop(path, 1 + kill * 1000, tmp_path / "never"))
         time.sleep(rng.uniform(0.05, 0.3))
         os.kill(pid, signal.SIGKILL)
         assert _wait(pid) == -signal.SIGKILL
