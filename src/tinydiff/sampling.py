@@ -155,10 +155,12 @@ def sample(
 
     Raises:
         ValueError: times outside [0, T], not strictly decreasing or not ending at 0; a
-            callback that returns a tensor of another shape.
+            callback that returns a tensor of another shape; a denoiser the sampler refuses
+            (`tinydiff.samplers.Sampler.check_denoiser`).
         TypeError: an unknown sampler type or sampler option.
     """
     solver = _sampler(sampler, sampler_kwargs)
+    solver.check_denoiser(denoiser)
     times = torch.as_tensor(times, dtype=torch.float64).cpu()
     if times.dim() != 1 or times.numel() < 2:
         raise ValueError(
