@@ -7,7 +7,7 @@ Public API::
 
 Plugin registries (each with ``register``, ``get``, ``names``): :mod:`tinydiff.schedules`,
 :mod:`tinydiff.targets`, :mod:`tinydiff.variances`, :mod:`tinydiff.losses`,
-`tinydiff.samplers`, `tinydiff.spacings`, `tinydiff.guidance`. The core:
+`tinydiff.samplers`, `tinydiff.spacings`, `tinydiff.guidance`, `tinydiff.objectives`. The core:
 `tinydiff.process` (the Gaussian process alpha(t), sigma(t)), `tinydiff.denoiser`
 and `tinydiff.sampling` (the sampling loop as a function, with per-step callbacks). Subpackages that need more
 imports load on first access: ``tinydiff.nn``, ``tinydiff.testing``, ``tinydiff.likelihood``,
@@ -22,6 +22,7 @@ from tinydiff import (
     denoiser,
     guidance,
     losses,
+    objectives,
     process,
     samplers,
     sampling,
@@ -61,6 +62,7 @@ __all__ = [
     "load_checkpoint",
     "load_plugins",
     "losses",
+    "objectives",
     "process",
     "samplers",
     "sampling",

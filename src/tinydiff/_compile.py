@@ -201,8 +201,8 @@ class OpaqueNetwork:
             weakref.finalize(self, _NETWORKS.pop, self.key, None)
 
     def __call__(self, x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
-        """Run the network on (x, t) (and the end time ``r`` of a two-time network, passed
-        as ``r=``) through the opaque operator, under the current autocast."""
+        """Run the network on (x, t) (and the end time `r` of a two-time network, passed
+        as `r=`) through the opaque operator, under the current autocast."""
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device)

@@ -200,7 +200,7 @@ class DiffusionModelConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _objective_sampler(cls, data: Any) -> Any:
-        """A config without ``sampler_type`` samples with its objective's default sampler."""
+        """A config without `sampler_type` samples with its objective's default sampler."""
         if not isinstance(data, dict) or "sampler_type" in data:
             return data
         name = data.get("training_objective")

@@ -66,10 +66,10 @@ def network_time_dtype(x: Tensor) -> torch.dtype:
 
 
 def takes_end_time(network: Any) -> bool:
-    """Whether ``network`` is a two-time network, called as ``network(x_t, t, r=r, **cond)``:
-    its ``end_time`` attribute where it has one (`tinydiff.nn.MLP` and `tinydiff.nn.UNet`
-    built with ``end_time=True``), else whether its ``forward`` (or the callable itself)
-    takes a parameter named ``r``."""
+    """Whether `network` is a two-time network, called as `network(x_t, t, r=r, **cond)`:
+    its `end_time` attribute where it has one ([`MLP`][tinydiff.nn.MLP] and
+    [`UNet`][tinydiff.nn.UNet] built with `end_time=True`), else whether its `forward` (or
+    the callable itself) takes a parameter named `r`."""
     flag = getattr(network, "end_time", None)
     if flag is not None:
         return bool(flag)

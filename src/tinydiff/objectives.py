@@ -1,27 +1,28 @@
-r"""Training objectives: what ``model.loss(x)`` computes, registered by name.
+r"""Training objectives: what `model.loss(x)` computes, registered by name.
 
-The config field ``training_objective`` (default ``"diffusion"``) names one; its options go
-in ``training_objective_kwargs``. `tinydiff.DiffusionModel.loss` delegates to the
-objective's `Objective.loss`, and an objective names the sampler the model uses by default
-(`Objective.default_sampler`, filled into ``sampler_type`` when the config leaves it out).
+The config field `training_objective` (default `"diffusion"`) names one; its options go in
+`training_objective_kwargs`. [`DiffusionModel.loss`][tinydiff.DiffusionModel.loss]
+delegates to the objective's [`loss`][tinydiff.objectives.Objective.loss], and an objective
+names the sampler the model uses by default
+([`default_sampler`][tinydiff.objectives.Objective.default_sampler], filled into
+`sampler_type` when the config leaves it out).
 
-================ ====================================================== =====================
-name             the network learns                                     reference
-================ ====================================================== =====================
-diffusion        the configured target (eps, x0, v, velocity, EDM's F)  Ho et al. 2020 and on
-meanflow         the average velocity u(x_t, r, t) over [r, t]: a       Geng et al. 2025
-                 1- or 2-step generator (sampler ``flow_map``)
-================ ====================================================== =====================
+| name | the network learns | reference |
+|---|---|---|
+| `diffusion` | the configured target (eps, x0, v, velocity, EDM's F) | Ho et al. 2020 and on |
+| `meanflow` | the average velocity $u(x_t, r, t)$ over $[r, t]$: a 1- or 2-step generator (sampler `flow_map`) | Geng et al. 2025 |
 
-Register your own (a class; options are keyword arguments of ``__init__``)::
+Register your own (a class; options are keyword arguments of `__init__`):
 
-    @tinydiff.objectives.register("my_objective")
-    class MyObjective(tinydiff.objectives.Objective):
-        def loss(self, model, x, **options):
-            ...  # (bsz, *input_shape) unreduced losses
+```python
+@tinydiff.objectives.register("my_objective")
+class MyObjective(tinydiff.objectives.Objective):
+    def loss(self, model, x, **options):
+        ...  # (bsz, *input_shape) unreduced losses
+```
 
-Third-party packages register from a module named under the ``tinydiff.plugins`` entry-point
-group, as for every registry (`tinydiff._registry`).
+Third-party packages register from a module named under the `tinydiff.plugins` entry-point
+group, as for every registry.
 """
 
 from __future__ import annotations
@@ -53,30 +54,30 @@ __all__ = [
     "register",
 ]
 
-#: how `MeanFlow` computes the total derivative du/dt
 DERIVATIVES = ("auto", "jvp", "finite_difference")
+"""How [`MeanFlow`][tinydiff.objectives.MeanFlow] computes the total derivative du/dt."""
 
 _F64 = torch.float64
 
 
 class Objective:
-    """Base class of training objectives. Options are keyword arguments of ``__init__``.
+    """Base class of training objectives. Options are keyword arguments of `__init__`.
 
     Subclasses implement `loss`; they may override `check_config` (refuse config
     combinations that cannot work, with the reason), `check_network` and
     `default_sampler`.
     """
 
-    #: the sampler a model trained with this objective samples with when its config names
-    #: none (None: the config field's own default)
     default_sampler: ClassVar[str | None] = None
+    """The sampler a model trained with this objective samples with when its config names
+    none (None: the config field's own default)."""
 
     def check_config(self, config: Any) -> None:
-        """Raise ValueError if ``config`` (a `tinydiff.DiffusionModelConfig`) cannot be
+        """Raise ValueError if `config` (a `tinydiff.DiffusionModelConfig`) cannot be
         trained with this objective; the default accepts any."""
 
     def check_network(self, network: Any) -> None:
-        """Raise ValueError if ``network`` cannot be trained with this objective (called when
+        """Raise ValueError if `network` cannot be trained with this objective (called when
         the model is built); the default accepts any."""
 
     def loss(
@@ -92,7 +93,7 @@ class Objective:
         check_finite: bool | None = None,
         **options: Any,
     ) -> Tensor:
-        """Unreduced training loss, (bsz, *input_shape); ``.mean()`` is the objective.
+        """Unreduced training loss, (bsz, *input_shape); `.mean()` is the objective.
 
         Args:
             model: the model (a `tinydiff.DiffusionModel`).
@@ -126,7 +127,7 @@ names = REGISTRY.names
 
 
 def build(name: str, kwargs: dict[str, Any] | None = None) -> Objective:
-    """Instantiate the registered objective ``name`` with its options.
+    """Instantiate the registered objective `name` with its options.
 
     Raises:
         ValueError: an unknown name (with close matches) or a bad option value.
@@ -178,7 +179,7 @@ class Diffusion(Objective):
     Draws t (`tinydiff.time_sampling`) and eps ~ N(0, I), forms x_t = alpha(t) x +
     sigma(t) eps, and compares the network output with the configured target, weighted by
     min-SNR-gamma where configured, plus the variance type's extra (VLB) term; with
-    ``cond_drop_prob`` p each condition is dropped with probability p (Ho & Salimans 2022).
+    `cond_drop_prob` p each condition is dropped with probability p (Ho & Salimans 2022).
     """
 
     def loss(
@@ -237,40 +238,42 @@ def _number(name: str, value: Any, low: float, high: float | None = None) -> flo
 class MeanFlow(Objective):
     r"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): train a
     two-time network u(x_t, r, t) to be the average velocity of the probability-flow ODE
-    over [r, t], so that one evaluation jumps from t to r (sampler ``flow_map``).
+    over [r, t], so that one evaluation jumps from t to r (sampler `flow_map`).
 
-    With s = t / T (tinydiff's velocity unit: u = dx/ds), the average velocity
-    :math:`(s_t - s_r)\,u(x_t, r, t) = \int_{s_r}^{s_t} v(x_\tau, \tau)\,d\tau`,
-    differentiated in :math:`s_t`, gives the MeanFlow identity (their eq. 6)
+    With $s = t/T$ (tinydiff's velocity unit: $u = dx/ds$), the average velocity
+    $(s_t - s_r)\,u(x_t, r, t) = \int_{s_r}^{s_t} v(x_\tau, \tau)\,d\tau$, differentiated
+    in $s_t$, gives the MeanFlow identity (their eq. 6)
 
-    .. math::
-        u(x_t, r, t) = v(x_t, t) - (s_t - s_r)\,\frac{d}{ds_t}u(x_t, r, t),\qquad
-        \frac{d}{ds_t} = v\cdot\nabla_x + \partial_{s_t},
+    $$
+    u(x_t, r, t) = v(x_t, t) - (s_t - s_r)\,\frac{d}{ds_t}u(x_t, r, t),\qquad
+    \frac{d}{ds_t} = v\cdot\nabla_x + \partial_{s_t},
+    $$
 
-    which is regressed with the conditional velocity :math:`v = \alpha'(s)\,x_0 +
-    \sigma'(s)\,\epsilon` of the path in place of the marginal one (their eq. 9-10, linear
-    in v, so the minimiser is unchanged) and the right side held fixed (stop-gradient):
+    which is regressed with the conditional velocity $v = \alpha'(s)\,x_0 +
+    \sigma'(s)\,\epsilon$ of the path in place of the marginal one (their eq. 9-10, linear in
+    v, so the minimiser is unchanged) and the right side held fixed (stop-gradient):
 
-    .. math::
-        \mathcal L = w\,\big\lVert u_\theta(x_t, r, t) - \mathrm{sg}\big(v - (s_t - s_r)
-        (v\cdot\nabla_x u_\theta + \partial_{s_t}u_\theta)\big)\big\rVert^2,\qquad
-        w = \mathrm{sg}\big(1/(\lVert\Delta\rVert^2 + c)^p\big).
+    $$
+    \mathcal L = w\,\big\lVert u_\theta(x_t, r, t) - \mathrm{sg}\big(v - (s_t - s_r)
+    (v\cdot\nabla_x u_\theta + \partial_{s_t}u_\theta)\big)\big\rVert^2,\qquad
+    w = \mathrm{sg}\big(1/(\lVert\Delta\rVert^2 + c)^p\big).
+    $$
 
-    The total derivative is one forward-mode pass, ``torch.func.jvp`` with tangents
+    The total derivative is one forward-mode pass, `torch.func.jvp` with tangents
     (v, T, 0) on (x_t, t, r), under the math scaled-dot-product-attention backend (fused
-    attention kernels have no forward-mode rule); where ``jvp`` fails (an operation without
-    a forward-mode rule), ``derivative="auto"`` warns once and takes the central difference
+    attention kernels have no forward-mode rule); where `jvp` fails (an operation without
+    a forward-mode rule), `derivative="auto"` warns once and takes the central difference
     of u along the same direction, two extra forward passes without gradients.
 
     Any Gaussian path works (rectified flow, VP, ...): v is its velocity in s. The network
-    must be a two-time network (`tinydiff.nn.MLP` / `UNet` with ``end_time=True``) trained
-    with ``target_type="pred_velocity"``: its output at r = t is the instantaneous velocity,
+    must be a two-time network (`tinydiff.nn.MLP` / `UNet` with `end_time=True`) trained
+    with `target_type="pred_velocity"`: its output at r = t is the instantaneous velocity,
     so every ODE sampler also runs it. Cost per step: about 2-3x a diffusion step (the jvp
     carries a tangent through the forward pass, and the backward pass is the same).
 
     Times (their sec. 4.3): t and r are two draws from the training-time distribution
-    (``time_sampling``; without one, logit-normal with mean ``time_mean`` and std
-    ``time_std``), sorted so that r <= t; a fraction ``1 - flow_map_fraction`` of the batch
+    (`time_sampling`; without one, logit-normal with mean `time_mean` and std
+    `time_std`), sorted so that r <= t; a fraction `1 - flow_map_fraction` of the batch
     then has r = t (the plain flow-matching loss).
 
     Args:
@@ -279,10 +282,10 @@ class MeanFlow(Objective):
         adaptive_c: c of the adaptive weight (paper: 1e-3).
         time_mean: mean of the logit-normal times (paper: -0.4).
         time_std: std of the logit-normal times (paper: 1.0).
-        derivative: ``"auto"`` (jvp, falling back to finite differences with a warning),
-            ``"jvp"`` or ``"finite_difference"``.
+        derivative: `"auto"` (jvp, falling back to finite differences with a warning),
+            `"jvp"` or `"finite_difference"`.
         fd_step: the step h in s = t / T of the central difference (default 1e-4, i.e.
-            t +- 0.1 at T = 1000: ``tinydiff.nn``'s time embedding turns fastest at one
+            t +- 0.1 at T = 1000: `tinydiff.nn`'s time embedding turns fastest at one
             radian per unit of t, so h T must stay well below 1).
     """
 
@@ -315,8 +318,8 @@ class MeanFlow(Objective):
         self._jvp_failed = False
 
     def check_config(self, config: Any) -> None:
-        """MeanFlow regresses the network output on the velocity: ``pred_velocity``, the
-        ``l2`` loss, no learned variance, no min-SNR weighting."""
+        """MeanFlow regresses the network output on the velocity: `pred_velocity`, the
+        `l2` loss, no learned variance, no min-SNR weighting."""
         if config.target_type != "pred_velocity":
             raise ValueError(
                 f"training_objective='meanflow' trains the network to output the average "
@@ -361,7 +364,7 @@ class MeanFlow(Objective):
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> tuple[Tensor, Tensor]:
-        """(t, r), float64 (bsz,) each, r <= t, r = t on a fraction ``1 - flow_map_fraction``."""
+        """(t, r), float64 (bsz,) each, r <= t, r = t on a fraction `1 - flow_map_fraction`."""
         config = model.config
         if config.time_sampling is None:
             name, options = "logit_normal", {"m": self.time_mean, "s": self.time_std}
@@ -382,7 +385,7 @@ class MeanFlow(Objective):
     def regression_pair(
         self, denoiser: Denoiser, x_t: Tensor, p: Point, r: Tensor, v: Tensor, num_timesteps: int
     ) -> tuple[Tensor, Tensor]:
-        r"""(u_theta(x_t, r, t), the stop-gradient target :math:`v - (s_t - s_r)\,du/ds_t`).
+        r"""(u_theta(x_t, r, t), the stop-gradient target $v - (s_t - s_r)\,du/ds_t$).
 
         Args:
             denoiser: the model's denoiser (network and condition).
@@ -460,8 +463,8 @@ class MeanFlow(Objective):
         """Unreduced MeanFlow loss, (bsz, *input_shape): the per-element squared error times
         the per-sample adaptive weight.
 
-        Args: as `tinydiff.DiffusionModel.loss`, plus ``r``: end times (bsz,) in [0, t]
-        (with ``t``; default r = t). Without ``t`` both are drawn (`sample_times`).
+        Args: as `tinydiff.DiffusionModel.loss`, plus `r`: end times (bsz,) in [0, t]
+        (with `t`; default r = t). Without `t` both are drawn (`sample_times`).
         """
         _no_options("meanflow", options, "r")
         x, generator, cond = _common_inputs(model, x, generator, check_finite, cond)

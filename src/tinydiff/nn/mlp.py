@@ -57,9 +57,9 @@ class MLP(nn.Module):
         num_classes: Number of classes for class conditioning, or ``None``.
             Label ``num_classes`` is the null label for classifier-free guidance.
         dropout: Dropout probability inside the residual blocks.
-        end_time: Also take an end time ``r`` (``net(x, t, r=r)``): a two-time network
+        end_time: Also take an end time `r` (`net(x, t, r=r)`): a two-time network
             such as MeanFlow's average velocity u(x_t, r, t), with an added embedding of
-            ``t - r`` (see :class:`~tinydiff.nn.embeddings.ConditionEmbedding`).
+            `t - r` (see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]).
 
     Attributes:
         null_class: The null label index (``num_classes``), or ``None``.

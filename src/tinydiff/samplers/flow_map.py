@@ -1,32 +1,34 @@
 r"""Flow-map jumps: one network call per step, from t straight to the next time r.
 
-A two-time network (`tinydiff.denoiser.takes_end_time`) trained as a flow map, e.g. with
-``training_objective="meanflow"`` (`tinydiff.objectives`), predicts the average velocity
-of the probability-flow ODE over [r, t] (Geng et al. 2025, "Mean Flows for One-step
-Generative Modeling", eq. 3), in tinydiff's velocity unit s = t / T:
+A two-time network ([`takes_end_time`][tinydiff.denoiser.takes_end_time]) trained as a flow
+map, e.g. with `training_objective="meanflow"` ([`tinydiff.objectives`][tinydiff.objectives]),
+predicts the average velocity of the probability-flow ODE over $[r, t]$ (Geng et al. 2025,
+"Mean Flows for One-step Generative Modeling", eq. 3), in tinydiff's velocity unit $s = t/T$:
 
-.. math::
-    u(x_t, r, t) = \frac{1}{s_t - s_r}\int_{s_r}^{s_t} v(x_\tau, \tau)\,d\tau
-    = \frac{x_t - x_r}{s_t - s_r},
+$$
+u(x_t, r, t) = \frac{1}{s_t - s_r}\int_{s_r}^{s_t} v(x_\tau, \tau)\,d\tau
+= \frac{x_t - x_r}{s_t - s_r},
+$$
 
 so that the ODE's solution at r is one evaluation away (their eq. 12):
 
-.. math::
-    x_r = x_t + \frac{r - t}{T}\,u(x_t, r, t).
+$$
+x_r = x_t + \frac{r - t}{T}\,u(x_t, r, t).
+$$
 
-``model.sample(bsz, 1)`` is one jump T -> 0, ``sample(bsz, 2)`` two jumps T -> T/2 -> 0 (the
-default ``trailing`` spacing); any spacing or explicit times work. The network is called as
-``network(x_t, t, r=r)``; its output goes through the model's target like any output (for
-``pred_velocity``, the target MeanFlow trains, it is u itself), and the step uses the
-velocity of the resulting (x0, eps): :math:`u = \alpha'(s)\,\hat x_0 + \sigma'(s)\,\hat\epsilon`.
+`model.sample(bsz, 1)` is one jump T -> 0, `sample(bsz, 2)` two jumps T -> T/2 -> 0 (the
+default `trailing` spacing); any spacing or explicit times work. The network is called as
+`network(x_t, t, r=r)`; its output goes through the model's target like any output (for
+`pred_velocity`, the target MeanFlow trains, it is u itself), and the step uses the velocity
+of the resulting (x0, eps): $u = \alpha'(s)\,\hat x_0 + \sigma'(s)\,\hat\epsilon$.
 
 Classifier-free guidance applied to u at sampling time is not the flow map of the guided
 ODE (the average of a guided velocity is not the guided average), so it is refused for
 two-time networks; MeanFlow folds guidance into training instead (Geng et al. 2025, sec. 4.2).
 
 A one-time network has no flow map: for it this sampler takes the first-order step with the
-x0 estimate held fixed (`tinydiff.samplers.euler`, identical coefficients), so that every
-model can be sampled with it.
+x0 estimate held fixed ([`tinydiff.samplers.euler`][tinydiff.samplers.euler], identical
+coefficients), so that every model can be sampled with it.
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepRes
 
 @register("flow_map", aliases=("meanflow", "average_velocity"))
 class FlowMap(Sampler):
-    r"""Jump along the learnt flow map: :math:`x_r = x_t + (r - t)/T\;u(x_t, r, t)`
+    r"""Jump along the learnt flow map: $x_r = x_t + (r - t)/T\;u(x_t, r, t)$
     (Geng et al. 2025, eq. 12), r the next sampling time.
 
-    NFE: one per step, ``nfe(S) = S``.
+    NFE: one per step, `nfe(S) = S`.
     """
 
     def plan(self, path: PathValues) -> dict[str, Tensor]:
