@@ -180,6 +180,27 @@ def test_jvp_target_equals_finite_difference_target():
     assert (target_j - u_j).abs().max() > 1e-2  # the derivative term is not negligible
 
 
+def test_jvp_runs_through_a_unet_with_attention():
+    """Forward mode through GroupNorm, convolutions and attention (math SDPA backend)."""
+    torch.manual_seed(0)
+    net = tinydiff.nn.UNet(1, 8, (1, 2), num_groups=4, end_time=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    model = DiffusionModel(net, input_shape=(1, 8, 8), **RF, training_objective="meanflow")
+    model = model.double()
+    g = torch.Generator().manual_seed(1)
+    x, eps = (torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    targets = []
+    for derivative, h in (("jvp", 1e-4), ("finite_difference", 1e-7)):
+        obj = objectives.MeanFlow(derivative=derivative, flow_map_fraction=1.0, fd_step=h)
+        t, r = obj.sample_times(model, 4, generator=torch.Generator().manual_seed(2))
+        p = tinydiff.process.Point.at(model.process, t, x, derivatives=True)
+        x_t, v = p.alpha * x + p.sigma * eps, p.d_alpha * x + p.d_sigma * eps
+        targets.append(obj.regression_pair(model.denoiser(), x_t, p, r, v, T)[1])
+    torch.testing.assert_close(targets[0], targets[1], rtol=0, atol=1e-4)
+
+
 class _NoForwardMode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:

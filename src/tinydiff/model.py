@@ -165,7 +165,9 @@ class DiffusionModel(EMAMixin, CompileMixin, HubMixin, DiffusersMixin, nn.Module
                 CPU tensors only, where the check costs no host sync).
             **objective_options: options of the objective's loss (meanflow: ``r``).
 
-        Bad input raises ValueError or TypeError naming the argument.
+        Returns:
+            (bsz, *input_shape) per-element losses. Bad input raises ValueError or TypeError
+            naming the argument (a cond key, t out of range, non-finite data, a dtype).
         """
         return self.objective.loss(
             self,
