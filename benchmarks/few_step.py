@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--bsz", type=int, default=512)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--flow-map-fraction", type=float, default=0.25, help="MeanFlow's share of r < t"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -97,7 +100,11 @@ def main() -> None:
         steps = mult * args.steps
         torch.manual_seed(args.seed)
         model = DiffusionModel(
-            MLP(2, 128, 3, end_time=True), input_shape=(2,), **PATH, training_objective="meanflow"
+            MLP(2, 128, 3, end_time=True),
+            input_shape=(2,),
+            **PATH,
+            training_objective="meanflow",
+            training_objective_kwargs={"flow_map_fraction": args.flow_map_fraction},
         )
         wall = train(model, steps, args.bsz, args.lr, args.seed)
         model.eval()

@@ -21,6 +21,8 @@ default `trailing` spacing); any spacing or explicit times work. The network is 
 `network(x_t, t, r=r)`; its output goes through the model's target like any output (for
 `pred_velocity`, the target MeanFlow trains, it is u itself), and the step uses the velocity
 of the resulting (x0, eps): $u = \alpha'(s)\,\hat x_0 + \sigma'(s)\,\hat\epsilon$.
+An x0 limit (`clip_x0`, `dynamic_threshold`) acts on that x0 estimate and so changes the
+jump; flow-map models are usually sampled without one.
 
 Classifier-free guidance applied to u at sampling time is not the flow map of the guided
 ODE (the average of a guided velocity is not the guided average), so it is refused for
