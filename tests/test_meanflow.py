@@ -225,7 +225,7 @@ def test_jvp_failure_falls_back_to_finite_differences_with_a_warning():
         _, target = _pair(other, objectives.MeanFlow(flow_map_fraction=1.0, fd_step=1e-7))
     _, target_j = _pair(model, objectives.MeanFlow(derivative="jvp", flow_map_fraction=1.0))
     torch.testing.assert_close(target, target_j, rtol=0, atol=1e-4)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="jvp failed.*finite_difference"):
         _pair(other, objectives.MeanFlow(derivative="jvp"))
 
 

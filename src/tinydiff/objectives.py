@@ -409,7 +409,12 @@ class MeanFlow(Objective):
                 u, dudt = self._jvp(u_of, x_t, p.t, v, T)
             except (RuntimeError, NotImplementedError) as err:
                 if self.derivative == "jvp":
-                    raise
+                    raise RuntimeError(
+                        f"meanflow: torch.func.jvp failed on this network "
+                        f"({type(err).__name__}: {str(err)[:200]}); an operation has no "
+                        "forward-mode rule. Use training_objective_kwargs={'derivative': "
+                        "'finite_difference'} (or 'auto', which falls back by itself)"
+                    ) from err
                 self._jvp_failed = True
                 warnings.warn(
                     f"meanflow: torch.func.jvp failed on this network ({type(err).__name__}: "
