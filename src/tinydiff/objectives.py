@@ -268,8 +268,8 @@ class MeanFlow(Objective):
     Any Gaussian path works (rectified flow, VP, ...): v is its velocity in s. The network
     must be a two-time network (`tinydiff.nn.MLP` / `UNet` with `end_time=True`) trained
     with `target_type="pred_velocity"`: its output at r = t is the instantaneous velocity,
-    so every ODE sampler also runs it. Cost per step: about 2-3x a diffusion step (the jvp
-    carries a tangent through the forward pass, and the backward pass is the same).
+    so every ODE sampler also runs it. Cost per step: about 1.5-3x a diffusion step (the
+    jvp carries a tangent through the forward pass, and the backward pass is the same).
 
     Times (their sec. 4.3): t and r are two draws from the training-time distribution
     (`time_sampling`; without one, logit-normal with mean `time_mean` and std
