@@ -336,6 +336,27 @@ def test_two_time_networks_embed_the_interval():
     assert out.shape == (2, 1, 8, 8)
 
 
+def test_time_scale_scales_the_embedded_times():
+    torch.manual_seed(0)
+    scaled = MLP(2, 16, 2, end_time=True, time_scale=0.1)
+    plain = MLP(2, 16, 2, end_time=True)
+    plain.load_state_dict(scaled.state_dict())
+    assert scaled.config["time_scale"] == 0.1 and "time_scale" not in plain.config
+    with torch.no_grad():
+        for p in (*scaled.output.parameters(), *scaled.condition.interval_embedding.parameters()):
+            p.normal_()
+        plain.load_state_dict(scaled.state_dict())
+        x, t, r = (
+            torch.randn(3, 2),
+            torch.tensor([900.0, 500.0, 20.0]),
+            torch.tensor([0.0, 250.0, 5.0]),
+        )
+        torch.testing.assert_close(scaled(x, t, r=r), plain(x, 0.1 * t, r=0.1 * r))
+    assert MLP.from_config(scaled.config).config == scaled.config
+    with pytest.raises(ValueError, match="time_scale"):
+        MLP(2, time_scale=0.0)
+
+
 def test_config_and_network_checks():
     with pytest.raises(ValueError, match="target_type='pred_velocity'"):
         tinydiff.DiffusionModelConfig(input_shape=(2,), training_objective="meanflow")

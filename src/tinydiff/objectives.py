@@ -266,7 +266,8 @@ class MeanFlow(Objective):
     of u along the same direction, two extra forward passes without gradients.
 
     Any Gaussian path works (rectified flow, VP, ...): v is its velocity in s. The network
-    must be a two-time network (`tinydiff.nn.MLP` / `UNet` with `end_time=True`) trained
+    must be a two-time network (`tinydiff.nn.MLP` / `UNet` with `end_time=True`, best
+    with `time_scale=0.1`, see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]) trained
     with `target_type="pred_velocity"`: its output at r = t is the instantaneous velocity,
     so every ODE sampler also runs it. Cost per step: about 1.5-3x a diffusion step (the
     jvp carries a tangent through the forward pass, and the backward pass is the same).

@@ -110,6 +110,11 @@ class ConditionEmbedding(nn.Module):
         embed_dim: Size of the output conditioning vector.
         num_classes: Number of classes, or ``None`` for an unconditional network.
         end_time: Also embed an end time ``r`` (see above).
+        time_scale: Multiply ``t`` (and ``t - r``) by this before the sinusoidal embedding.
+            1 (the default) embeds network times as they are; two-time networks trained
+            with MeanFlow do better with 0.1: their loss differentiates the network in
+            s = t / T, and at scale 1 the fastest feature turns T radians per unit of s
+            (`benchmarks/results/few_step.md`).
     """
 
     def __init__(
@@ -118,8 +123,13 @@ class ConditionEmbedding(nn.Module):
         embed_dim: int,
         num_classes: int | None = None,
         end_time: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        ok = isinstance(time_scale, (int, float)) and not isinstance(time_scale, bool)
+        if not (ok and 0 < time_scale < math.inf):
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}.")
+        self.time_scale = float(time_scale)
         self.sinusoidal = SinusoidalTimeEmbedding(freq_dim)
         self.linear_1 = nn.Linear(freq_dim, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
@@ -162,10 +172,12 @@ class ConditionEmbedding(nn.Module):
             TypeError: ``r`` given to a network built without ``end_time``.
         """
         t = _batched_time(t, x)
-        freq = self.sinusoidal(t).to(self.linear_1.weight.dtype)
+        scale = self.time_scale
+        freq = self.sinusoidal(t if scale == 1.0 else t * scale).to(self.linear_1.weight.dtype)
         emb: Tensor = self.linear_2(F.silu(self.linear_1(freq)))
         if self.interval_embedding is not None:
             interval = torch.zeros_like(t) if r is None else t - _batched_time(r, x, "r")
+            interval = interval if scale == 1.0 else interval * scale
             emb = emb + self.interval_embedding(self.sinusoidal(interval).to(freq.dtype))
         elif r is not None:
             raise TypeError(

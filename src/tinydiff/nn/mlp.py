@@ -60,6 +60,8 @@ class MLP(nn.Module):
         end_time: Also take an end time `r` (`net(x, t, r=r)`): a two-time network
             such as MeanFlow's average velocity u(x_t, r, t), with an added embedding of
             `t - r` (see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]).
+        time_scale: Multiply `t` (and `t - r`) by this before the time embedding; 0.1
+            suits MeanFlow (see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]).
 
     Attributes:
         null_class: The null label index (``num_classes``), or ``None``.
@@ -77,6 +79,7 @@ class MLP(nn.Module):
         num_classes: int | None = None,
         dropout: float = 0.0,
         end_time: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(end_time, bool):
@@ -106,12 +109,16 @@ class MLP(nn.Module):
         }
         if end_time:  # only then: a one-time network's config reads as before
             self._config["end_time"] = True
+        if time_scale != 1.0:
+            self._config["time_scale"] = float(time_scale)
         self.end_time = end_time
         self.input_dim = input_dim
         self.out_mult = out_mult
         self.null_class: int | None = num_classes
 
-        self.condition = ConditionEmbedding(time_embed_dim, hidden_dim, num_classes, end_time)
+        self.condition = ConditionEmbedding(
+            time_embed_dim, hidden_dim, num_classes, end_time, time_scale
+        )
         self.input_proj = nn.Linear(input_dim, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim, dropout) for _ in range(num_layers))
         self.output_norm = nn.LayerNorm(hidden_dim)

@@ -139,6 +139,8 @@ class UNet(nn.Module):
         num_groups: Number of GroupNorm groups.
         end_time: Also take an end time ``r`` (``net(x, t, r=r)``), embedded as ``t - r``,
             as for `tinydiff.nn.MLP` (two-time networks, e.g. MeanFlow).
+        time_scale: Multiply ``t`` (and ``t - r``) by this before the time embedding, as for
+            `tinydiff.nn.MLP` (0.1 suits MeanFlow).
 
     Attributes:
         null_class: The null label index (``num_classes``), or ``None``.
@@ -159,6 +161,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 8,
         end_time: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(end_time, bool):
@@ -189,6 +192,8 @@ class UNet(nn.Module):
         }
         if end_time:  # only then: a one-time network's config reads as before
             self._config["end_time"] = True
+        if time_scale != 1.0:
+            self._config["time_scale"] = float(time_scale)
         self.end_time = end_time
         num_levels = len(channel_mults)
         self.in_channels = in_channels
@@ -203,7 +208,9 @@ class UNet(nn.Module):
             return _Block(in_ch, out_ch, emb_dim, num_groups, dropout, level in attn_levels)
 
         # keep both orders: creation draws the initial weights, assignment orders state_dict
-        self.condition = ConditionEmbedding(base_channels, emb_dim, num_classes, end_time)
+        self.condition = ConditionEmbedding(
+            base_channels, emb_dim, num_classes, end_time, time_scale
+        )
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         widths = [base_channels * m for m in channel_mults]
         self.down_blocks, self.downsamplers, skip_channels = _down_path(
