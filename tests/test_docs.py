@@ -79,7 +79,7 @@ def test_doc_code_runs(
         pytest.skip(f"{path.name} has no runnable python blocks")
     monkeypatch.chdir(tmp_path)
     registries = [tinydiff.schedules, tinydiff.targets, tinydiff.variances, tinydiff.losses]
-    registries += [tinydiff.samplers, tinydiff.spacings]
+    registries += [tinydiff.samplers, tinydiff.spacings, tinydiff.objectives]
     before = [set(r.names()) for r in registries]
     request.addfinalizer(lambda: _unregister_new(registries, before))
     namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}

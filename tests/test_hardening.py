@@ -23,7 +23,12 @@ from safetensors.torch import save_file
 from tinydiff import DiffusionModel, DiffusionModelConfig, load_checkpoint, save_checkpoint
 from tinydiff.checkpoint import read_checkpoint
 from tinydiff.cli import main
-from tinydiff.hub import SCHEMA_VERSION, ModelNotFoundError, SerializationError
+from tinydiff.hub import (
+    PLAIN_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    ModelNotFoundError,
+    SerializationError,
+)
 from tinydiff.nn import MLP, UNet
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -374,7 +379,7 @@ def test_schema_versions(tmp_path):
     model = mlp_model()
     model.save_pretrained(tmp_path)
     doc = json.loads((tmp_path / "config.json").read_text())
-    assert doc["schema_version"] == SCHEMA_VERSION == 3
+    assert doc["schema_version"] == PLAIN_SCHEMA_VERSION == 3 and SCHEMA_VERSION == 4
     # a file written the 0.1 way: schema 1, with sigma_type
     doc["schema_version"] = 1
     assert "sigma_type" in doc["model"] or "variance_type" in doc["model"]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tinydiff import DiffusionModel, DiffusionModelConfig
 from tinydiff.hub import (
     MANIFEST_NAME,
+    PLAIN_SCHEMA_VERSION,
     SCHEMA_VERSION,
     ModelNotFoundError,
     SerializationError,
@@ -66,7 +67,7 @@ def test_config_json_contents(tmp_path):
     doc = json.loads((tmp_path / "config.json").read_text())
     import tinydiff
 
-    assert doc["schema_version"] == SCHEMA_VERSION == 3
+    assert doc["schema_version"] == PLAIN_SCHEMA_VERSION == 3 and SCHEMA_VERSION == 4
     assert doc["tinydiff_version"] == tinydiff.__version__
     assert DiffusionModelConfig.model_validate(doc["model"]) == model.config
     assert doc["network"] == {"class_name": "tinydiff.nn.MLP", "config": model.nn_module.config}

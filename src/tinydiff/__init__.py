@@ -7,7 +7,7 @@ Public API::
 
 Plugin registries (each with ``register``, ``get``, ``names``): :mod:`tinydiff.schedules`,
 :mod:`tinydiff.targets`, :mod:`tinydiff.variances`, :mod:`tinydiff.losses`,
-`tinydiff.samplers`, `tinydiff.spacings`, `tinydiff.guidance`. The core:
+`tinydiff.samplers`, `tinydiff.spacings`, `tinydiff.guidance`, `tinydiff.objectives`. The core:
 `tinydiff.process` (the Gaussian process alpha(t), sigma(t)), `tinydiff.denoiser`
 and `tinydiff.sampling` (the sampling loop as a function, with per-step callbacks);
 `tinydiff.editing` (SDEdit and inversion). Subpackages that need more
@@ -24,6 +24,7 @@ from tinydiff import (
     editing,
     guidance,
     losses,
+    objectives,
     posterior,
     process,
     samplers,
@@ -65,6 +66,7 @@ __all__ = [
     "load_checkpoint",
     "load_plugins",
     "losses",
+    "objectives",
     "posterior",
     "process",
     "samplers",

@@ -120,7 +120,7 @@ class CompileOptions:
 
 
 # -- the network as an opaque operator -------------------------------------------------------------
-_NETWORKS: dict[int, Callable[[], Callable[[Tensor, Tensor], Tensor] | None]] = {}
+_NETWORKS: dict[int, Callable[[], Callable[..., Tensor] | None]] = {}
 _NEXT_KEY = itertools.count()
 
 
@@ -132,6 +132,7 @@ def _opaque_network_op(
     channel_multiplier: int,
     autocast: bool,
     autocast_dtype: torch.dtype,
+    r: Tensor | None = None,
 ) -> Tensor:
     network = _NETWORKS[key]()
     if network is None:
@@ -144,16 +145,17 @@ def _opaque_network_op(
     if torch.is_autocast_enabled(device) == autocast and (
         not autocast or torch.get_autocast_dtype(device) == autocast_dtype
     ):
-        out = network(x, t)
+        out = network(x, t) if r is None else network(x, t, r=r)
     else:
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
-            out = network(x, t)
+            out = network(x, t) if r is None else network(x, t, r=r)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     # a custom operator's output may not alias its inputs (an identity network would)
     if out.untyped_storage().data_ptr() in (
         x.untyped_storage().data_ptr(),
         t.untyped_storage().data_ptr(),
+        *(() if r is None else (r.untyped_storage().data_ptr(),)),
     ):
         out = out.clone()
     return out
@@ -167,6 +169,7 @@ def _(
     channel_multiplier: int,
     autocast: bool,
     autocast_dtype: torch.dtype,
+    r: Tensor | None = None,
 ) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1] * channel_multiplier, *x.shape[2:]))
 
@@ -197,16 +200,18 @@ class OpaqueNetwork:
             _NETWORKS[self.key] = lambda: network
             weakref.finalize(self, _NETWORKS.pop, self.key, None)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        """Run the network on (x, t) through the opaque operator, under the current autocast."""
+    def __call__(self, x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
+        """Run the network on (x, t) (and the end time `r` of a two-time network, passed
+        as `r=`) through the opaque operator, under the current autocast."""
         device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device)
+        if r is None:
+            return torch.ops.tinydiff.opaque_network(
+                x, t, self.key, self.channel_multiplier, autocast, dtype
+            )
         return torch.ops.tinydiff.opaque_network(
-            x,
-            t,
-            self.key,
-            self.channel_multiplier,
-            torch.is_autocast_enabled(device),
-            torch.get_autocast_dtype(device),
+            x, t, self.key, self.channel_multiplier, autocast, dtype, r
         )
 
 
@@ -414,17 +419,19 @@ def _no_cache() -> None:
 class NetworkSlot:
     """The network and ``cond`` of the current compiled run, behind the opaque operator.
 
-    ``slot(x, t)`` calls ``network(x, t, **cond)``; `StepCache.loop` fills the slot
-    before each run.
+    ``slot(x, t)`` calls ``network(x, t, **cond)`` (``slot(x, t, r)``:
+    ``network(x, t, r=r, **cond)``); `StepCache.loop` fills the slot before each run.
     """
 
     def __init__(self) -> None:
         self.network: Callable[..., Tensor] | None = None
         self.cond: dict[str, Any] | None = None
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
         if self.network is None:
             raise RuntimeError("no network was set for this compiled sampling run")
+        if r is not None:
+            return self.network(x, t, r=r, **(self.cond or {}))
         return self.network(x, t) if self.cond is None else self.network(x, t, **self.cond)
 
 
@@ -486,6 +493,7 @@ class StepCache:
             guidance=denoiser.guidance,
             guide_network=guide,
             x0_limit=denoiser.x0_limit,
+            end_time=denoiser.end_time,
         )
 
     def get(
@@ -514,6 +522,7 @@ class StepCache:
             type(denoiser.variance),
             _options_key(denoiser.variance),
             denoiser.x0_limit,
+            denoiser.end_time,
             with_x0,
             id(denoiser.network) if self.options.compile_network else None,
         )

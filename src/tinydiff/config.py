@@ -19,6 +19,7 @@ from pydantic import (
 
 from tinydiff import (
     losses,
+    objectives,
     samplers,
     schedules,
     spacings,
@@ -63,6 +64,7 @@ _COMPONENT_FIELDS: dict[str, Registry[Any]] = {
     "variance_type": variances.REGISTRY,
     "loss_type": losses.REGISTRY,
     "sampler_type": samplers.REGISTRY,
+    "training_objective": objectives.REGISTRY,
 }
 
 
@@ -128,6 +130,13 @@ class DiffusionModelConfig(BaseModel):
         cond_drop_prob: probability, per training sample, of replacing its conditioning by
             the network's null condition (classifier-free guidance training, Ho & Salimans
             2022); see :mod:`tinydiff.conditioning`.
+        training_objective: what ``loss()`` computes, a name in `tinydiff.objectives`:
+            ``"diffusion"`` (default: the denoising loss of the target above) or
+            ``"meanflow"`` (a two-time network's average velocity, for 1-2 step sampling;
+            see the few-step models page). A config that leaves ``sampler_type`` out gets
+            the objective's default sampler (``flow_map`` for meanflow). Not to be confused
+            with `tinydiff.timestep_search.optimize_timesteps`' ``objective``.
+        training_objective_kwargs: the objective's options.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -154,6 +163,8 @@ class DiffusionModelConfig(BaseModel):
     time_sampling_kwargs: dict[str, Any] = Field(default_factory=dict)
     clip_x0: tuple[float, float] | None = None
     dynamic_threshold: tuple[float, float] | None = None
+    training_objective: str = "diffusion"
+    training_objective_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     def x0_limit(self) -> thresholding.X0Limit | None:
         """The configured x0 limit (:mod:`tinydiff.thresholding`), or None."""
@@ -202,6 +213,19 @@ class DiffusionModelConfig(BaseModel):
     def sigma_type(self) -> str:
         """tinydiff 0.1's name of :attr:`variance_type`."""
         return self.variance_type
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_sampler(cls, data: Any) -> Any:
+        """A config without `sampler_type` samples with its objective's default sampler."""
+        if not isinstance(data, dict) or "sampler_type" in data:
+            return data
+        name = data.get("training_objective")
+        if isinstance(name, str) and name in objectives.REGISTRY:
+            default = objectives.get(name).default_sampler
+            if default is not None:
+                return {**data, "sampler_type": default}
+        return data
 
     @field_validator("input_shape")
     @classmethod
@@ -281,6 +305,7 @@ class DiffusionModelConfig(BaseModel):
             )
             if self.sampler_type is not None or self.sampler_kwargs:
                 samplers.get(self.sampler_name()).check_options(self.sampler_kwargs)
+            objective = objectives.build(self.training_objective, self.training_objective_kwargs)
             ts_name, ts_kwargs = self.training_times()
             check_kwargs(
                 "time-sampling distribution",
@@ -295,6 +320,7 @@ class DiffusionModelConfig(BaseModel):
         except TypeError as err:
             raise ValueError(str(err)) from err
         self._check_combinations(target_cls, ts_name)
+        objective.check_config(self)
         if self.clip_x0 is not None and self.dynamic_threshold is not None:
             raise ValueError(
                 f"clip_x0={self.clip_x0} and dynamic_threshold={self.dynamic_threshold} were "

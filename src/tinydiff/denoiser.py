@@ -7,7 +7,10 @@ compiled alike), the likelihood, the training loss and the tests. It
    (the raw (x_t, t) for eps / x0 / v; scaled for preconditioned targets), times in float32
    (float64 for float64 x: t up to T must stay exact);
 2. calls ``network(x_in, t_in, **cond)`` and checks the output's shape (``channel_multiplier``
-   times the channels for a variance type with extra channels);
+   times the channels for a variance type with extra channels); a caller that passes an end
+   time ``r`` (a two-time network, e.g. a MeanFlow model's average velocity u(x_t, r, t);
+   `tinydiff.samplers.flow_map`) gets ``network(x_in, t_in, r=r_in, **cond)``, with r on
+   the same [0, T] scale and in the same dtype as t; without r nothing changes;
 3. converts the output into `Prediction` (x0_hat, eps_hat, variance channels);
 4. hands the conditional (and, where the strategy needs it, the unconditional) prediction to
    a guidance strategy (`tinydiff.guidance`), e.g. classifier-free guidance with rescale;
@@ -29,6 +32,8 @@ coefficients there, so they never need to know what the network was trained to p
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,13 +49,46 @@ from tinydiff.variances import Variance
 if TYPE_CHECKING:
     from tinydiff.process import GaussianProcess
 
-__all__ = ["BoundDenoiser", "Denoiser", "ModelLike", "Prediction", "network_time_dtype"]
+__all__ = [
+    "BoundDenoiser",
+    "Denoiser",
+    "ModelLike",
+    "Prediction",
+    "network_time_dtype",
+    "takes_end_time",
+]
 
 
 def network_time_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the times handed to the network: float64 for float64 x, else float32
     (never half precision: t up to T must stay exact)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def takes_end_time(network: Any) -> bool:
+    """Whether `network` is a two-time network, called as `network(x_t, t, r=r, **cond)`:
+    its `end_time` attribute where it has one ([`MLP`][tinydiff.nn.MLP] and
+    [`UNet`][tinydiff.nn.UNet] built with `end_time=True`), else whether its `forward` (or
+    the callable itself) takes a parameter named `r`."""
+    flag = getattr(network, "end_time", None)
+    if flag is not None:
+        return bool(flag)
+    if isinstance(network, nn.Module):  # one look per class: the loss builds a denoiser a step
+        cls = type(network)
+        if cls not in _TAKES_R:
+            _TAKES_R[cls] = _has_r(cls.forward)
+        return _TAKES_R[cls]
+    return _has_r(network)
+
+
+_TAKES_R: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _has_r(fn: Any) -> bool:
+    try:
+        return "r" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): a one-time network
+        return False
 
 
 class Denoiser:
@@ -77,6 +115,9 @@ class Denoiser:
         guide_network: the network called for the strategy's guide (default: its
             `tinydiff.guidance.Guidance.guide_network`; the compiled loop passes its opaque
             slot).
+        end_time: whether the network takes an end time ``r`` (a two-time network, see
+            `takes_end_time`, which decides when None). Samplers read it to choose between
+            a flow-map jump and a one-time step (`tinydiff.samplers.flow_map`).
 
     Raises:
         ValueError: guidance without cond; a network without a null condition; bad guidance
@@ -92,11 +133,13 @@ class Denoiser:
     guide_network: Callable[..., Tensor] | None
     _network_cond: dict[str, Any] | None
     x0_limit: Callable[[Tensor], Tensor] | None
+    end_time: bool
 
     __slots__ = (
         "_network_cond",
         "channel_multiplier",
         "cond",
+        "end_time",
         "guidance",
         "guide_network",
         "network",
@@ -118,6 +161,7 @@ class Denoiser:
         guidance: Guidance | None = None,
         guide_network: Callable[..., Tensor] | None = None,
         x0_limit: Callable[[Tensor], Tensor] | None = None,
+        end_time: bool | None = None,
     ) -> None:
         if guidance is None:
             guidance = resolve(None, guidance_scale, guidance_rescale, cond=cond)
@@ -145,6 +189,7 @@ class Denoiser:
         init(self, "guide_network", guide_network)
         init(self, "_network_cond", network_cond)
         init(self, "x0_limit", x0_limit)
+        init(self, "end_time", takes_end_time(network) if end_time is None else bool(end_time))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(
@@ -174,13 +219,18 @@ class Denoiser:
         return self._network_cond
 
     def forward_network(
-        self, x_t: Tensor, p: Point, network: Callable[..., Tensor] | None = None
+        self,
+        x_t: Tensor,
+        p: Point,
+        network: Callable[..., Tensor] | None = None,
+        r: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The raw network output at x_t, split into (model_out, var_out), in x_t's dtype.
 
         The network gets `network_cond` (the doubled one under guidance), so x_t must have
         its batch size. ``network`` replaces the model's network (the guide network is called
-        with the same condition).
+        with the same condition). ``r``: an end time, 0-dim or (bsz,), on the [0, T] scale,
+        passed as ``r=`` in the network time's dtype (two-time networks only).
 
         Raises:
             ValueError: the network returned something other than a tensor of the expected
@@ -191,7 +241,12 @@ class Denoiser:
         t_in = t_in.reshape(-1).expand(bsz) if t_in.dim() <= 1 else t_in.reshape(bsz)
         cond = self._network_cond
         net = self.network if network is None else network
-        out = net(x_in, t_in) if cond is None else net(x_in, t_in, **cond)
+        if r is None:
+            out = net(x_in, t_in) if cond is None else net(x_in, t_in, **cond)
+        else:
+            r_in = r.to(t_in.dtype)
+            r_in = r_in.reshape(-1).expand(bsz) if r_in.dim() <= 1 else r_in.reshape(bsz)
+            out = net(x_in, t_in, r=r_in) if cond is None else net(x_in, t_in, r=r_in, **cond)
         expected = (bsz, x_t.shape[1] * self.channel_multiplier, *x_t.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -215,30 +270,37 @@ class Denoiser:
         return BoundDenoiser(self, state, step)
 
     def predict(
-        self, x: Tensor, p: Point, state: GuidanceState = (), step: Tensor | None = None
+        self,
+        x: Tensor,
+        p: Point,
+        state: GuidanceState = (),
+        step: Tensor | None = None,
+        r: Tensor | None = None,
     ) -> tuple[Prediction, GuidanceState]:
-        """The (guided, x0-limited) prediction at x and the guidance state after it."""
-        pred, state = self._guided(x, p, state, step)
+        """The (guided, x0-limited) prediction at x and the guidance state after it; with an
+        end time ``r`` (two-time networks) the network output is u(x, r, t), converted by
+        the target as if it were its one-time output."""
+        pred, state = self._guided(x, p, state, step, r)
         if self.x0_limit is not None:
             pred = pred._replace(x0=self.x0_limit(pred.x0))
         return pred, state
 
     def _guided(
-        self, x: Tensor, p: Point, state: GuidanceState, step: Tensor | None
+        self, x: Tensor, p: Point, state: GuidanceState, step: Tensor | None, r: Tensor | None
     ) -> tuple[Prediction, GuidanceState]:
         if self.guidance is None:
-            model_out, var_out = self.forward_network(x, p)
+            model_out, var_out = self.forward_network(x, p, r=r)
             x0, eps = self.target.to_x0_eps(model_out, x, p)
             return Prediction(x0, eps, var_out), state
         if step is None:
             step = torch.zeros((), dtype=torch.int64, device=x.device)
         if not self.guidance.needs_null_cond:
-            model_out, var_out = self.forward_network(x, p)
+            model_out, var_out = self.forward_network(x, p, r=r)
             x0_c, eps_c = self.target.to_x0_eps(model_out, x, p)
             cond_pred = Prediction(x0_c, eps_c, var_out)
             guide_pred = None
             if self.guide_network is not None:
-                guide_out, guide_var = self.forward_network(x, p, self.guide_network)
+                guide_out, guide_var = self.forward_network(x, p, self.guide_network, r)
                 x0_g, eps_g = self.target.to_x0_eps(guide_out, x, p)
                 guide_pred = Prediction(x0_g, eps_g, guide_var)
             x0, eps, state = self.guidance.combine(x, p, cond_pred, guide_pred, state, step)
@@ -246,7 +308,8 @@ class Denoiser:
         bsz = x.shape[0]
         x2 = torch.cat([x, x])
         p2 = p if p.t.dim() == 0 else Point(*(torch.cat([f, f]) for f in p))
-        model_out, var_out = self.forward_network(x2, p2)
+        r2 = r if r is None or r.dim() == 0 else torch.cat([r, r])
+        model_out, var_out = self.forward_network(x2, p2, r=r2)
         x0_2, eps_2 = self.target.to_x0_eps(model_out, x2, p2)
         var_c = None if var_out is None else var_out[:bsz]
         var_u = None if var_out is None else var_out[bsz:]
@@ -260,8 +323,16 @@ class Denoiser:
         )
         return Prediction(x0, eps, var_c), state
 
-    def __call__(self, x: Tensor, point: Tensor, alpha_bar: Tensor | None = None) -> Prediction:
-        """Denoise x (bsz, *input_shape) at ``point`` ((5,) or (bsz, 5), see the module doc).
+    def __call__(
+        self,
+        x: Tensor,
+        point: Tensor,
+        alpha_bar: Tensor | None = None,
+        *,
+        r: Tensor | None = None,
+    ) -> Prediction:
+        """Denoise x (bsz, *input_shape) at ``point`` ((5,) or (bsz, 5), see the module doc);
+        ``r``: an end time for a two-time network (see `predict`).
 
         A stateful guidance strategy starts from its initial state at every direct call; the
         sampling loop calls `bind`'s view instead, which carries the state.
@@ -271,7 +342,7 @@ class Denoiser:
         """
         if alpha_bar is not None:
             point = vp_point(point, alpha_bar)
-        return self.predict(x, Point.of(point, x), self.init_state(x))[0]
+        return self.predict(x, Point.of(point, x), self.init_state(x), r=r)[0]
 
 
 class BoundDenoiser:
@@ -285,17 +356,18 @@ class BoundDenoiser:
         first_x0: the x0 estimate of the step's first call (None before it).
     """
 
-    __slots__ = ("denoiser", "first_x0", "state", "step", "variance")
+    __slots__ = ("denoiser", "end_time", "first_x0", "state", "step", "variance")
 
     def __init__(self, denoiser: Denoiser, state: GuidanceState, step: Tensor | None) -> None:
         self.denoiser = denoiser
         self.variance = denoiser.variance
+        self.end_time = denoiser.end_time
         self.state = state
         self.step = step
         self.first_x0: Tensor | None = None
 
-    def __call__(self, x: Tensor, point: Tensor) -> Prediction:
-        pred, self.state = self.denoiser.predict(x, Point.of(point, x), self.state, self.step)
+    def __call__(self, x: Tensor, point: Tensor, r: Tensor | None = None) -> Prediction:
+        pred, self.state = self.denoiser.predict(x, Point.of(point, x), self.state, self.step, r)
         if self.first_x0 is None:
             self.first_x0 = pred.x0
         return pred

@@ -3,8 +3,8 @@
 
 A saved model is a folder (locally or as a Hugging Face Hub repository) holding:
 
-* ``config.json``: ``schema_version`` (an integer,
-  [`SCHEMA_VERSION`][tinydiff.hub.SCHEMA_VERSION]), the writing ``tinydiff_version``, the
+* ``config.json``: ``schema_version`` (an integer: 3 for a plain model, 4 for a flow-map
+  model, see [`SCHEMA_VERSION`][tinydiff.hub.SCHEMA_VERSION]), the writing ``tinydiff_version``, the
   full [`DiffusionModelConfig`][tinydiff.DiffusionModelConfig] (``model``), the
   parameters' floating ``dtype``, the network (``network``: for a built-in
   [`tinydiff.nn`][tinydiff.nn] network its class name, e.g. ``"tinydiff.nn.MLP"``, and its
@@ -97,6 +97,7 @@ from tinydiff._safetensors import (
 from tinydiff._validation import check_device
 from tinydiff._version import __version__
 from tinydiff.config import DiffusionModelConfig, config_from_saved
+from tinydiff.denoiser import takes_end_time
 from tinydiff.diffusers_compat import DiffusersUNet
 from tinydiff.nn import MLP, UNet
 
@@ -126,6 +127,7 @@ __all__ = [
     "DIFFUSERS_NETWORKS",
     "EMA_WEIGHTS_NAME",
     "MANIFEST_NAME",
+    "PLAIN_SCHEMA_VERSION",
     "SCHEMA_VERSION",
     "WEIGHTS_NAME",
     "HubMixin",
@@ -135,8 +137,14 @@ __all__ = [
     "read_safetensors",
 ]
 
-SCHEMA_VERSION = 3
-"""The config.json layout written here; 1 (tinydiff 0.1), 2 (0.2, no save id) and 3 are read."""
+SCHEMA_VERSION = 4
+"""The newest config.json layout, read and written here: 1 (tinydiff 0.1), 2 (0.2, no save
+id), 3 (save ids) and 4 are read. Plain models are written as schema 3 (so tinydiff 0.2
+reads them); a model with a two-time network (``end_time=True``) or a training objective
+other than ``"diffusion"`` is written as schema 4, which older versions refuse with
+"upgrade tinydiff" rather than misread."""
+PLAIN_SCHEMA_VERSION = 3
+"""The schema of a plain model's config.json (one-time network, the diffusion objective)."""
 CONFIG_NAME = "config.json"
 """The file name of a saved model's configuration (the model config, network and EMA options)."""
 WEIGHTS_NAME = "model.safetensors"
@@ -257,12 +265,16 @@ def build_config(model: SavableModel) -> dict[str, Any]:
     dtype = next(
         (t.dtype for t in model.nn_module.state_dict().values() if t.is_floating_point()), None
     )
+    fields = json.loads(model.config.model_dump_json())
+    flow_map = fields["training_objective"] != "diffusion" or takes_end_time(model.nn_module)
+    if not flow_map:  # the fields schema 3 has not: their defaults are implied
+        del fields["training_objective"], fields["training_objective_kwargs"]
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if flow_map else PLAIN_SCHEMA_VERSION,
         "library_name": "tinydiff",
         "tinydiff_version": __version__,
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-        "model": json.loads(model.config.model_dump_json()),
+        "model": fields,
         "network": _network_spec(model.nn_module),
         "ema": None
         if ema is None

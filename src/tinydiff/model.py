@@ -17,15 +17,13 @@ from torch import Tensor, nn
 
 import tinydiff._validation as _validation
 from tinydiff import (
-    conditioning,
     editing,
     likelihood,
-    losses,
+    objectives,
     samplers,
     sampling,
     spacings,
     targets,
-    time_sampling,
     timestep_search,
     variances,
 )
@@ -39,7 +37,7 @@ from tinydiff.guidance import Guidance
 from tinydiff.guidance import resolve as resolve_guidance
 from tinydiff.hub import HubMixin
 from tinydiff.posterior import PosteriorMixin
-from tinydiff.process import GaussianProcess, Point
+from tinydiff.process import GaussianProcess
 from tinydiff.samplers.base import Callback, Sampler
 
 __all__ = ["DiffusionModel"]
@@ -58,7 +56,8 @@ class DiffusionModel(
             into ``config``; a field set here and (to another value) in ``config`` is an error.
 
     Its parts are public attributes: ``nn_module``, ``config``, ``process`` (a
-    `tinydiff.process.GaussianProcess`), ``target`` and ``variance``.
+    `tinydiff.process.GaussianProcess`), ``target``, ``variance`` and ``objective`` (a
+    `tinydiff.objectives.Objective`, which computes `loss`).
     """
 
     def __init__(
@@ -86,7 +85,8 @@ class DiffusionModel(
         self.process: GaussianProcess = cfg.process()
         self.target = targets.build(cfg.target_type, cfg.target_kwargs)
         self.variance = variances.get(cfg.variance_type)(**cfg.variance_kwargs)
-        self._loss_fn = losses.get(cfg.loss_type)
+        self.objective = objectives.build(cfg.training_objective, cfg.training_objective_kwargs)
+        self.objective.check_network(nn_module)
         # a plain attribute (object.__setattr__ bypasses Module's registration): the EMA
         # weights stay out of parameters() and state_dict(); _apply/train forward to it
         object.__setattr__(self, "_ema", None)
@@ -148,13 +148,14 @@ class DiffusionModel(
         cond_drop_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         check_finite: bool | None = None,
+        **objective_options: Any,
     ) -> Tensor:
-        """Unreduced training loss; ``.mean()`` is the objective.
+        """Unreduced training loss, (bsz, *input_shape); ``.mean()`` is the objective.
 
-        Draws t (`tinydiff.time_sampling`) and eps ~ N(0, I), forms x_t = alpha(t) x +
-        sigma(t) eps, and compares the network output with the target, weighted by
-        min-SNR-gamma where configured, plus the variance type's extra (VLB) term; with
-        ``cond_drop_prob`` p each condition is dropped with probability p (Ho & Salimans 2022).
+        Computed by the config's ``training_objective`` (`tinydiff.objectives`); the default
+        ``"diffusion"`` draws t (`tinydiff.time_sampling`) and eps ~ N(0, I), forms x_t =
+        alpha(t) x + sigma(t) eps, and compares the network output with the target (min-SNR
+        weighting and the VLB term where configured; ``cond_drop_prob`` drops conditions).
 
         Args:
             x: clean data, (bsz, *input_shape), floating point.
@@ -165,49 +166,23 @@ class DiffusionModel(
             generator: source of t, eps and the dropout draw, on x's device.
             check_finite: refuse NaN / inf in x and noise: True, False, or None (default:
                 CPU tensors only, where the check costs no host sync).
+            **objective_options: options of the objective's loss (meanflow: ``r``).
 
         Returns:
             (bsz, *input_shape) per-element losses. Bad input raises ValueError or TypeError
             naming the argument (a cond key, t out of range, non-finite data, a dtype).
         """
-        x = self.check_data(x)
-        _validation.check_dtype_matches(x, _validation.dtype_device(self.nn_module)[0])
-        _validation.check_finite("x", x, check_finite)
-        generator = _validation.check_generator(generator)
-        bsz, T = x.shape[0], self.num_timesteps
-        if cond is not None:
-            cond = conditioning.check_cond(self.nn_module, cond, bsz)
-        if t is None:
-            name, options = self.config.training_times()
-            t = time_sampling.training_times(
-                name, options, bsz, self.process, generator=generator, device=x.device
-            )
-        else:
-            t = _validation.check_loss_times(t, T, bsz, x.device, allow_real=True)
-        noise = _validation.check_noise(noise, x, generator, check_finite)
-        p = Point.at(self.process, t, x, derivatives=self.target.uses_derivatives)
-        x_t = p.alpha * x + p.sigma * noise
-        cond = conditioning.dropout(
-            self.nn_module,
-            cond,
-            self.config.cond_drop_prob,
-            cond_drop_mask,
-            bsz,
+        return self.objective.loss(
+            self,
+            x,
+            t=t,
+            noise=noise,
+            cond=cond,
+            cond_drop_mask=cond_drop_mask,
             generator=generator,
-            device=x.device,
+            check_finite=check_finite,
+            **objective_options,
         )
-        model_out, var_out = self.denoiser(cond=cond).forward_network(x_t, p)
-        loss = self._loss_fn(model_out, self.target.target(x, noise, p), **self.config.loss_kwargs)
-        if self.config.min_snr_gamma is not None:
-            snr = self.process.snr(t.to(torch.float64)).view(p.alpha.shape)
-            weight = losses.min_snr_weight(
-                snr, self.config.min_snr_gamma, self.target.x0_error_scale(snr)
-            )
-            loss = loss * weight.to(x.dtype)
-        extra = variances.vlb_extra_loss(
-            self.variance, self.process, self.target, t, p, x, x_t, model_out, var_out
-        )
-        return loss if extra is None else loss + extra
 
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         """Same as `loss`, so that DistributedDataParallel wraps the objective."""

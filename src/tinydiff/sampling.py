@@ -183,10 +183,12 @@ def sample(
 
     Raises:
         ValueError: times outside [0, T], not strictly decreasing or not ending at 0; a
-            callback that returns a tensor of another shape.
+            callback that returns a tensor of another shape; a denoiser the sampler refuses
+            (`tinydiff.samplers.Sampler.check_denoiser`).
         TypeError: an unknown sampler type or sampler option.
     """
     solver = resolve_sampler(sampler, sampler_kwargs)
+    solver.check_denoiser(denoiser)
     times = check_times(times)
     plan = build_plan(solver, process.path_values(times))
     loop = None

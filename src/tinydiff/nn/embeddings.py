@@ -94,17 +94,42 @@ class ConditionEmbedding(nn.Module):
     classifier-free guidance (Ho & Salimans, 2022), and ``class_labels=None``
     means every sample gets the null label.
 
-    It also validates ``t`` and ``class_labels`` against the batch, so the
+    With ``end_time=True`` the network also takes an end time ``r`` <= ``t`` (a two-time
+    network, e.g. the average velocity u(x_t, r, t) of MeanFlow): the same sinusoidal
+    embedding of the interval ``t - r``, through its own ``Linear -> SiLU -> Linear``, is
+    added to the conditioning vector (Geng et al. 2025, "Mean Flows for One-step Generative
+    Modeling", sec. 4: the network is conditioned on (t, t - r)). Its output layer starts at
+    zero, so an untrained two-time network is its one-time self for every ``r``, and
+    ``r=None`` means ``r = t`` (an interval of length 0: the instantaneous velocity).
+
+    It also validates ``t``, ``r`` and ``class_labels`` against the batch, so the
     networks share one set of checks and error messages.
 
     Args:
         freq_dim: Size of the sinusoidal embedding.
         embed_dim: Size of the output conditioning vector.
         num_classes: Number of classes, or ``None`` for an unconditional network.
+        end_time: Also embed an end time ``r`` (see above).
+        time_scale: Multiply ``t`` (and ``t - r``) by this before the sinusoidal embedding.
+            1 (the default) embeds network times as they are; two-time networks trained
+            with MeanFlow do better with 0.1: their loss differentiates the network in
+            s = t / T, and at scale 1 the fastest feature turns T radians per unit of s
+            (`benchmarks/results/few_step.md`).
     """
 
-    def __init__(self, freq_dim: int, embed_dim: int, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        freq_dim: int,
+        embed_dim: int,
+        num_classes: int | None = None,
+        end_time: bool = False,
+        time_scale: float = 1.0,
+    ) -> None:
         super().__init__()
+        ok = isinstance(time_scale, (int, float)) and not isinstance(time_scale, bool)
+        if not (ok and 0 < time_scale < math.inf):
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}.")
+        self.time_scale = float(time_scale)
         self.sinusoidal = SinusoidalTimeEmbedding(freq_dim)
         self.linear_1 = nn.Linear(freq_dim, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
@@ -112,9 +137,22 @@ class ConditionEmbedding(nn.Module):
         self.label_embedding: nn.Embedding | None = (
             None if num_classes is None else nn.Embedding(num_classes + 1, embed_dim)
         )
+        self.end_time = bool(end_time)
+        self.interval_embedding: nn.Sequential | None = None
+        if end_time:
+            last = nn.Linear(embed_dim, embed_dim)
+            self.interval_embedding = nn.Sequential(nn.Linear(freq_dim, embed_dim), nn.SiLU(), last)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
-    def forward(self, t: Tensor | float, x: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """Embed ``t`` and ``class_labels`` for the batch ``x``.
+    def forward(
+        self,
+        t: Tensor | float,
+        x: Tensor,
+        class_labels: Tensor | None = None,
+        r: Tensor | float | None = None,
+    ) -> Tensor:
+        """Embed ``t``, ``class_labels`` (and the interval ``t - r``) for the batch ``x``.
 
         Args:
             t: Times on the ``[0, T]`` scale, shape ``(bsz,)``. A 0-dim tensor or
@@ -124,13 +162,29 @@ class ConditionEmbedding(nn.Module):
             class_labels: Integer labels of shape ``(bsz,)`` in
                 ``[0, num_classes]`` (``num_classes`` is the null label), or
                 ``None`` for all-null.
+            r: End times on the ``[0, T]`` scale, shape ``(bsz,)`` or 0-dim, for a network
+                built with ``end_time=True``; ``None`` means ``r = t``.
 
         Returns:
             Conditioning vectors of shape ``(bsz, embed_dim)``.
+
+        Raises:
+            TypeError: ``r`` given to a network built without ``end_time``.
         """
         t = _batched_time(t, x)
-        freq = self.sinusoidal(t).to(self.linear_1.weight.dtype)
+        scale = self.time_scale
+        freq = self.sinusoidal(t if scale == 1.0 else t * scale).to(self.linear_1.weight.dtype)
         emb: Tensor = self.linear_2(F.silu(self.linear_1(freq)))
+        if self.interval_embedding is not None:
+            interval = torch.zeros_like(t) if r is None else t - _batched_time(r, x, "r")
+            interval = interval if scale == 1.0 else interval * scale
+            emb = emb + self.interval_embedding(self.sinusoidal(interval).to(freq.dtype))
+        elif r is not None:
+            raise TypeError(
+                "an end time r was given but this network was built without end_time; "
+                "construct it with end_time=True to embed r (a two-time network, e.g. for "
+                "training_objective='meanflow')."
+            )
         if self.label_embedding is None:
             if class_labels is not None:
                 raise TypeError(
@@ -173,22 +227,22 @@ class ConditionEmbedding(nn.Module):
         return class_labels.to(device=x.device, dtype=torch.long)
 
 
-def _batched_time(t: Tensor | float, x: Tensor) -> Tensor:
-    """Check ``t`` against the batch of ``x`` and return it with shape ``(bsz,)``."""
+def _batched_time(t: Tensor | float, x: Tensor, name: str = "t") -> Tensor:
+    """Check ``t`` (argument ``name``) against the batch of ``x``; return it as ``(bsz,)``."""
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         t = torch.tensor(float(t), device=x.device)
     if not isinstance(t, Tensor):
         raise TypeError(
-            f"t must be a float tensor of shape (bsz,) or a number, got {type(t).__name__}."
+            f"{name} must be a float tensor of shape (bsz,) or a number, got {type(t).__name__}."
         )
     if t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"t must be a real (float or integer) tensor, got dtype {t.dtype}.")
+        raise TypeError(f"{name} must be a real (float or integer) tensor, got dtype {t.dtype}.")
     bsz = x.shape[0]
     if t.ndim == 0:
         t = t.expand(bsz)
     elif t.shape != (bsz,):
         raise ValueError(
-            f"t must have shape (bsz,) = ({bsz},) matching x, or be 0-dim to be "
+            f"{name} must have shape (bsz,) = ({bsz},) matching x, or be 0-dim to be "
             f"broadcast; got shape {tuple(t.shape)}."
         )
     return t.to(x.device)

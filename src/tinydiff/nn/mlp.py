@@ -57,6 +57,11 @@ class MLP(nn.Module):
         num_classes: Number of classes for class conditioning, or ``None``.
             Label ``num_classes`` is the null label for classifier-free guidance.
         dropout: Dropout probability inside the residual blocks.
+        end_time: Also take an end time `r` (`net(x, t, r=r)`): a two-time network
+            such as MeanFlow's average velocity u(x_t, r, t), with an added embedding of
+            `t - r` (see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]).
+        time_scale: Multiply `t` (and `t - r`) by this before the time embedding; 0.1
+            suits MeanFlow (see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]).
 
     Attributes:
         null_class: The null label index (``num_classes``), or ``None``.
@@ -73,8 +78,12 @@ class MLP(nn.Module):
         out_mult: int = 1,
         num_classes: int | None = None,
         dropout: float = 0.0,
+        end_time: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not isinstance(end_time, bool):
+            raise TypeError(f"MLP end_time must be a bool, got {type(end_time).__name__}.")
         for name, value, low, high in (
             ("input_dim", input_dim, 1, MAX_WIDTH),
             ("hidden_dim", hidden_dim, 1, MAX_WIDTH),
@@ -98,11 +107,18 @@ class MLP(nn.Module):
             "num_classes": None if num_classes is None else int(num_classes),
             "dropout": float(dropout),
         }
+        if end_time:  # only then: a one-time network's config reads as before
+            self._config["end_time"] = True
+        if time_scale != 1.0:
+            self._config["time_scale"] = float(time_scale)
+        self.end_time = end_time
         self.input_dim = input_dim
         self.out_mult = out_mult
         self.null_class: int | None = num_classes
 
-        self.condition = ConditionEmbedding(time_embed_dim, hidden_dim, num_classes)
+        self.condition = ConditionEmbedding(
+            time_embed_dim, hidden_dim, num_classes, end_time, time_scale
+        )
         self.input_proj = nn.Linear(input_dim, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim, dropout) for _ in range(num_layers))
         self.output_norm = nn.LayerNorm(hidden_dim)
@@ -127,10 +143,17 @@ class MLP(nn.Module):
         """
         return cls(**config)
 
-    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        """Predict from noisy vectors ``x`` at times ``t``.
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        class_labels: Tensor | None = None,
+        r: Tensor | float | None = None,
+    ) -> Tensor:
+        """Predict from noisy vectors ``x`` at times ``t`` (and end times ``r``).
 
-        Follows the tinydiff network contract ``net(x_t, t, **cond) -> Tensor``.
+        Follows the tinydiff network contract ``net(x_t, t, **cond) -> Tensor``, and
+        ``net(x_t, t, r=r, **cond)`` when built with ``end_time=True``.
 
         Args:
             x: Noisy inputs of shape ``(bsz, input_dim)``, floating point.
@@ -142,6 +165,8 @@ class MLP(nn.Module):
                 ``[0, num_classes]``, where ``num_classes`` is the null label;
                 ``None`` means all-null. Only allowed when built with
                 ``num_classes``.
+            r: End times on the ``[0, T]`` scale, ``(bsz,)`` or 0-dim, ``r <= t``; only
+                with ``end_time=True`` (``None``: ``r = t``).
 
         Returns:
             Tensor of shape ``(bsz, input_dim * out_mult)``: the same shape as
@@ -150,8 +175,8 @@ class MLP(nn.Module):
         Raises:
             TypeError: If ``x`` is not floating point, ``t`` or ``class_labels``
                 has the wrong type, or ``class_labels`` is given to an
-                unconditional network.
-            ValueError: If ``x``, ``t`` or ``class_labels`` has the wrong shape,
+                unconditional network, or ``r`` to a network without ``end_time``.
+            ValueError: If ``x``, ``t``, ``r`` or ``class_labels`` has the wrong shape,
                 or a label is out of range.
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -162,7 +187,7 @@ class MLP(nn.Module):
                 f"MLP expects x of shape (bsz, input_dim) = (bsz, {self.input_dim}), "
                 f"got shape {tuple(x.shape)}."
             )
-        emb = self.condition(t, x, class_labels)
+        emb = self.condition(t, x, class_labels, r)
         h = self.input_proj(x)
         for block in self.blocks:
             h = block(h, emb)

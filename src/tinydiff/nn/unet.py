@@ -137,6 +137,10 @@ class UNet(nn.Module):
             Label ``num_classes`` is the null label for classifier-free guidance.
         dropout: Dropout probability inside the residual blocks.
         num_groups: Number of GroupNorm groups.
+        end_time: Also take an end time ``r`` (``net(x, t, r=r)``), embedded as ``t - r``,
+            as for `tinydiff.nn.MLP` (two-time networks, e.g. MeanFlow).
+        time_scale: Multiply ``t`` (and ``t - r``) by this before the time embedding, as for
+            `tinydiff.nn.MLP` (0.1 suits MeanFlow).
 
     Attributes:
         null_class: The null label index (``num_classes``), or ``None``.
@@ -156,8 +160,12 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         dropout: float = 0.0,
         num_groups: int = 8,
+        end_time: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not isinstance(end_time, bool):
+            raise TypeError(f"UNet end_time must be a bool, got {type(end_time).__name__}.")
         channel_mults, attention_resolutions = _check_arguments(
             in_channels,
             base_channels,
@@ -182,6 +190,11 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "num_groups": int(num_groups),
         }
+        if end_time:  # only then: a one-time network's config reads as before
+            self._config["end_time"] = True
+        if time_scale != 1.0:
+            self._config["time_scale"] = float(time_scale)
+        self.end_time = end_time
         num_levels = len(channel_mults)
         self.in_channels = in_channels
         self.out_mult = out_mult
@@ -195,7 +208,9 @@ class UNet(nn.Module):
             return _Block(in_ch, out_ch, emb_dim, num_groups, dropout, level in attn_levels)
 
         # keep both orders: creation draws the initial weights, assignment orders state_dict
-        self.condition = ConditionEmbedding(base_channels, emb_dim, num_classes)
+        self.condition = ConditionEmbedding(
+            base_channels, emb_dim, num_classes, end_time, time_scale
+        )
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         widths = [base_channels * m for m in channel_mults]
         self.down_blocks, self.downsamplers, skip_channels = _down_path(
@@ -232,10 +247,17 @@ class UNet(nn.Module):
         }
         return cls(**kwargs)
 
-    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        """Predict from noisy images ``x`` at times ``t``.
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        class_labels: Tensor | None = None,
+        r: Tensor | float | None = None,
+    ) -> Tensor:
+        """Predict from noisy images ``x`` at times ``t`` (and end times ``r``).
 
-        Follows the tinydiff network contract ``net(x_t, t, **cond) -> Tensor``.
+        Follows the tinydiff network contract ``net(x_t, t, **cond) -> Tensor``, and
+        ``net(x_t, t, r=r, **cond)`` when built with ``end_time=True``.
 
         Args:
             x: Noisy images of shape ``(bsz, in_channels, H, W)``, floating
@@ -244,6 +266,8 @@ class UNet(nn.Module):
                 (as for `tinydiff.nn.MLP.forward`).
             class_labels: Labels ``(bsz,)`` in ``[0, num_classes]`` (``num_classes`` is the
                 null label; None: all null), as for `tinydiff.nn.MLP.forward`.
+            r: End times ``(bsz,)`` or 0-dim, only with ``end_time=True`` (``None``:
+                ``r = t``), as for `tinydiff.nn.MLP.forward`.
 
         Returns:
             Tensor of shape ``(bsz, in_channels * out_mult, H, W)``: the same
@@ -253,8 +277,8 @@ class UNet(nn.Module):
         Raises:
             TypeError: If ``x`` is not floating point, ``t`` or ``class_labels``
                 has the wrong type, or ``class_labels`` is given to an
-                unconditional network.
-            ValueError: If ``x``, ``t`` or ``class_labels`` has the wrong shape,
+                unconditional network, or ``r`` to a network without ``end_time``.
+            ValueError: If ``x``, ``t``, ``r`` or ``class_labels`` has the wrong shape,
                 H or W is not divisible as required, or a label is out of range.
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -271,7 +295,7 @@ class UNet(nn.Module):
                 f"UNet with {len(self.down_blocks)} levels needs H and W divisible by "
                 f"{self.size_multiple}, got H={height}, W={width}; pad or resize the images."
             )
-        emb = self.condition(t, x, class_labels)
+        emb = self.condition(t, x, class_labels, r)
 
         h = self.input_conv(x)
         skips = [h]

@@ -203,6 +203,10 @@ class Sampler:
         """Solver history carried between steps (bounded by the method's order)."""
         return ()
 
+    def check_denoiser(self, denoiser: Any) -> None:
+        """Raise ValueError if this sampler cannot run ``denoiser`` (called by
+        `tinydiff.sampling.sample` before the first step); the default accepts any."""
+
     def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         """One step from ``c["t"]`` to ``c["t_next"]``; returns (x_next, state)."""
         raise NotImplementedError
@@ -319,15 +323,16 @@ Callback = Callable[[int, float, Tensor, Tensor | None], Tensor | None]
 class _Recorder:
     """A plain denoise callable seen as a bound denoiser: records the step's first x0."""
 
-    __slots__ = ("denoise", "first_x0", "variance")
+    __slots__ = ("denoise", "end_time", "first_x0", "variance")
 
     def __init__(self, denoise: Denoiser) -> None:
         self.denoise = denoise
         self.variance = denoise.variance
+        self.end_time = bool(getattr(denoise, "end_time", False))
         self.first_x0: Tensor | None = None
 
-    def __call__(self, x: Tensor, point: Tensor) -> Prediction:
-        pred = self.denoise(x, point)
+    def __call__(self, x: Tensor, point: Tensor, **end_time: Tensor) -> Prediction:
+        pred = self.denoise(x, point, **end_time)  # r= for two-time networks (flow maps)
         if self.first_x0 is None:
             self.first_x0 = pred.x0
         return pred

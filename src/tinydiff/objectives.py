@@ -1,0 +1,506 @@
+r"""Training objectives: what `model.loss(x)` computes, registered by name.
+
+The config field `training_objective` (default `"diffusion"`) names one; its options go in
+`training_objective_kwargs`. [`DiffusionModel.loss`][tinydiff.DiffusionModel.loss]
+delegates to the objective's [`loss`][tinydiff.objectives.Objective.loss], and an objective
+names the sampler the model uses by default
+([`default_sampler`][tinydiff.objectives.Objective.default_sampler], filled into
+`sampler_type` when the config leaves it out).
+
+| name | the network learns | reference |
+|---|---|---|
+| `diffusion` | the configured target (eps, x0, v, velocity, EDM's F) | Ho et al. 2020 and on |
+| `meanflow` | the average velocity $u(x_t, r, t)$ over $[r, t]$: a 1- or 2-step generator (sampler `flow_map`) | Geng et al. 2025 |
+
+Register your own (a class; options are keyword arguments of `__init__`):
+
+```python
+@tinydiff.objectives.register("my_objective")
+class MyObjective(tinydiff.objectives.Objective):
+    def loss(self, model, x, **options):
+        ...  # (bsz, *input_shape) unreduced losses
+```
+
+Third-party packages register from a module named under the `tinydiff.plugins` entry-point
+group, as for every registry.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import torch
+from torch import Tensor
+
+import tinydiff._validation as _validation
+from tinydiff import conditioning, losses, time_sampling, variances
+from tinydiff._registry import Registry, class_check, instantiate
+from tinydiff.denoiser import Denoiser, takes_end_time
+from tinydiff.process import Point
+
+if TYPE_CHECKING:
+    from tinydiff.denoiser import ModelLike
+
+__all__ = [
+    "DERIVATIVES",
+    "REGISTRY",
+    "Diffusion",
+    "MeanFlow",
+    "Objective",
+    "build",
+    "get",
+    "names",
+    "register",
+]
+
+DERIVATIVES = ("auto", "jvp", "finite_difference")
+"""How [`MeanFlow`][tinydiff.objectives.MeanFlow] computes the total derivative du/dt."""
+
+_F64 = torch.float64
+
+
+class Objective:
+    """Base class of training objectives. Options are keyword arguments of `__init__`.
+
+    Subclasses implement `loss`; they may override `check_config` (refuse config
+    combinations that cannot work, with the reason), `check_network` and
+    `default_sampler`.
+    """
+
+    default_sampler: ClassVar[str | None] = None
+    """The sampler a model trained with this objective samples with when its config names
+    none (None: the config field's own default)."""
+
+    def check_config(self, config: Any) -> None:
+        """Raise ValueError if `config` (a `tinydiff.DiffusionModelConfig`) cannot be
+        trained with this objective; the default accepts any."""
+
+    def check_network(self, network: Any) -> None:
+        """Raise ValueError if `network` cannot be trained with this objective (called when
+        the model is built); the default accepts any."""
+
+    def loss(
+        self,
+        model: ModelLike,
+        x: Tensor,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        cond: dict[str, Any] | None = None,
+        cond_drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        check_finite: bool | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Unreduced training loss, (bsz, *input_shape); `.mean()` is the objective.
+
+        Args:
+            model: the model (a `tinydiff.DiffusionModel`).
+            x: clean data, (bsz, *input_shape).
+            t, noise, cond, cond_drop_mask, generator, check_finite: as in
+                `tinydiff.DiffusionModel.loss`.
+            **options: the objective's own per-call options (raise TypeError on unknown ones).
+        """
+        raise NotImplementedError
+
+
+def _no_options(name: str, options: dict[str, Any], accepted: str = "none") -> None:
+    if options:
+        raise TypeError(
+            f"training objective {name!r} got unexpected loss options {sorted(options)}; "
+            f"its own options: {accepted}"
+        )
+
+
+REGISTRY: Registry[type[Objective]] = Registry(
+    "training objective",
+    class_check(
+        "a training objective must be a class with a loss(model, x, **options) method "
+        "(subclass tinydiff.objectives.Objective)",
+        methods=("loss",),
+    ),
+)
+register = REGISTRY.register
+get = REGISTRY.get
+names = REGISTRY.names
+
+
+def build(name: str, kwargs: dict[str, Any] | None = None) -> Objective:
+    """Instantiate the registered objective `name` with its options.
+
+    Raises:
+        ValueError: an unknown name (with close matches) or a bad option value.
+        TypeError: an unknown option (the message lists the accepted ones).
+    """
+    cls = get(name)
+    return instantiate(cls, kwargs or {}, f"training_objective_kwargs for {name!r}")  # type: ignore[no-any-return]
+
+
+def _common_inputs(
+    model: ModelLike,
+    x: Tensor,
+    generator: torch.Generator | None,
+    check_finite: bool | None,
+    cond: dict[str, Any] | None,
+) -> tuple[Tensor, torch.Generator | None, dict[str, Any] | None]:
+    """x, the generator and cond checked as every objective checks them."""
+    x = model.check_data(x)
+    _validation.check_dtype_matches(x, _validation.dtype_device(model.nn_module)[0])
+    _validation.check_finite("x", x, check_finite)
+    generator = _validation.check_generator(generator)
+    if cond is not None:
+        cond = conditioning.check_cond(model.nn_module, cond, x.shape[0])
+    return x, generator, cond
+
+
+def _dropout(
+    model: ModelLike,
+    cond: dict[str, Any] | None,
+    mask: Tensor | None,
+    x: Tensor,
+    generator: torch.Generator | None,
+) -> dict[str, Any] | None:
+    return conditioning.dropout(
+        model.nn_module,
+        cond,
+        model.config.cond_drop_prob,
+        mask,
+        x.shape[0],
+        generator=generator,
+        device=x.device,
+    )
+
+
+@register("diffusion", aliases=("denoising",))
+class Diffusion(Objective):
+    """The denoising objective (Ho et al. 2020 and its refinements): tinydiff's default.
+
+    Draws t (`tinydiff.time_sampling`) and eps ~ N(0, I), forms x_t = alpha(t) x +
+    sigma(t) eps, and compares the network output with the configured target, weighted by
+    min-SNR-gamma where configured, plus the variance type's extra (VLB) term; with
+    `cond_drop_prob` p each condition is dropped with probability p (Ho & Salimans 2022).
+    """
+
+    def loss(
+        self,
+        model: ModelLike,
+        x: Tensor,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        cond: dict[str, Any] | None = None,
+        cond_drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        check_finite: bool | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """See `tinydiff.DiffusionModel.loss` for the arguments."""
+        _no_options("diffusion", options)
+        x, generator, cond = _common_inputs(model, x, generator, check_finite, cond)
+        bsz, T = x.shape[0], model.num_timesteps
+        config = model.config
+        if t is None:
+            name, options = config.training_times()
+            t = time_sampling.training_times(
+                name, options, bsz, model.process, generator=generator, device=x.device
+            )
+        else:
+            t = _validation.check_loss_times(t, T, bsz, x.device, allow_real=True)
+        noise = _validation.check_noise(noise, x, generator, check_finite)
+        p = Point.at(model.process, t, x, derivatives=model.target.uses_derivatives)
+        x_t = p.alpha * x + p.sigma * noise
+        cond = _dropout(model, cond, cond_drop_mask, x, generator)
+        model_out, var_out = model.denoiser(cond=cond).forward_network(x_t, p)
+        loss_fn = losses.get(config.loss_type)
+        loss = loss_fn(model_out, model.target.target(x, noise, p), **config.loss_kwargs)
+        if config.min_snr_gamma is not None:
+            snr = model.process.snr(t.to(_F64)).view(p.alpha.shape)
+            weight = losses.min_snr_weight(
+                snr, config.min_snr_gamma, model.target.x0_error_scale(snr)
+            )
+            loss = loss * weight.to(x.dtype)
+        extra = variances.vlb_extra_loss(
+            model.variance, model.process, model.target, t, p, x, x_t, model_out, var_out
+        )
+        return loss if extra is None else loss + extra
+
+
+def _number(name: str, value: Any, low: float, high: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not value >= low or (high is not None and not value <= high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"meanflow {name} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+@register("meanflow", aliases=("mean_flow",))
+class MeanFlow(Objective):
+    r"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): train a
+    two-time network u(x_t, r, t) to be the average velocity of the probability-flow ODE
+    over [r, t], so that one evaluation jumps from t to r (sampler `flow_map`).
+
+    With $s = t/T$ (tinydiff's velocity unit: $u = dx/ds$), the average velocity
+    $(s_t - s_r)\,u(x_t, r, t) = \int_{s_r}^{s_t} v(x_\tau, \tau)\,d\tau$, differentiated
+    in $s_t$, gives the MeanFlow identity (their eq. 6)
+
+    $$
+    u(x_t, r, t) = v(x_t, t) - (s_t - s_r)\,\frac{d}{ds_t}u(x_t, r, t),\qquad
+    \frac{d}{ds_t} = v\cdot\nabla_x + \partial_{s_t},
+    $$
+
+    which is regressed with the conditional velocity $v = \alpha'(s)\,x_0 +
+    \sigma'(s)\,\epsilon$ of the path in place of the marginal one (their eq. 9-10, linear in
+    v, so the minimiser is unchanged) and the right side held fixed (stop-gradient):
+
+    $$
+    \mathcal L = w\,\big\lVert u_\theta(x_t, r, t) - \mathrm{sg}\big(v - (s_t - s_r)
+    (v\cdot\nabla_x u_\theta + \partial_{s_t}u_\theta)\big)\big\rVert^2,\qquad
+    w = \mathrm{sg}\big(1/(\lVert\Delta\rVert^2 + c)^p\big).
+    $$
+
+    The total derivative is one forward-mode pass, `torch.func.jvp` with tangents
+    (v, T, 0) on (x_t, t, r), under the math scaled-dot-product-attention backend (fused
+    attention kernels have no forward-mode rule); where `jvp` fails (an operation without
+    a forward-mode rule), `derivative="auto"` warns once and takes the central difference
+    of u along the same direction, two extra forward passes without gradients.
+
+    Any Gaussian path works (rectified flow, VP, ...): v is its velocity in s. The network
+    must be a two-time network (`tinydiff.nn.MLP` / `UNet` with `end_time=True`, best
+    with `time_scale=0.1`, see [`ConditionEmbedding`][tinydiff.nn.embeddings.ConditionEmbedding]) trained
+    with `target_type="pred_velocity"`: its output at r = t is the instantaneous velocity,
+    so every ODE sampler also runs it. Cost per step: about 1.5-3x a diffusion step (the
+    jvp carries a tangent through the forward pass, and the backward pass is the same).
+
+    Times (their sec. 4.3): t and r are two draws from the training-time distribution
+    (`time_sampling`; without one, logit-normal with mean `time_mean` and std
+    `time_std`), sorted so that r <= t; a fraction `1 - flow_map_fraction` of the batch
+    then has r = t (the plain flow-matching loss).
+
+    Args:
+        flow_map_fraction: the fraction of samples with r < t (paper: 0.25).
+        adaptive_p: p of the adaptive weight (paper: 1; 0 is the plain squared error).
+        adaptive_c: c of the adaptive weight (paper: 1e-3).
+        time_mean: mean of the logit-normal times (paper: -0.4).
+        time_std: std of the logit-normal times (paper: 1.0).
+        derivative: `"auto"` (jvp, falling back to finite differences with a warning),
+            `"jvp"` or `"finite_difference"`.
+        fd_step: the step h in s = t / T of the central difference (default 1e-4, i.e.
+            t +- 0.1 at T = 1000: `tinydiff.nn`'s time embedding turns fastest at one
+            radian per unit of t, so h T must stay well below 1).
+    """
+
+    default_sampler = "flow_map"
+
+    def __init__(
+        self,
+        flow_map_fraction: float = 0.25,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        time_mean: float = -0.4,
+        time_std: float = 1.0,
+        derivative: str = "auto",
+        fd_step: float = 1e-4,
+    ) -> None:
+        self.flow_map_fraction = _number("flow_map_fraction", flow_map_fraction, 0.0, 1.0)
+        self.adaptive_p = _number("adaptive_p", adaptive_p, 0.0)
+        self.adaptive_c = _number("adaptive_c", adaptive_c, 0.0)
+        self.time_mean = _number("time_mean", time_mean, -1e3, 1e3)
+        self.time_std = _number("time_std", time_std, 1e-6)
+        self.fd_step = _number("fd_step", fd_step, 1e-12, 0.5)
+        if derivative not in DERIVATIVES:
+            raise ValueError(
+                f"meanflow derivative must be one of {', '.join(map(repr, DERIVATIVES))}, "
+                f"got {derivative!r}"
+            )
+        if self.adaptive_p > 0 and self.adaptive_c <= 0:
+            raise ValueError("meanflow adaptive_c must be > 0 when adaptive_p > 0")
+        self.derivative = derivative
+        self._jvp_failed = False
+
+    def check_config(self, config: Any) -> None:
+        """MeanFlow regresses the network output on the velocity: `pred_velocity`, the
+        `l2` loss, no learned variance, no min-SNR weighting."""
+        if config.target_type != "pred_velocity":
+            raise ValueError(
+                f"training_objective='meanflow' trains the network to output the average "
+                f"velocity u(x_t, r, t), got target_type={config.target_type!r}: set "
+                "target_type='pred_velocity' (e.g. with noise_schedule_type='rectified_flow')"
+            )
+        if variances.get(config.variance_type).extra_loss is not variances.Variance.extra_loss:
+            raise ValueError(
+                f"training_objective='meanflow' has no variational-bound term: "
+                f"variance_type={config.variance_type!r} needs one; use 'upper_bound' or "
+                "'lower_bound'"
+            )
+        if config.min_snr_gamma is not None:
+            raise ValueError(
+                "training_objective='meanflow' weights its loss adaptively (adaptive_p, "
+                "adaptive_c in training_objective_kwargs); drop min_snr_gamma"
+            )
+        if config.loss_type != "l2":
+            raise ValueError(
+                f"training_objective='meanflow' uses the squared error (its adaptive weight with "
+                f"adaptive_p=0.5 is a robust loss), got loss_type={config.loss_type!r}: "
+                "use loss_type='l2'"
+            )
+
+    def check_network(self, network: Any) -> None:
+        """The network must take the end time r (`tinydiff.denoiser.takes_end_time`)."""
+        if not takes_end_time(network):
+            raise ValueError(
+                f"training_objective='meanflow' needs a two-time network called as "
+                f"network(x_t, t, r=r); {type(network).__name__} takes no end time r. Build it "
+                "with end_time=True (tinydiff.nn.MLP(..., end_time=True), "
+                "tinydiff.nn.UNet(..., end_time=True)) or give your network's forward an r "
+                "argument (r <= t, on the same [0, T] scale)"
+            )
+
+    # -- times -----------------------------------------------------------------------------------
+    def sample_times(
+        self,
+        model: ModelLike,
+        bsz: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> tuple[Tensor, Tensor]:
+        """(t, r), float64 (bsz,) each, r <= t, r = t on a fraction `1 - flow_map_fraction`."""
+        config = model.config
+        if config.time_sampling is None:
+            name, options = "logit_normal", {"m": self.time_mean, "s": self.time_std}
+        else:
+            name, options = config.training_times()
+
+        def draw() -> Tensor:
+            return time_sampling.sample_times(
+                name, bsz, model.process, options, generator=generator, device=device
+            ).to(_F64)
+
+        a, b = draw(), draw()
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        jump = torch.rand(bsz, generator=generator, device=device, dtype=_F64)
+        return t, torch.where(jump < self.flow_map_fraction, r, t)
+
+    # -- the regression pair ---------------------------------------------------------------------
+    def regression_pair(
+        self, denoiser: Denoiser, x_t: Tensor, p: Point, r: Tensor, v: Tensor, num_timesteps: int
+    ) -> tuple[Tensor, Tensor]:
+        r"""(u_theta(x_t, r, t), the stop-gradient target $v - (s_t - s_r)\,du/ds_t$).
+
+        Args:
+            denoiser: the model's denoiser (network and condition).
+            x_t: (bsz, *input_shape).
+            p: the process point at t (with derivatives), t (bsz,) in network time.
+            r: end times (bsz,), float64, r <= t.
+            v: the conditional velocity dx_t/ds, x_t's shape.
+            num_timesteps: T.
+
+        Returns:
+            (u, target), each x_t's shape; u carries gradients, the target none.
+        """
+        T = num_timesteps
+        r_in = r.to(p.t.dtype)
+
+        def u_of(z: Tensor, t: Tensor) -> Tensor:
+            return denoiser.forward_network(z, p._replace(t=t), r=r_in)[0]
+
+        if self.derivative != "finite_difference" and not self._jvp_failed:
+            try:
+                u, dudt = self._jvp(u_of, x_t, p.t, v, T)
+            except (RuntimeError, NotImplementedError) as err:
+                if self.derivative == "jvp":
+                    raise RuntimeError(
+                        f"meanflow: torch.func.jvp failed on this network "
+                        f"({type(err).__name__}: {str(err)[:200]}); an operation has no "
+                        "forward-mode rule. Use training_objective_kwargs={'derivative': "
+                        "'finite_difference'} (or 'auto', which falls back by itself)"
+                    ) from err
+                self._jvp_failed = True
+                warnings.warn(
+                    f"meanflow: torch.func.jvp failed on this network ({type(err).__name__}: "
+                    f"{str(err)[:200]}); du/dt is taken by central finite differences from "
+                    f"now on (two extra forward passes, step {self.fd_step:g} in t/T). Set "
+                    "training_objective_kwargs={'derivative': 'finite_difference'} to "
+                    "silence this, or make the network forward-mode differentiable",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            else:
+                return u, self._target(v, dudt, p, r, T)
+        u = u_of(x_t, p.t)
+        with torch.no_grad():
+            h = self.fd_step
+            dt = torch.full_like(p.t, h * T)
+            dudt = (u_of(x_t + h * v, p.t + dt) - u_of(x_t - h * v, p.t - dt)) / (2 * h)
+        return u, self._target(v, dudt, p, r, T)
+
+    @staticmethod
+    def _jvp(
+        u_of: Any, x_t: Tensor, t: Tensor, v: Tensor, num_timesteps: int
+    ) -> tuple[Tensor, Tensor]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        tangent_t = torch.full_like(t, float(num_timesteps))  # dt/ds = T
+        with sdpa_kernel(SDPBackend.MATH):
+            out = torch.func.jvp(u_of, (x_t, t), (v, tangent_t))
+        return cast(Tensor, out[0]), cast(Tensor, out[1])
+
+    @staticmethod
+    def _target(v: Tensor, dudt: Tensor, p: Point, r: Tensor, num_timesteps: int) -> Tensor:
+        view = (-1,) + (1,) * (v.dim() - 1)
+        interval = ((p.t.to(_F64) - r) / num_timesteps).to(v.dtype).view(view)  # s_t - s_r
+        return (v - interval * dudt).detach()
+
+    def loss(
+        self,
+        model: ModelLike,
+        x: Tensor,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        cond: dict[str, Any] | None = None,
+        cond_drop_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        check_finite: bool | None = None,
+        r: Tensor | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Unreduced MeanFlow loss, (bsz, *input_shape): the per-element squared error times
+        the per-sample adaptive weight.
+
+        Args: as `tinydiff.DiffusionModel.loss`, plus `r`: end times (bsz,) in [0, t]
+        (with `t`; default r = t). Without `t` both are drawn (`sample_times`).
+        """
+        _no_options("meanflow", options, "r")
+        x, generator, cond = _common_inputs(model, x, generator, check_finite, cond)
+        bsz, T = x.shape[0], model.num_timesteps
+        if t is None:
+            if r is not None:
+                raise ValueError("meanflow loss: r was given without t; give both or neither")
+            t, r = self.sample_times(model, bsz, generator=generator, device=x.device)
+        else:
+            t = _validation.check_loss_times(t, T, bsz, x.device, allow_real=True).to(_F64)
+            r = t if r is None else self._check_r(r, t)
+        noise = _validation.check_noise(noise, x, generator, check_finite)
+        p = Point.at(model.process, t, x, derivatives=True)
+        x_t = p.alpha * x + p.sigma * noise
+        v = p.d_alpha * x + p.d_sigma * noise
+        cond = _dropout(model, cond, cond_drop_mask, x, generator)
+        u, target = self.regression_pair(model.denoiser(cond=cond), x_t, p, r, v, T)
+        err = (u - target) ** 2
+        if self.adaptive_p == 0:
+            return err
+        per_sample = err.detach().flatten(1).sum(1)
+        weight = (per_sample + self.adaptive_c).pow(-self.adaptive_p)
+        return err * weight.view((-1,) + (1,) * (x.dim() - 1))
+
+    @staticmethod
+    def _check_r(r: Any, t: Tensor) -> Tensor:
+        if not isinstance(r, Tensor) or not r.is_floating_point() or r.shape != t.shape:
+            got = f"shape {tuple(r.shape)}, {r.dtype}" if isinstance(r, Tensor) else type(r)
+            raise ValueError(f"meanflow loss: r must be a float tensor of t's shape, got {got}")
+        r = r.to(device=t.device, dtype=_F64)
+        if r.device.type == "cpu" and bool(((r < 0) | (r > t)).any()):
+            raise ValueError("meanflow loss: r must lie in [0, t] (the end time of the jump)")
+        return r
