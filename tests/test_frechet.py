@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from tinydiff.metrics import frechet_distance
+from tinydiff.metrics import fid, frechet_distance
 
 
 def with_moments(n: int, mean: Tensor, cov: Tensor, seed: int) -> Tensor:
@@ -64,3 +64,32 @@ def test_identical_sets_and_errors():
         frechet_distance(x[:1], x)
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(x, torch.full((3, 4), float("nan")))
+
+
+def test_fid_in_a_linear_feature_space_is_the_closed_form():
+    """With features f(x) = W x the feature sets are Gaussian with moments (W mu, W S W^T):
+    fid equals the closed form of those moments (commuting case), whatever the batch size,
+    and a module extractor is run in eval mode and restored."""
+    q, _ = torch.linalg.qr(
+        torch.randn(3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    )
+    ea = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
+    eb = torch.tensor([9.0, 1.0, 1.0], dtype=torch.float64)
+    mu_a = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    a = with_moments(500, mu_a, q @ torch.diag(ea) @ q.T, 1)
+    b = with_moments(700, torch.zeros(3, dtype=torch.float64), q @ torch.diag(eb) @ q.T, 2)
+    # images (n, 1, 3) whose feature map undoes q: features are then diagonal-covariance
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 3, bias=False))
+    extractor = extractor.double()
+    with torch.no_grad():
+        extractor[1].weight.copy_(q.T)
+    extractor.train()
+    expected = 2.0 + float(((ea.sqrt() - eb.sqrt()) ** 2).sum())  # |q^T mu_a|^2 = 2
+    for bs in (7, 256, 10_000):
+        got = fid(a[:, None], b[:, None], extractor, batch_size=bs)
+        assert got == pytest.approx(expected, rel=1e-9)
+    assert extractor.training
+    with pytest.raises(ValueError, match="batch_size"):
+        fid(a, b, extractor, batch_size=0)
+    with pytest.raises(ValueError, match="callable"):
+        fid(a, b, "inception")  # type: ignore[arg-type]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["energy_distance", "frechet_distance", "sliced_wasserstein"]
+__all__ = ["energy_distance", "fid", "frechet_distance", "sliced_wasserstein"]
 
 
 def sliced_wasserstein(
@@ -145,6 +147,58 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     cross = torch.linalg.eigvalsh(0.5 * (middle + middle.T)).clamp_min(0).sqrt().sum()
     d2 = (mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross
     return float(d2)
+
+
+def fid(
+    samples: Tensor,
+    reference: Tensor,
+    features: Callable[[Tensor], Tensor],
+    *,
+    batch_size: int = 256,
+) -> float:
+    """The Frechet distance between two image sets in the space of a feature extractor:
+    `frechet_distance(features(samples), features(reference))`, the features computed in
+    batches under `torch.no_grad()` (FID when `features` is Inception-v3's pool layer,
+    Heusel et al. 2017).
+
+    tinydiff downloads nothing: pass a network you load from a local file, e.g.
+    torchmetrics' or torch-fidelity's Inception with local weights, a DINOv2 backbone (FD-DINOv2,
+    Stein et al. 2023), or a small classifier trained on your data (what
+    `benchmarks/defaults.py` does on scikit-learn's digits). Distances are comparable only
+    between runs with the same extractor, preprocessing and set sizes.
+
+    Args:
+        samples: (n, ...) generated images, n >= 2, in whatever range `features` expects.
+        reference: (m, ...) real images, m >= 2.
+        features: `(b, ...) -> (b, d)` (or any trailing shape, flattened); called in eval
+            mode if it is an `nn.Module` (its mode is restored), on batches of `batch_size`.
+        batch_size: rows per call of `features`, >= 1.
+
+    Returns:
+        The squared Frechet distance, a Python float.
+
+    Raises:
+        ValueError: a bad batch size, fewer than 2 rows, features of different dimensions
+            or non-finite features.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not callable(features):
+        raise ValueError(f"features must be a callable (b, ...) -> (b, d), got {features!r}")
+    module = features if isinstance(features, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            feats = [
+                torch.cat([features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+                for x in (samples, reference)
+            ]
+    finally:
+        if module is not None:
+            module.train(was_training)
+    return frechet_distance(feats[0], feats[1])
 
 
 def _quantiles(sorted_vals: Tensor, q: Tensor) -> Tensor:
