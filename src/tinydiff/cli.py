@@ -46,15 +46,22 @@ def run_demo(
     *,
     sampler: str = "dpmpp_2m",
     sampling_steps: int = 50,
-    schedule: str = "cosine",
+    schedule: str | None = None,
     snapshots: int = 12,
     num_samples: int = 2000,
     progress: bool = True,
+    training_objective: str = "diffusion",
 ) -> dict[str, Any]:
     """Train an MLP diffusion model on a 2D toy set and write pictures of its samples.
 
     Writes ``samples.png`` (held-out data beside samples of the trained and the untrained
     model) and ``training.gif`` (samples from fixed noise as training goes on) into ``out``.
+
+    With ``training_objective="meanflow"`` the model is a two-time MeanFlow network
+    (`tinydiff.objectives`, the velocity target on the schedule's path) sampled in one jump,
+    and a diffusion model is trained beside it for the same steps: ``samples.png`` shows the
+    data, the diffusion model's samples (``sampler``, ``sampling_steps``) and MeanFlow's
+    one-step samples; the GIF shows MeanFlow's one-step samples as training goes on.
 
     Args:
         dataset: one of :data:`tinydiff.datasets.TOY_DATASETS`.
@@ -63,31 +70,43 @@ def run_demo(
         seed: seeds data, initialisation and sampling.
         sampler: sampler used for the pictures and the score.
         sampling_steps: sampling steps for the pictures and the score.
-        schedule: a key of :data:`SCHEDULES` (the process and its target).
+        schedule: a key of :data:`SCHEDULES` (the process and its target); default
+            ``"cosine"``, and ``"rectified_flow"`` (MeanFlow's path) for ``"meanflow"``.
         snapshots: number of GIF frames.
         num_samples: samples drawn for the score and the pictures.
         progress: show tqdm progress bars.
+        training_objective: ``"diffusion"`` or ``"meanflow"`` (a one-step model beside a
+            diffusion model; about twice the time).
 
     Returns:
         dict with ``sw_trained``, ``sw_untrained`` (sliced Wasserstein distances to held-out
-        data), ``seconds`` and the output ``paths``.
+        data; MeanFlow's one-step samples with ``"meanflow"``), ``seconds`` and the output
+        ``paths``; with ``"meanflow"`` also ``sw_diffusion`` (the diffusion model's samples).
     """
     from tinydiff.metrics import sliced_wasserstein
     from tinydiff.plotting import axis_limit, scatter_frame
 
+    if training_objective not in ("diffusion", "meanflow"):
+        raise ValueError(
+            f"training_objective must be 'diffusion' or 'meanflow', got {training_objective!r}"
+        )
+    meanflow = training_objective == "meanflow"
+    if schedule is None:
+        schedule = "rectified_flow" if meanflow else "cosine"
     _check_demo_arguments(steps, sampling_steps, snapshots, num_samples, schedule)
     out_dir = prepare_out_dir(out)
     start = time.perf_counter()
     torch.manual_seed(seed)
     train = make_toy(dataset, 20_000, torch.Generator().manual_seed(seed))
     held_out = make_toy(dataset, num_samples, torch.Generator().manual_seed(seed + 10_000))
-    model = _demo_model(schedule, sampler)
+    model = _meanflow_model(schedule) if meanflow else _demo_model(schedule, sampler)
     noise = torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     noise = noise * model.process.prior_std()  # x_T's scale (1 except on EDM's VE path)
+    jumps = 1 if meanflow else sampling_steps
 
     def draw(use_ema: bool) -> torch.Tensor:
         model.eval()
-        x = model.sample(num_samples, sampling_steps, init_noise=noise, use_ema=use_ema)
+        x = model.sample(num_samples, jumps, init_noise=noise, use_ema=use_ema)
         model.train()
         return x
 
@@ -107,13 +126,19 @@ def run_demo(
     trained = draw(use_ema=True)
     if steps % every:
         snapshot(trainer, steps)
-    paths = _write_pictures(out_dir, held_out, untrained, trained, frames)
-    return {
-        "sw_trained": score(trained),
-        "sw_untrained": score(untrained),
-        "seconds": time.perf_counter() - start,
-        "paths": paths,
-    }
+    result: dict[str, Any] = {"sw_trained": score(trained), "sw_untrained": score(untrained)}
+    panels = [("untrained model", untrained), ("trained model", trained)]
+    if meanflow:  # the diffusion model of the same steps, beside MeanFlow's one jump
+        torch.manual_seed(seed)
+        diffusion = _demo_model(schedule, sampler)
+        _demo_trainer(diffusion, train, seed, progress, []).fit(steps)
+        diffusion.eval()
+        baseline = diffusion.sample(num_samples, sampling_steps, init_noise=noise, use_ema=True)
+        result["sw_diffusion"] = score(baseline)
+        panels = [(f"diffusion, {sampling_steps} steps", baseline), ("MeanFlow, 1 step", trained)]
+    result["paths"] = _write_pictures(out_dir, held_out, panels, frames)
+    result["seconds"] = time.perf_counter() - start
+    return result
 
 
 def _check_demo_arguments(
@@ -145,6 +170,25 @@ def _demo_model(schedule: str, sampler: str) -> DiffusionModel:
     return model
 
 
+def _meanflow_model(schedule: str) -> DiffusionModel:
+    """The demo's untrained MeanFlow model: a two-time MLP (time scale 0.1, measured in
+    `benchmarks/few_step.py`) with the velocity target on the schedule's path."""
+    from tinydiff import DiffusionModel, DiffusionModelConfig
+    from tinydiff.nn import MLP
+
+    config = DiffusionModelConfig(
+        input_shape=(2,),
+        num_timesteps=NUM_TIMESTEPS,
+        noise_schedule_type=SCHEDULES[schedule]["noise_schedule_type"],
+        target_type="pred_velocity",
+        training_objective="meanflow",
+    )
+    net = MLP(input_dim=2, hidden_dim=128, num_layers=3, end_time=True, time_scale=0.1)
+    model = DiffusionModel(net, config)
+    model.enable_ema(decay=0.995)
+    return model
+
+
 def _demo_trainer(
     model: DiffusionModel,
     train: torch.Tensor,
@@ -169,22 +213,15 @@ def _demo_trainer(
 def _write_pictures(
     out_dir: Path,
     held_out: torch.Tensor,
-    untrained: torch.Tensor,
-    trained: torch.Tensor,
+    panels: list[tuple[str, torch.Tensor]],
     frames: list[Any],
 ) -> dict[str, Path]:
-    """Write ``samples.png`` and ``training.gif`` into ``out_dir``; returns their paths."""
+    """Write ``samples.png`` (the data, then ``panels``) and ``training.gif`` into
+    ``out_dir``; returns their paths."""
     from tinydiff.plotting import save_gif, save_scatter_png
 
     return {
-        "png": save_scatter_png(
-            out_dir / "samples.png",
-            [
-                ("held-out data", held_out),
-                ("untrained model", untrained),
-                ("trained model", trained),
-            ],
-        ),
+        "png": save_scatter_png(out_dir / "samples.png", [("held-out data", held_out), *panels]),
         "gif": save_gif(out_dir / "training.gif", frames),
     }
 
@@ -274,9 +311,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--schedule",
         choices=sorted(SCHEDULES),
-        default="cosine",
-        help="the diffusion process: cosine VP (pred_v), rectified_flow (flow matching, "
-        "velocity target) or edm (Karras et al. preconditioning)",
+        default=None,
+        help="the diffusion process: cosine VP (pred_v; the default), rectified_flow (flow "
+        "matching, velocity target; the default with meanflow) or edm (Karras et al. "
+        "preconditioning)",
+    )
+    demo.add_argument(
+        "--training-objective",
+        choices=("diffusion", "meanflow"),
+        default="diffusion",
+        help="meanflow: a one-step MeanFlow model, trained beside a diffusion model (about "
+        "twice the time; the pictures show both)",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -311,14 +356,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sampling_steps=args.sampling_steps,
                 schedule=args.schedule,
                 progress=not args.quiet,
+                training_objective=args.training_objective,
             )
         except OSError as err:  # e.g. the disk filled up while writing the pictures
             return _fail(f"cannot write the pictures: {err}")
+        except ValueError as err:  # e.g. meanflow on a process it does not support
+            return _fail(str(err))
         print(f"dataset {args.dataset}: {args.steps} steps in {result['seconds']:.0f} s")
-        print(
-            f"sliced Wasserstein distance to held-out data: trained {result['sw_trained']:.4f}, "
-            f"untrained {result['sw_untrained']:.4f} (lower is better)"
-        )
+        if "sw_diffusion" in result:
+            print(
+                "sliced Wasserstein distance to held-out data: MeanFlow, 1 step "
+                f"{result['sw_trained']:.4f}; diffusion, {args.sampling_steps} steps "
+                f"{result['sw_diffusion']:.4f}; untrained {result['sw_untrained']:.4f}"
+            )
+        else:
+            print(
+                "sliced Wasserstein distance to held-out data: trained "
+                f"{result['sw_trained']:.4f}, untrained {result['sw_untrained']:.4f} "
+                "(lower is better)"
+            )
         for kind, path in result["paths"].items():
             print(f"wrote {path} ({kind})")
     return 0
