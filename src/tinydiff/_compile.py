@@ -102,6 +102,12 @@ class CompileOptions:
         if not (isinstance(self.backend, str) or callable(self.backend)):
             raise TypeError(f"backend must be a backend name or callable, got {self.backend!r}")
 
+    def compile(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """``torch.compile(fn, **kwargs)`` with this backend (and ``mode``, for inductor)."""
+        if self.backend == "inductor":
+            kwargs["mode"] = self.mode
+        return torch.compile(fn, backend=self.backend, **kwargs)
+
     def eager_is_faster(self, x: Tensor) -> bool:
         """Whether ``compile=True`` runs the eager loop for ``x``: a CPU sample smaller than
         `CPU_EAGER_BELOW_NUMEL`, with the inductor backend named by its string and the
@@ -301,13 +307,8 @@ class CompiledStep:
 
     def __post_init__(self) -> None:
         name = f"tinydiff_step_{type(self.sampler).__name__}_{next(_NEXT_KEY)}"
-        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False}
-        if self.options.backend == "inductor":
-            kwargs["mode"] = self.options.mode
-        self._fn = torch.compile(
-            _fresh_copy(cast(types.FunctionType, _step), name),
-            backend=self.options.backend,
-            **kwargs,
+        self._fn = self.options.compile(
+            _fresh_copy(cast(types.FunctionType, _step), name), fullgraph=True, dynamic=False
         )
 
     def __call__(

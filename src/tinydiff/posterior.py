@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tinydiff import _validation, conditioning
 from tinydiff._progress import progress_bar
@@ -958,12 +958,6 @@ def _method(method: str | PosteriorMethod | None, options: Mapping[str, Any] | N
     return build(method, options)
 
 
-def _compiled(network: nn.Module, options: Any) -> nn.Module:
-    """``torch.compile(network)`` with `tinydiff._compile.CompileOptions` (mode for inductor)."""
-    kwargs = {"mode": options.mode} if options.backend == "inductor" else {}
-    return cast(nn.Module, torch.compile(network, backend=options.backend, **kwargs))
-
-
 def _run(
     denoiser: Denoiser,
     process: GaussianProcess,
@@ -1195,7 +1189,7 @@ class PosteriorMixin:
         network = model.network(use_ema)
         # the methods run their own loops (with gradients, particles, jumps): compile=True
         # compiles the network they call, with the model's `compile_sampler` options
-        called = _compiled(network, model._compile_options) if compile else network
+        called = model._compile_options.compile(network) if compile else network
         if cond is not None:
             cond = conditioning.check_cond(network, cond, obs.bsz, device=obs.y.device)
             k = solver.num_particles
