@@ -62,6 +62,7 @@ from tinydiff._validation import dtype_device, in_eval_mode
 if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike as DiffusionModel
     from tinydiff.process import GaussianProcess
+    from tinydiff.samplers.base import Sampler
 
 __all__ = ["BUDGETS", "TimestepSearchResult", "optimize_timesteps"]
 
@@ -249,7 +250,7 @@ def optimize_timesteps(
     common = {"cond": cond, "guidance_scale": guidance_scale, "use_ema": use_ema}
     ref, solver = (reference_sampler, reference_spacing, reference_steps), (sampler, sampler_kwargs)
     runs = _Runs.prepare(model, num_steps, solver, ref, generator, num_samples, common)
-    tuned = _tunable(model, runs, coefficients)
+    tuned = _tunable(runs, coefficients)
     search = _PatternSearch.start(
         _Scorer.of(runs, objective, holdout),
         t_min,
@@ -279,13 +280,13 @@ def _budget(
     return out  # type: ignore[return-value]
 
 
-def _tunable(model: DiffusionModel, runs: _Runs, coefficients: bool) -> dict[str, Any]:
+def _tunable(runs: _Runs, coefficients: bool) -> dict[str, Any]:
     """``{option: (start value, lo, hi)}`` of the coefficients to fit (empty unless asked)."""
     if not isinstance(coefficients, bool):
         raise TypeError(f"coefficients must be a bool, got {coefficients!r}")
     if not coefficients:
         return {}
-    solver = model.make_sampler(runs.sampler, runs.sampler_kwargs)
+    solver = runs.solver
     if not solver.tunable:
         raise ValueError(
             f"sampler {runs.sampler!r} has no tunable coefficients (Sampler.tunable); samplers "
@@ -344,6 +345,7 @@ class _Runs:
     num_steps: int
     sampler: str
     sampler_kwargs: dict[str, Any] | None
+    solver: Sampler
     stochastic: bool
     common: dict[str, Any]
     device: torch.device
@@ -400,6 +402,7 @@ class _Runs:
             num_steps=num_steps,
             sampler=name,
             sampler_kwargs=kwargs,
+            solver=solver,
             stochastic=solver.is_stochastic,
             common=common,
             device=device,
