@@ -33,14 +33,17 @@ import argparse
 import inspect
 import json
 import math
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_classifier import digits_data, feature_net
 
 from tinydiff import DiffusionModel, DiffusionModelConfig, Trainer, warmup_cosine
 from tinydiff.datasets import make_toy
@@ -251,41 +254,6 @@ def run_toy(
 
 
 # -- digits ----------------------------------------------------------------------------------------
-def digits_data() -> tuple[Tensor, Tensor]:
-    """sklearn's digits as (N, 1, 8, 8) in [-1, 1], and their labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    return x, torch.tensor(digits.target, dtype=torch.int64)
-
-
-def feature_net(x: Tensor, y: Tensor, seed: int = 0) -> Callable[[Tensor], Tensor]:
-    """A small classifier trained on the real digits; returns its penultimate-layer features
-    (n, 1, 8, 8) -> (n, 64) float64 (inputs clamped to [-1, 1])."""
-    torch.manual_seed(seed)
-    body = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU())
-    head = nn.Linear(64, 10)
-    opt = torch.optim.Adam([*body.parameters(), *head.parameters()], 1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(1500):
-        idx = torch.randint(0, len(x), (256,), generator=gen)
-        loss = nn.functional.cross_entropy(head(body(x[idx])), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        acc = float((head(body(x)).argmax(1) == y).float().mean())
-    print(f"feature classifier: training accuracy {acc:.3f}")
-    body.requires_grad_(False).eval()
-
-    def features(images: Tensor) -> Tensor:
-        with torch.no_grad():
-            return body(images.float().clamp(-1, 1)).double()
-
-    return features
-
-
 def frechet(a: Tensor, b: Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (n, d): the library's
     `tinydiff.metrics.frechet_distance` (float64)."""

@@ -26,7 +26,11 @@ jump; flow-map models are usually sampled without one.
 
 Classifier-free guidance applied to u at sampling time is not the flow map of the guided
 ODE (the average of a guided velocity is not the guided average), so it is refused for
-two-time networks; MeanFlow folds guidance into training instead (Geng et al. 2025, sec. 4.2).
+two-time networks. MeanFlow folds guidance into training instead (Geng et al. 2025, sec. 4.2):
+a model trained with `training_objective_kwargs={"guidance_scale": w}` (and
+`cond_drop_prob > 0`) learns the average velocity of the w-guided ODE, and
+`model.sample(bsz, 1, cond=...)` (no `guidance_scale`) samples the w-guided distribution in
+one call; the null condition gives the unconditional model.
 
 A one-time network has no flow map: for it this sampler takes the first-order step with the
 x0 estimate held fixed ([`tinydiff.samplers.euler`][tinydiff.samplers.euler], identical
@@ -76,7 +80,10 @@ class FlowMap(Sampler):
             raise ValueError(
                 "the flow_map sampler jumps along the network's average velocity u(x_t, r, t); "
                 "guidance applied to u at sampling time is not the flow map of the guided ODE, "
-                "so it is refused. Sample without guidance_scale / guidance, or sample the "
+                "so it is refused. Fold guidance into training instead: "
+                "training_objective='meanflow' with training_objective_kwargs={'guidance_scale': "
+                "w} (and cond_drop_prob > 0) trains the w-guided model, which samples it with "
+                "cond alone. Otherwise sample without guidance_scale / guidance, or sample the "
                 "instantaneous velocity with an ODE sampler (sampler='euler' calls the network "
                 "with r = t), many steps."
             )
