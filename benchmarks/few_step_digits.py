@@ -87,7 +87,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     steps = 2 * args.steps if row == "meanflow_twice" else args.steps
     model = build(row, args.omega, args.base_channels)
     model.enable_ema(decay=0.999)
-    trainer = Trainer(model, x_train, cond=y_train, batch_size=128)
+    trainer = Trainer(model, x_train, cond=y_train, batch_size=128, lr_scheduler="warmup_cosine")
     start = time.perf_counter()
     history = trainer.fit(steps)
     seconds = time.perf_counter() - start
