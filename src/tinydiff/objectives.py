@@ -309,7 +309,7 @@ class MeanFlow(Objective):
             radian per unit of t, so h T must stay well below 1).
         guidance_scale: $\omega$, the training-time classifier-free guidance scale
             (default 1: none; needs `cond_drop_prob > 0` and a `cond` in every loss call
-            otherwise). The paper's ImageNet models use an effective scale of 2-3.
+            otherwise).
         guidance_mix: $\kappa$ in [0, 1): the share of the target's guidance term taken
             from the network's own conditional output (their appendix B.1); the effective
             scale is $\omega / (1 - \kappa)$ (default 0).
