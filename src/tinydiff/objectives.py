@@ -573,8 +573,7 @@ class MeanFlow(Objective):
             prob = model.config.cond_drop_prob
             cond_drop_mask = torch.rand(bsz, generator=generator, device=x_t.device) < prob
         kept = cond
-        cond = _dropout(model, cond, cond_drop_mask, x_t, generator)
-        assert cond is not None
+        cond = cast(dict[str, Any], _dropout(model, cond, cond_drop_mask, x_t, generator))
         null = conditioning.null_cond(model.nn_module, kept)
         both = self.guidance_mix != 0.0
         with torch.no_grad():
