@@ -19,9 +19,10 @@ end-time embedding (``end_time=True, time_scale=0.1``), rectified flow, the Mean
 with classifier-free guidance folded into training (``--guidance-scale``, default 3: the
 model learns the average velocity of the w-guided ODE, Geng et al. 2025), sampled with the
 label alone in 1 and 2 network calls (``samples_meanflow_1step.png``,
-``samples_meanflow_2steps.png``)::
+``samples_meanflow_2steps.png``; after 500 steps the classifier read 100% / 99.6% of them as
+the requested digit)::
 
-    python examples/digits_cfg.py --objective meanflow --steps 3000
+    python examples/digits_cfg.py --objective meanflow
 """
 
 from __future__ import annotations
