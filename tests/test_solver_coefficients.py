@@ -156,3 +156,29 @@ def test_fitted_coefficients_plug_into_config_hub_and_compiled_sampling(flow, tm
         timestep_spacing=res.timesteps, init_noise=z[:16],
     )  # fmt: skip
     assert torch.equal(loaded.sample(16, init_noise=z[:16]), again)
+
+
+def test_damped_curvature_of_dpmpp_3m() -> None:
+    """curvature_weight: 1 is the exact method bitwise; the damped weights integrate every
+    line in lambda exactly (only the curvature term changes) and the quadratic
+    (lambda - lambda_i)^2 with c times the exact weight; bad values are refused."""
+    from tinydiff.samplers.dpmpp_3m import DPMSolverPP3M, _damp_curvature
+
+    model = exact_model(MIX, noise_schedule_type="cosine")
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    run = lambda **kw: model.sample(  # noqa: E731
+        16, 9, sampler="dpmpp_3m", sampler_kwargs=kw, init_noise=z, timestep_spacing="trailing"
+    )
+    assert torch.equal(run(curvature_weight=1.0), run())
+    assert not torch.allclose(run(curvature_weight=0.5), run())
+    w, lam = [0.9, -0.5, 0.2], [1.0, 0.4, -0.3]
+    for c in (0.0, 0.5):
+        d = _damp_curvature(w, lam, c)
+        for f, factor in ((lambda x: 1.0, 1.0), (lambda x: x, 1.0), (lambda x: (x - 1) ** 2, c)):
+            exact = sum(wj * f(lj) for wj, lj in zip(w, lam, strict=True))
+            damped = sum(dj * f(lj) for dj, lj in zip(d, lam, strict=True))
+            want = factor * exact
+            assert math.isclose(damped, want, rel_tol=1e-12, abs_tol=1e-12), (c, damped, want)
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="curvature_weight"):
+            DPMSolverPP3M(curvature_weight=bad)  # type: ignore[arg-type]
