@@ -32,8 +32,8 @@ of a derivative-free search: a coordinate pattern search in
    in full log-SNR :math:`\log(\alpha^2/\sigma^2) = 2\lambda`, so the search stops at steps
    below ``tol / 2`` in lambda.
 
-With ``coefficients=True`` the sampler's tunable coefficients are fitted next, at the best
-times, by the same whole-run objective and held-out selection: scalars such as unipc's
+With ``coefficients=True`` the sampler's tunable coefficients are fitted next, at the times
+the held-out selection chose, by the same whole-run objective and held-out selection: scalars such as unipc's
 ``last_step_blend``, and per-step ones (`tinydiff.samplers.Sampler.per_step`) such as unipc's
 ``correction_scale``, one weight per step on the step's higher-order terms. Fitting a
 solver's per-step coefficients to a fine solution is the idea of PAS (Wang et al. 2024,
@@ -95,7 +95,9 @@ class TimestepSearchResult:
         evaluations: sampler runs of S steps made by the search.
         network_calls: network calls in all, the reference included (each on
             ``num_samples`` rows; twice that with guidance).
-        history: the best error after each evaluation.
+        history: the best error on the search part after each evaluation (with
+            ``coefficients``, the coefficient search restarts from the chosen times' error,
+            so the history may rise once there).
         sampler: the sampler the times are for (a registered name).
         sampler_kwargs: its options to sample with: the ones given, with the fitted
             coefficients when ``coefficients=True``. Pass both with the times:
@@ -231,8 +233,8 @@ def optimize_timesteps(
             sigma = 0) and a per-step ``correction_scale`` (`Sampler.per_step`: S floats, the
             weight of each step's higher-order terms, as in PAS, Wang et al. 2024, and S4S,
             Frankel et al. 2025, which fit a solver's per-step coefficients to a teacher
-            trajectory). After the time search, the coefficients are fitted at the best
-            times found by a round-robin coordinate search (each coordinate, a scalar or one
+            trajectory). After the time search, the coefficients are fitted at the chosen
+            times (held-out selection) by a round-robin coordinate search (each coordinate, a scalar or one
             step's entry, moves up or down by its step, starting from a quarter of its range;
             a step grows x 1.5 on a gain, halves otherwise), scored like the times on the
             whole S-step run, with the same held-out selection: the returned times and
@@ -666,7 +668,7 @@ class _PatternSearch:
 
     def run(self, max_evals: int, progress: bool) -> TimestepSearchResult:
         """Sweep the interior times until every step is below tol or the budget is spent,
-        then fit the coefficients (if any) at the best times found."""
+        then fit the coefficients (if any) at the chosen times."""
         extra = sum(_COEF_EVALS if i is None else _STEP_COEF_EVALS for _, i in self.coords)
         bar = progress_bar(
             total=max_evals + extra, enabled=progress, desc="optimizing timesteps", leave=False
@@ -681,6 +683,11 @@ class _PatternSearch:
                     improved = self._move(i, max_evals, bar)
                     self.step[i] = self.step[i] * (1.5 if improved else 0.5)
             budget = self.evals + extra
+            # the coefficients start from the times the held-out selection chose (the start or
+            # a validated move), not from the best times on the search part, which may fit
+            # that part's samples: moves are then judged against a validated state
+            self.best_times, self.best = self.chosen_times, self.chosen_fit
+            self.coef = _copy_coef(self.chosen_coef)
 
             # coordinate descent, round robin over the coefficients (coupled through the
             # trajectory), each round one move per coordinate whose step is above tolerance
