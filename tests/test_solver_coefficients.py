@@ -95,7 +95,7 @@ def test_fitted_per_step_coefficients_beat_times_and_the_last_step_blend(
     """On held-out noise, against the converged solution: times + every coefficient < times
     + unipc's last-step blend alone <= times alone (unipc: measured 0.51x / 0.22x of times
     alone and 0.77x / 0.59x of times + blend at S = 5 / 8, 96 / 120 runs on 128 noises;
-    dpmpp_2m, S = 8: 0.82x of times alone)."""
+    dpmpp_2m, S = 8: 0.86x of times alone)."""
     model, z, ref = flow
     budget = {"num_samples": 128, "reference_steps": 200, "max_evals": 40, "return_info": True}
 
