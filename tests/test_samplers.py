@@ -65,6 +65,8 @@ OPTION_ORDERS = [
     ("unipc", {"rho": None}, 1.8),
     ("unipc", {"variant": "bh1"}, 1.8),
     ("unipc", {"order": 3, "variant": "bh1"}, 2.5),
+    ("dpmpp_3m", {"curvature_weight": 0.5}, 1.8),
+    ("dpmpp_3m", {"curvature_weight": 0.0}, 1.8),
 ]
 
 

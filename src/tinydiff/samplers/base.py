@@ -19,6 +19,7 @@ The network is reached only through a :class:`tinydiff.denoiser.Denoiser`, calle
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
@@ -47,9 +48,11 @@ __all__ = [
     "State",
     "StepLoop",
     "StepResult",
+    "check_per_step",
     "default_sampler",
     "get",
     "names",
+    "per_step_values",
     "register",
     "run_loop",
     "run_sampler",
@@ -132,8 +135,15 @@ class Sampler:
     #: timestep spacing (chosen per sampler from ``benchmarks/sampler_quality.py``)
     default_spacing: ClassVar[str] = "trailing"
     #: float options that `tinydiff.timestep_search.optimize_timesteps(coefficients=True)` may
-    #: fit per model, with the interval each may take: ``{name: (lo, hi)}``
+    #: fit per model, with the interval each may take: ``{name: (lo, hi)}``. An option named
+    #: in `per_step` as well is per step: None (the exact method) or a sequence of S floats,
+    #: one per sampling step, each in (lo, hi) when fitted
     tunable: ClassVar[Mapping[str, tuple[float, float]]] = {}
+    #: the per-step options among `tunable`, with the value of one entry that gives the exact
+    #: method (what None means for every step): ``{name: neutral}``. Such an option is
+    #: validated with `check_per_step` and read in `plan` with `per_step_values`, whose
+    #: length check against the number of steps happens when the times are known
+    per_step: ClassVar[Mapping[str, float]] = {}
 
     @property
     def is_stochastic(self) -> bool:
@@ -210,6 +220,52 @@ class Sampler:
     def step(self, x: Tensor, state: State, c: Row, denoise: Denoiser, noise: Noise) -> StepResult:
         """One step from ``c["t"]`` to ``c["t_next"]``; returns (x_next, state)."""
         raise NotImplementedError
+
+
+def check_per_step(what: str, values: Sequence[float] | None) -> tuple[float, ...] | None:
+    """A per-step option (`Sampler.per_step`) as a tuple of finite floats, or None.
+
+    Args:
+        what: the option's name in messages, e.g. ``"unipc correction_scale"``.
+        values: None, or a list or tuple of real numbers (one per sampling step; their count
+            is checked against the steps by `per_step_values`).
+
+    Raises:
+        TypeError: not None, a list or a tuple, or an entry that is not a real number.
+        ValueError: empty, or an entry that is not finite.
+    """
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"{what} must be None or a list/tuple of floats, one per sampling step, got "
+            f"{type(values).__name__} {values!r}"
+        )
+    if not values:
+        raise ValueError(f"{what} is empty; pass one float per sampling step, or None")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{what}[{i}] must be a float, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{what}[{i}] must be finite, got {v!r}")
+    return tuple(float(v) for v in values)
+
+
+def per_step_values(
+    name: str, values: tuple[float, ...] | None, num_steps: int
+) -> tuple[float, ...] | None:
+    """``values`` (from `check_per_step`) for a plan of ``num_steps`` steps.
+
+    Raises:
+        ValueError: their count is not ``num_steps``; the message says how to fix it.
+    """
+    if values is not None and len(values) != num_steps:
+        raise ValueError(
+            f"{name} has {len(values)} entries but the sampling times have {num_steps} steps: "
+            f"pass one value per step (or None), e.g. sample with sampling_timesteps="
+            f"{len(values)} or the times it was fitted with"
+        )
+    return values
 
 
 def default_sampler(process: GaussianProcess, *, warn: bool = False) -> str:

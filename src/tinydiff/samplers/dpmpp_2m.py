@@ -3,12 +3,25 @@ Diffusion Probabilistic Models", Alg. 2)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import first_order, step_orders
-from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
+from tinydiff.samplers.base import (
+    Denoiser,
+    Noise,
+    Row,
+    Sampler,
+    State,
+    StepResult,
+    check_per_step,
+    per_step_values,
+    register,
+)
 
 
 def midpoint_weight(v: PathValues, i: int) -> float:
@@ -34,18 +47,37 @@ class DPMSolverPP2M(Sampler):
     ``lower_order_final`` switch of other implementations is built in, not an option; on a
     process with sigma(0) > 0 the last step is an ordinary second-order step).
 
+    Args:
+        correction_scale: None (default: the exact method, bitwise) or S floats $s_i$ (a
+            list or tuple, one per step, finite): step i takes
+            $s_i \frac{1}{2r_i}(D_i - D_{i-1})$ as its second-order term (1: the exact
+            method, 0: DDIM). First-order steps (the first, the last to t = 0) have no such
+            term and ignore their entry. Per-step coefficients fitted for the model as in PAS
+            (Wang et al. 2024) and S4S (Frankel et al. 2025), by
+            `tinydiff.timestep_search.optimize_timesteps` (``coefficients=True``).
+
     State: the previous denoiser output. NFE: one per step, ``nfe(S) = S``.
     """
+
+    tunable: ClassVar[Mapping[str, tuple[float, float]]] = {"correction_scale": (0.0, 2.0)}
+    per_step: ClassVar[Mapping[str, float]] = {"correction_scale": 1.0}
 
     #: geometric mean over benchmarks/sampler_quality.py's quick grid (VP and rectified flow)
     #: of error / best spacing's: 1.71
     default_spacing = "logsnr_trailing"
 
+    def __init__(self, correction_scale: Sequence[float] | None = None) -> None:
+        self.correction_scale = check_per_step("dpmpp_2m correction_scale", correction_scale)
+
     def plan(self, path: PathValues) -> dict[str, Tensor]:
         rows = []
-        for i, order in enumerate(step_orders(path, 2)):
+        orders = step_orders(path, 2)
+        scale = per_step_values("correction_scale", self.correction_scale, len(orders))
+        for i, order in enumerate(orders):
             ratio, w = first_order(path, i)
             half_inv_r = midpoint_weight(path, i) if order == 2 else 0.0
+            if scale is not None:
+                half_inv_r *= scale[i]
             rows.append((ratio, w * (1 + half_inv_r), -w * half_inv_r))
         cols = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
         return {"coef_x": cols[:, 0], "coef_d": cols[:, 1], "coef_prev": cols[:, 2]}

@@ -4,6 +4,8 @@ multistep form popularised by k-diffusion's ``sample_dpmpp_2m_sde``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -40,6 +42,8 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
     """
 
     stochastic = True
+    tunable: ClassVar[Mapping[str, tuple[float, float]]] = {}  # not dpmpp_2m's
+    per_step: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, eta: float = 1.0) -> None:
         self.eta = check_number("eta", eta, min=0.0, owner="dpmpp_2m_sde")

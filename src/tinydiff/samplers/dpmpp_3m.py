@@ -38,10 +38,20 @@ class DPMSolverPP3M(Sampler):
 
     order = 3
 
-    def __init__(self, lower_order_final: bool = True) -> None:
+    def __init__(self, lower_order_final: bool = True, curvature_weight: float = 1.0) -> None:
         if not isinstance(lower_order_final, bool):
             raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
+        if (
+            isinstance(curvature_weight, bool)
+            or not isinstance(curvature_weight, (int, float))
+            or not 0 <= curvature_weight <= 1
+        ):
+            raise ValueError(
+                f"dpmpp_3m curvature_weight must be a float in [0, 1], got {curvature_weight!r}; "
+                "1 is the exact third-order method"
+            )
         self.lower_order_final = lower_order_final
+        self.curvature_weight = float(curvature_weight)
 
     def plan(self, path: PathValues) -> dict[str, Tensor]:
         orders = step_orders(path, self.order, lower_order_final=self.lower_order_final)
@@ -49,7 +59,12 @@ class DPMSolverPP3M(Sampler):
         cols = torch.zeros(len(orders), self.order + 1, dtype=torch.float64)
         for i, order in enumerate(orders):
             cols[i, 0] = float(path.sigma[i + 1] / path.sigma[i])
-            cols[i, 1 : order + 1] = torch.tensor(exponential_adams_weights(path, i, order))
+            w = exponential_adams_weights(path, i, order)
+            if order == 3 and self.curvature_weight != 1.0:
+                w = _damp_curvature(
+                    w, [float(path.lam[i - j]) for j in range(3)], self.curvature_weight
+                )
+            cols[i, 1 : order + 1] = torch.tensor(w)
         return {"coef_x": cols[:, 0], "coef_d": cols[:, 1:]}
 
     def init_state(self, x: Tensor) -> State:
@@ -62,3 +77,24 @@ class DPMSolverPP3M(Sampler):
         for j, d_j in enumerate(history):
             x_next = x_next + c["coef_d"][j] * d_j
         return x_next, history[:-1]
+
+
+def _damp_curvature(w: list[float], lam: list[float], c: float) -> list[float]:
+    r"""The weights ``w`` of an exact quadratic step through D at ``lam`` = [lambda_i,
+    lambda_{i-1}, lambda_{i-2}] with the curvature term scaled by c.
+
+    The step is linear in D and exact on quadratics, so its weight of
+    $q(\lambda) = (\lambda - \lambda_i)^2$ is $I_2 = \sum_j w_j q(\lambda_j)$, and the
+    curvature term $\tfrac12 D'' q$ of the quadratic through the outputs enters with
+    $I_2$ times the second divided difference $D[\lambda_i, \lambda_{i-1}, \lambda_{i-2}]
+    = \sum_j D_j / \prod_{k \ne j} (\lambda_j - \lambda_k)$.
+    """
+    i2 = sum(wj * (lj - lam[0]) ** 2 for wj, lj in zip(w, lam, strict=True))
+    out = []
+    for j, (wj, lj) in enumerate(zip(w, lam, strict=True)):
+        denom = 1.0
+        for k, lk in enumerate(lam):
+            if k != j:
+                denom *= lj - lk
+        out.append(wj - (1.0 - c) * i2 / denom)
+    return out

@@ -5,7 +5,7 @@ B(h) = e^h - 1 ("bh2", default) or h ("bh1")."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -13,7 +13,17 @@ from torch import Tensor
 
 from tinydiff.process import PathValues
 from tinydiff.samplers._exp import solve_vandermonde, step_orders
-from tinydiff.samplers.base import Denoiser, Noise, Row, Sampler, State, StepResult, register
+from tinydiff.samplers.base import (
+    Denoiser,
+    Noise,
+    Row,
+    Sampler,
+    State,
+    StepResult,
+    check_per_step,
+    per_step_values,
+    register,
+)
 
 
 def _unipc_weights(
@@ -129,6 +139,23 @@ class UniPC(Sampler):
             times (benchmarks/results/flow_quality.md: c fitted in-sample took unipc's error
             on ``trailing`` to 0.10-1.00x that of c = 0). Ignored where sigma(0) > 0 and on
             a single step from x_T (alpha = 0).
+        correction_scale: None (default: the exact method) or S floats $s_0, \dots,
+            s_{S-1}$ (a list or tuple, one per step, finite), the weight of each step's
+            higher-order terms. Step i's update is its first-order (DDIM) part plus
+            $s_i$ times the rest: the predictor's history term
+            $-\alpha_{i+1} B(h) \sum_m a_m (D_m - D_i)/r_m$ and, where the step's end
+            point is corrected (every step but the last), the UniC terms that correct it
+            (including the one in the new output $D_{i+1}$). $s_i = 1$ is the exact
+            method; a first-order step (the first predictor, the last step to sigma = 0)
+            has only the corrector's terms, or none (the last: its entry is ignored; fit
+            ``last_step_blend`` there). Per-step solver coefficients fitted for the model
+            are the idea of PAS (Wang et al. 2024, "Diffusion Sampling Correction via
+            Approximately 10 Parameters") and S4S (Frankel et al. 2025, "S4S: Solving for
+            a Diffusion Model Solver"), which learn corrections of a solver's update per
+            step against a teacher trajectory, and of DPM-Solver-v3's empirical model
+            statistics (Zheng et al. 2023); here one scalar per step, fitted by
+            `tinydiff.timestep_search.optimize_timesteps` (``coefficients=True``). The
+            plan's values change, not its shape: compiled sampling does not recompile.
 
     State: the last corrected iterate and ``order`` past model outputs.
     NFE: one per step, ``nfe(S) = S``.
@@ -137,7 +164,11 @@ class UniPC(Sampler):
     #: geometric mean over benchmarks/sampler_quality.py's quick grid (VP and rectified flow)
     #: of error / best spacing's: 1.63
     default_spacing = "quadratic"
-    tunable: ClassVar[Mapping[str, tuple[float, float]]] = {"last_step_blend": (0.0, 0.95)}
+    tunable: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "last_step_blend": (0.0, 0.95),
+        "correction_scale": (0.0, 2.0),
+    }
+    per_step: ClassVar[Mapping[str, float]] = {"correction_scale": 1.0}
 
     def __init__(
         self,
@@ -146,6 +177,7 @@ class UniPC(Sampler):
         variant: str = "bh2",
         rho: float | None = 0.5,
         last_step_blend: float = 0.0,
+        correction_scale: Sequence[float] | None = None,
     ) -> None:
         if isinstance(order, bool) or order not in (1, 2, 3):
             raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
@@ -170,6 +202,7 @@ class UniPC(Sampler):
                 "0 keeps the exact first-order last step"
             )
         self.last_step_blend = float(last_step_blend)
+        self.correction_scale = check_per_step("unipc correction_scale", correction_scale)
         self.variant = variant
         self.rho = None if rho is None else float(rho)
         self.order = order
@@ -186,6 +219,7 @@ class UniPC(Sampler):
         pred = torch.zeros(num_steps, p + 1, dtype=torch.float64)
         corr = torch.zeros(num_steps, p + 2, dtype=torch.float64)
         keep = torch.zeros(num_steps, dtype=torch.float64)
+        scale = per_step_values("correction_scale", self.correction_scale, num_steps)
         for i in range(num_steps):
             ratio = float(v.sigma[i + 1] / v.sigma[i])
             alpha_n = float(v.alpha[i + 1])
@@ -196,6 +230,10 @@ class UniPC(Sampler):
             )
             pred[i, 0] = x_coef
             pred[i, 1 : 1 + len(w)] = torch.tensor(w)
+            if scale is not None:  # first-order part (x_coef, w0_first) + s_i (the rest)
+                first = -alpha_n * math.expm1(lam[i] - lam[i + 1])
+                pred[i, 2:] *= scale[i]
+                pred[i, 1] = first + scale[i] * (pred[i, 1] - first)
             if i == 0:
                 keep[i] = 1.0
                 continue
@@ -213,6 +251,11 @@ class UniPC(Sampler):
             corr[i, 0] = x_coef
             corr[i, 1] = w[-1]
             corr[i, 2 : 2 + o] = torch.tensor(w[:-1])
+            if scale is not None:  # the correction of step i - 1, weighted by s_{i-1}
+                first = -float(v.alpha[i]) * math.expm1(lam[i - 1] - lam[i])
+                corr[i, 1] *= scale[i - 1]
+                corr[i, 3:] *= scale[i - 1]
+                corr[i, 2] = first + scale[i - 1] * (corr[i, 2] - first)
         # x_S = alpha_S (1 - c) m + c x^c / alpha_{S-1} (not from x_T itself where alpha = 0)
         if self.last_step_blend and math.isinf(lam[-1]) and float(v.alpha[-2]) > 0:
             c = self.last_step_blend
