@@ -559,9 +559,7 @@ _BOUNDARY_TOLERANCE = 0.05
 _SLOPE_STEP = 1e-6
 
 
-def _path_tangents(
-    process: Any, t: Tensor, second: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _path_tangents(process: Any, t: Tensor, second: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(alpha', sigma', alpha'', sigma'') in s = t/T at float64 times t: the first from the
     process (one-sided at a table's integers), the second (only with `second`, else zeros)
     by a one-sided difference of the first, step `_SLOPE_STEP` in s (forward, backward at
