@@ -37,6 +37,7 @@ import torch
 from tinydiff import DiffusionModel, objectives
 from tinydiff.metrics import energy_distance, sliced_wasserstein
 from tinydiff.nn import MLP
+from tinydiff.plotting import save_scatter_png
 from tinydiff.testing import GaussianMixture
 
 
@@ -99,6 +100,7 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
     ref = data.sample(N, generator=g).float()
     floor = score(data.sample(N, generator=g).float(), ref)
     rows: list[Row] = []
+    panels: list[tuple[str, torch.Tensor]] = [("exact", ref[:2000, :2])]
 
     torch.manual_seed(args.seed)
     diffusion = DiffusionModel(MLP(dim, 128, 3), input_shape=(dim,), **PATH)
@@ -114,6 +116,10 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
                 best = (s, sampler)
         assert best is not None
         rows.append((f"diffusion, {args.steps} steps", nfe, best[0], best[1], d_wall))
+        if nfe in (2, 10):
+            gen = torch.Generator().manual_seed(7)
+            x = diffusion.sample(N, nfe, sampler=best[1], generator=gen)
+            panels.append((f"diffusion {nfe} calls", x[:2000, :2]))
     gen = torch.Generator().manual_seed(7)
     s = score(diffusion.sample(N, 1, sampler="consistency", generator=gen), ref)
     rows.append((f"diffusion, {args.steps} steps (untuned)", 1, s, "consistency", d_wall))
@@ -132,8 +138,11 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
         model.eval()
         for nfe in (1, 2):
             gen = torch.Generator().manual_seed(7)
-            s = score(model.sample(N, nfe, generator=gen), ref)
+            x = model.sample(N, nfe, generator=gen)
+            s = score(x, ref)
             rows.append((f"meanflow, {steps} steps", nfe, s, "flow_map", f"{wall:.1f}"))
+            if mult == 2:
+                panels.append((f"meanflow {nfe} step", x[:2000, :2]))
 
     tuned = objectives.consistency_tuning(
         diffusion, form=args.tune_form, stage_steps=max(1, args.tune_steps // args.tune_stages)
@@ -144,8 +153,12 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
     label = f"consistency-tuned, {args.steps} + {args.tune_steps} = {total} steps"
     for nfe in (1, 2):
         gen = torch.Generator().manual_seed(7)
-        s = score(tuned.sample(N, nfe, generator=gen), ref)
+        x = tuned.sample(N, nfe, generator=gen)
+        s = score(x, ref)
         rows.append((label, nfe, s, "consistency", f"{d_wall} + {wall:.1f}"))
+        panels.append((f"consistency {nfe} step", x[:2000, :2]))
+    if args.plots:
+        save_scatter_png(f"{args.plots}/few_step_{name}.png", panels)
 
     lines = [
         f"### {name} ({dim}-d, {data.num_components} components), seed {args.seed}, "
@@ -200,6 +213,9 @@ def main() -> None:
         "--tune-form", choices=objectives.CONSISTENCY_FORMS, default="finite_difference"
     )
     parser.add_argument("--out", help="also write the Markdown tables to this file")
+    parser.add_argument(
+        "--plots", help="a folder for few_step_<data>.png (samples; the first 2 coordinates)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = list(DATA) if args.data == "all" else [args.data]
