@@ -10,8 +10,9 @@ in 8 dimensions), or ``all``. Trained:
 * MeanFlow (``training_objective="meanflow"``), ``--steps`` and ``2 * --steps`` steps, its
   MLP with ``time_scale=0.1`` (``--time-scale``; see ``results/few_step.md``);
 * the consistency-tuned model: the diffusion model above, tuned ``--tune-steps`` more steps
-  with ``tinydiff.objectives.consistency_tuning`` (ECT's finite-difference form,
-  ``--tune-form``), total steps = ``--steps + --tune-steps``.
+  with ``tinydiff.objectives.consistency_tuning``, once per form (``--tune-form``: ECT's
+  finite-difference form and the tangent form), ECT's schedule over ``--tune-stages``
+  stages; total steps = ``--steps + --tune-steps``.
 
 Scored by the energy distance (V-statistic, `tinydiff.metrics.energy_distance`, n = 4000
 against 4000 held-out exact samples) and the sliced W2: the flow-map models at 1 and 2
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -144,19 +146,26 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
             if mult == 2:
                 panels.append((f"meanflow {nfe} step", x[:2000, :2]))
 
-    tuned = objectives.consistency_tuning(
-        diffusion, form=args.tune_form, stage_steps=max(1, args.tune_steps // args.tune_stages)
-    )
-    wall = train(tuned, data, args.tune_steps, args.bsz, args.tune_lr, args.seed + 1)
-    tuned.eval()
-    total = args.steps + args.tune_steps
-    label = f"consistency-tuned, {args.steps} + {args.tune_steps} = {total} steps"
-    for nfe in (1, 2):
-        gen = torch.Generator().manual_seed(7)
-        x = tuned.sample(N, nfe, generator=gen)
-        s = score(x, ref)
-        rows.append((label, nfe, s, "consistency", f"{d_wall} + {wall:.1f}"))
-        panels.append((f"consistency {nfe} step", x[:2000, :2]))
+    for form in args.tune_form:
+        options: dict[str, Any] = {"form": form}
+        if form == "tangent":
+            options["tangent_normalization"] = args.tangent_normalization
+            lr = args.tangent_lr
+        else:
+            options["stage_steps"] = max(1, args.tune_steps // args.tune_stages)
+            lr = args.tune_lr
+        tuned = objectives.consistency_tuning(diffusion, **options)
+        wall = train(tuned, data, args.tune_steps, args.bsz, lr, args.seed + 1)
+        tuned.eval()
+        total = args.steps + args.tune_steps
+        label = f"consistency-tuned ({form}), {args.steps} + {args.tune_steps} = {total} steps"
+        for nfe in (1, 2):
+            gen = torch.Generator().manual_seed(7)
+            x = tuned.sample(N, nfe, generator=gen)
+            s = score(x, ref)
+            rows.append((label, nfe, s, "consistency", f"{d_wall} + {wall:.1f}"))
+            if form == args.tune_form[0]:
+                panels.append((f"consistency {nfe} step", x[:2000, :2]))
     if args.plots:
         save_scatter_png(f"{args.plots}/few_step_{name}.png", panels)
 
@@ -207,10 +216,18 @@ def main() -> None:
         "--time-scale", type=float, default=0.1, help="the MeanFlow MLP's time_scale"
     )
     parser.add_argument("--tune-steps", type=int, default=500, help="consistency tuning steps")
-    parser.add_argument("--tune-lr", type=float, default=1e-3)
-    parser.add_argument("--tune-stages", type=int, default=8, help="ECT stages over the tuning run")
+    parser.add_argument("--tune-lr", type=float, default=1e-3, help="finite-difference form")
+    parser.add_argument("--tune-stages", type=int, default=4, help="ECT stages over the tuning run")
+    parser.add_argument("--tangent-lr", type=float, default=3e-4, help="tangent form")
     parser.add_argument(
-        "--tune-form", choices=objectives.CONSISTENCY_FORMS, default="finite_difference"
+        "--tangent-normalization", type=float, default=None, help="sCM's c (tangent form)"
+    )
+    parser.add_argument(
+        "--tune-form",
+        choices=objectives.CONSISTENCY_FORMS,
+        nargs="+",
+        default=["finite_difference", "tangent"],
+        help="one tuned model per form",
     )
     parser.add_argument("--out", help="also write the Markdown tables to this file")
     parser.add_argument(
@@ -221,7 +238,9 @@ def main() -> None:
     names = list(DATA) if args.data == "all" else [args.data]
     lines = [
         f"Command: `python benchmarks/few_step.py --data {args.data} --steps {args.steps} "
-        f"--tune-steps {args.tune_steps} --seed {args.seed}`",
+        f"--tune-steps {args.tune_steps} --tune-stages {args.tune_stages} --tune-lr "
+        f"{args.tune_lr} --tangent-lr {args.tangent_lr} --tangent-normalization "
+        f"{args.tangent_normalization} --seed {args.seed}`",
         "",
     ]
     for name in names:

@@ -426,8 +426,9 @@ def test_tuning_copies_the_network_and_leaves_the_model(tuned):
 
 
 def test_tuning_improves_one_step_samples(tuned):
-    """Measured: energy distance 0.21 (untuned, 1 step: the x0 estimate from noise, near the
-    mean), 0.02 (tuned, 1 step)."""
+    """Measured (one thread): energy distance 0.47 untuned (1 step: the x0 estimate from
+    noise, near the data mean), 0.049 tuned at 1 step, 0.11 at 2 steps (the diffusion model
+    at 10 unipc calls: 0.012)."""
     base, model = tuned
     g = torch.Generator().manual_seed(1)
     ref = RING4.sample(2000, generator=g).float()
