@@ -423,6 +423,16 @@ def test_tuning_copies_the_network_and_leaves_the_model(tuned):
     )
     with pytest.raises(ValueError, match="pred_x_0"):
         objectives.consistency_tuning(DiffusionModel(MLP(2), input_shape=(2,), target_type="x0"))
+    source = DiffusionModel(MLP(2, 8, 1), input_shape=(2,), min_snr_gamma=5.0, loss_type="l1")
+    source.enable_ema()
+    with torch.no_grad():
+        source.nn_module.output.bias.fill_(1.0)  # the live weights move, the EMA copy does not
+    from_ema = objectives.consistency_tuning(source, use_ema=True, form="tangent")
+    ema = source.network(use_ema=True)
+    for a, b in zip(from_ema.nn_module.parameters(), ema.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert from_ema.config.min_snr_gamma is None and from_ema.config.loss_type == "l2"
+    assert not objectives.get("diffusion").uses_step
 
 
 def test_tuning_improves_one_step_samples(tuned):
