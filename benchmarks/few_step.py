@@ -105,7 +105,13 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
     panels: list[tuple[str, torch.Tensor]] = [("exact", ref[:2000, :2])]
 
     torch.manual_seed(args.seed)
-    diffusion = DiffusionModel(MLP(dim, 128, 3), input_shape=(dim,), **PATH)
+    net = MLP(
+        dim,
+        128,
+        3,
+        **({} if args.diffusion_time_scale == 1 else {"time_scale": args.diffusion_time_scale}),
+    )
+    diffusion = DiffusionModel(net, input_shape=(dim,), **PATH)
     wall = train(diffusion, data, args.steps, args.bsz, args.lr, args.seed)
     diffusion.eval()
     d_wall = f"{wall:.1f}"
@@ -126,7 +132,7 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
     s = score(diffusion.sample(N, 1, sampler="consistency", generator=gen), ref)
     rows.append((f"diffusion, {args.steps} steps (untuned)", 1, s, "consistency", d_wall))
 
-    for mult in (1, 2):
+    for mult in () if args.no_meanflow else (1, 2):
         steps = mult * args.steps
         torch.manual_seed(args.seed)
         model = DiffusionModel(
@@ -215,6 +221,13 @@ def main() -> None:
     parser.add_argument(
         "--time-scale", type=float, default=0.1, help="the MeanFlow MLP's time_scale"
     )
+    parser.add_argument(
+        "--diffusion-time-scale",
+        type=float,
+        default=1.0,
+        help="the diffusion MLP's time_scale (the tuned model keeps it)",
+    )
+    parser.add_argument("--no-meanflow", action="store_true", help="skip the MeanFlow models")
     parser.add_argument("--tune-steps", type=int, default=500, help="consistency tuning steps")
     parser.add_argument("--tune-lr", type=float, default=1e-3, help="finite-difference form")
     parser.add_argument("--tune-stages", type=int, default=4, help="ECT stages over the tuning run")
@@ -240,7 +253,8 @@ def main() -> None:
         f"Command: `python benchmarks/few_step.py --data {args.data} --steps {args.steps} "
         f"--tune-steps {args.tune_steps} --tune-stages {args.tune_stages} --tune-lr "
         f"{args.tune_lr} --tangent-lr {args.tangent_lr} --tangent-normalization "
-        f"{args.tangent_normalization} --seed {args.seed}`",
+        f"{args.tangent_normalization} --diffusion-time-scale {args.diffusion_time_scale}"
+        f"{' --no-meanflow' if args.no_meanflow else ''} --seed {args.seed}`",
         "",
     ]
     for name in names:
