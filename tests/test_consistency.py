@@ -228,6 +228,11 @@ def test_ect_schedule():
         torch.testing.assert_close(obj.interval_ratio(model, t, step), expect)
     assert bool((obj.interval_ratio(model, t, 10_000) == 1e-3).all())
     assert obj.interval_ratio(model, t, 0)[0] == 1.0  # n(t) > q at low noise: r = 0
+    flat = _random_model(RF, b=0.0).objective  # n = 1 + k / 2 everywhere, pure noise included
+    ends = torch.tensor([1.0, float(T)], dtype=F64)
+    torch.testing.assert_close(
+        flat.interval_ratio(model, ends, 400), torch.full((2,), 5 / 8, dtype=F64)
+    )
     obj.calls = 0
     model.loss(torch.randn(4, 2, dtype=F64))
     model.loss(torch.randn(4, 2, dtype=F64), step=5)

@@ -775,7 +775,8 @@ class Consistency(Objective):
         r"""ECT's $(s_t - s_r)/s_t$ at float64 times t (bsz,) and optimizer step `step`:
         $\min(1, \max(\rho_{min}, n(t)/q^{k+1}))$, $k = \lfloor step/stage\_steps\rfloor$."""
         alpha, sigma = model.process.alpha_sigma(t)
-        n = 1 + self.k * torch.sigmoid(-self.b * (sigma / alpha))  # sigma/alpha = inf at alpha 0
+        nsr = (sigma / alpha).clamp(max=1e300)  # inf at alpha = 0: finite, so that b = 0 works
+        n = 1 + self.k * torch.sigmoid(-self.b * nsr)
         decay = self.q ** -float(step // self.stage_steps + 1)  # underflows to 0, never inf
         return (n * decay).clamp(min=self.min_ratio, max=1.0)
 
