@@ -100,7 +100,10 @@ def test_guidance_rescale_matches_formula() -> None:
     assert torch.allclose(ab.sqrt() * out.x0 + (1 - ab).sqrt() * out.eps, x, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", samplers.names())
+@pytest.mark.parametrize(
+    "name",
+    [n for n in samplers.names() if n != "consistency"],  # refuses guidance by design
+)
 def test_guidance_works_with_every_sampler(name: str) -> None:
     model = _model(LabelNet())
     labels = torch.tensor([0, 1, 2])

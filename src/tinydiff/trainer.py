@@ -344,7 +344,8 @@ class Trainer:
         """
         self.model.train()
         x, cond = self._next_batch()
-        loss = self._forward(x, cond=cond, generator=self.noise_generator).mean()
+        step = {"step": self.step} if getattr(self.model.objective, "uses_step", False) else {}
+        loss = self._forward(x, cond=cond, generator=self.noise_generator, **step).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the ranks here
         params = [p for p in self.model.parameters() if p.grad is not None]
