@@ -323,6 +323,35 @@ def test_one_and_two_steps_call_the_network_once_per_step():
     assert samplers.get("consistency")().nfe(2) == 2
 
 
+class RecordingTwoTime(Recording):
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        self.calls.append(t.tolist()[0])
+        return self.inner(x, t, r=r)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("objective", ["consistency", "meanflow"])
+def test_without_a_step_count_a_few_step_model_jumps_once_silently(objective, shift, recwarn):
+    """The few-step samplers' own defaults: one jump, `trailing` on every process (no
+    per-process spacing rule, no 0.2-change FutureWarning: they are new)."""
+    meanflow = objective == "meanflow"
+    net = RecordingTwoTime(MLP(2, 16, 2, end_time=True)) if meanflow else Recording(MLP(2, 16, 2))
+    model = DiffusionModel(
+        net,
+        input_shape=(2,),
+        noise_schedule_type="rectified_flow",
+        schedule_kwargs={"shift": shift},
+        target_type="pred_velocity",
+        training_objective=objective,
+    )
+    model.sample(3)
+    assert net.calls == [T]
+    net.calls.clear()
+    model.sample(3, 2)
+    assert net.calls == [T, T / 2]
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
 def test_guidance_is_refused():
     net = MLP(2, 16, 1, num_classes=3)
     model = DiffusionModel(net, input_shape=(2,), **RF, training_objective="consistency")

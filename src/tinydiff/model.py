@@ -166,7 +166,8 @@ class DiffusionModel(
             generator: source of t, eps and the dropout draw, on x's device.
             check_finite: refuse NaN / inf in x and noise: True, False, or None (default:
                 CPU tensors only, where the check costs no host sync).
-            **objective_options: options of the objective's loss (meanflow: ``r``).
+            **objective_options: options of the objective's loss (meanflow: ``r``;
+                consistency: ``r``, ``step``).
 
         Returns:
             (bsz, *input_shape) per-element losses. Bad input raises ValueError or TypeError

@@ -144,6 +144,11 @@ class Sampler:
     #: validated with `check_per_step` and read in `plan` with `per_step_values`, whose
     #: length check against the number of steps happens when the times are known
     per_step: ClassVar[Mapping[str, float]] = {}
+    #: a few-step sampler's own defaults (new in 0.3, so nothing changed since 0.2): with a
+    #: value, a call without ``sampling_timesteps`` runs this many steps and a call without
+    #: a spacing uses `default_spacing` on every process (the `spacing_for` rule is for ODE
+    #: solvers); None (the default): `default_num_steps` and `spacing_for` below
+    few_step_default: ClassVar[int | None] = None
 
     @property
     def is_stochastic(self) -> bool:
@@ -165,7 +170,7 @@ class Sampler:
         ``benchmarks/defaults_grid.py`` (results/defaults_grid.md). Override it in a
         subclass for a sampler of your own.
         """
-        if process.variance_preserving:
+        if process.variance_preserving or cls.few_step_default is not None:
             return cls.default_spacing
         T = process.num_timesteps
         lo, hi = process.lam_range()
@@ -179,7 +184,10 @@ class Sampler:
         deterministic sampler (its error at 50 steps is far below a trained network's, e.g.
         benchmarks/results/sampler_quality.md); all T steps for a stochastic one, whose
         ancestral noise converges only at order 1/2 in the step size and which tinydiff 0.2
-        ran with T steps (VP models sampled with ``ddpm`` keep their samples)."""
+        ran with T steps (VP models sampled with ``ddpm`` keep their samples). A few-step
+        sampler (`few_step_default` set, e.g. ``flow_map``, ``consistency``): that many."""
+        if self.few_step_default is not None:
+            return min(self.few_step_default, num_timesteps)
         return num_timesteps if self.is_stochastic else min(DEFAULT_NUM_STEPS, num_timesteps)
 
     @classmethod
@@ -329,7 +337,7 @@ def sampling_defaults(
         )
     if num_steps is None and (spacing is None or isinstance(spacing, str)):
         steps = sampler.default_num_steps(T)
-        if steps != T:
+        if steps != T and sampler.few_step_default is None:
             changes.append(
                 f"with no sampling_timesteps it now runs {steps} steps (it is deterministic), "
                 f"not all T = {T}: pass sampling_timesteps={T} to keep the old"

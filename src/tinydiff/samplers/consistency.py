@@ -36,11 +36,12 @@ class Consistency(Sampler):
     $x_{t_{i+1}} = \alpha(t_{i+1})\hat x_0 + \sigma(t_{i+1})z$ (Song et al. 2023, Alg. 1);
     the last step returns $\hat x_0$.
 
-    NFE: one per step, `nfe(S) = S`. Pass the step count (1 or 2 is typical): without one
-    a stochastic sampler runs all T steps.
+    NFE: one per step, `nfe(S) = S`. Without a step count a call makes one jump (T -> 0);
+    spacing `trailing` on every process (`few_step_default`).
     """
 
     stochastic = True
+    few_step_default = 1  # one jump: the consistency function maps noise to data
 
     def plan(self, path: PathValues) -> dict[str, Tensor]:
         alpha_next, sigma_next = path.alpha[1:].clone(), path.sigma[1:].clone()

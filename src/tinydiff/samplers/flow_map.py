@@ -54,8 +54,12 @@ class FlowMap(Sampler):
     r"""Jump along the learnt flow map: $x_r = x_t + (r - t)/T\;u(x_t, r, t)$
     (Geng et al. 2025, eq. 12), r the next sampling time.
 
-    NFE: one per step, `nfe(S) = S`.
+    NFE: one per step, `nfe(S) = S`. Without a step count a call makes one jump (T -> 0);
+    spacing `trailing` on every process (`few_step_default`). A one-time network sampled
+    with this sampler takes Euler steps: pass a step count (e.g. 50) for it.
     """
+
+    few_step_default = 1
 
     def plan(self, path: PathValues) -> dict[str, Tensor]:
         num_steps = path.t.numel() - 1
