@@ -16,7 +16,11 @@ with the EMA weights), ``cond_drop_prob=0.1``. Trained:
   ``2 * --steps`` steps, sampled with the label and no sampling-time guidance (``flow_map``,
   1 and 2 network calls);
 * ``meanflow_unguided``: the same with ``guidance_scale=1`` (the conditional model, no
-  guidance), ``--steps`` steps: what the folded-in guidance changes.
+  guidance), ``--steps`` steps: what the folded-in guidance changes;
+* ``consistency_tuned``: the ``diffusion`` row's model (same seed, its EMA weights) tuned
+  ``--steps // 2`` more steps with ``tinydiff.objectives.consistency_tuning`` (ECT's
+  finite-difference form, 4 stages, lr 1e-3), sampled with the label and no guidance
+  (``consistency``, 1 and 2 calls); its steps and wall time are the total.
 
 Scored with the small digits classifier of ``digits_classifier.py`` (trained on all the real
 digits): the Frechet distance of its penultimate features (`tinydiff.metrics.fid`) between
@@ -47,12 +51,12 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_classifier import digits_data, train_classifier
 
-from tinydiff import DiffusionModel, Trainer
+from tinydiff import DiffusionModel, Trainer, objectives
 from tinydiff.metrics import fid
 from tinydiff.nn import UNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("diffusion", "meanflow_equal", "meanflow_twice", "meanflow_unguided")
+ROWS = ("diffusion", "meanflow_equal", "meanflow_twice", "meanflow_unguided", "consistency_tuned")
 RF = {"noise_schedule_type": "rectified_flow", "target_type": "pred_velocity"}
 
 
@@ -66,7 +70,7 @@ def split() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
 
 def build(row: str, omega: float, base_channels: int) -> DiffusionModel:
     torch.manual_seed(0)
-    if row == "diffusion":
+    if row in ("diffusion", "consistency_tuned"):
         net = UNet(1, base_channels, (1, 2), num_classes=10)
         return DiffusionModel(net, input_shape=(1, 8, 8), cond_drop_prob=0.1)
     net = UNet(1, base_channels, (1, 2), num_classes=10, end_time=True, time_scale=0.1)
@@ -94,6 +98,17 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     history = trainer.fit(steps)
     seconds = time.perf_counter() - start
     print(f"{row}: {steps} steps in {seconds:.0f} s, final loss {sum(history[-100:]) / 100:.4f}")
+    if row == "consistency_tuned":  # the diffusion row's model (same seed), tuned on top
+        tune = max(1, args.steps // 2)
+        model = objectives.consistency_tuning(model, use_ema=True, stage_steps=max(1, tune // 4))
+        trainer = Trainer(
+            model, x_train, cond=y_train, batch_size=128, lr=1e-3, lr_scheduler="warmup_cosine"
+        )
+        start = time.perf_counter()
+        history = trainer.fit(tune)
+        tune_seconds = time.perf_counter() - start
+        print(f"  tuned {tune} steps in {tune_seconds:.0f} s, loss {sum(history[-50:]) / 50:.4g}")
+        steps, seconds = steps + tune, seconds + tune_seconds
     model.eval()
     labels = torch.arange(10).repeat_interleave(args.per_class)
     noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -122,11 +137,12 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
                     cells[key] = {**score(out), "calls": n * (2 if w != 1 else 1)}
                     print(f"  {key}: {cells[key]}", flush=True)
     else:
+        tuned = row == "consistency_tuned"  # no EMA of its own: sampled with its weights
         for n in (1, 2):
             out = model.sample(
-                len(labels), n, init_noise=noise, cond={"class_labels": labels}, use_ema=True
+                len(labels), n, init_noise=noise, cond={"class_labels": labels}, use_ema=not tuned
             )
-            key = f"flow_map {n} step{'s' if n > 1 else ''}"
+            key = f"{'consistency' if tuned else 'flow_map'} {n} step{'s' if n > 1 else ''}"
             cells[key] = {**score(out), "calls": n}
             print(f"  {key}: {cells[key]}", flush=True)
     return {"steps": steps, "seconds": seconds, "cells": cells, "floor": floor}
