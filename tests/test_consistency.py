@@ -466,6 +466,10 @@ def test_tuning_copies_the_network_and_leaves_the_model(tuned):
     for a, b in zip(from_ema.nn_module.parameters(), ema.parameters(), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
     assert from_ema.config.min_snr_gamma is None and from_ema.config.loss_type == "l2"
+    # the EMA copy is frozen; its tuned copy trains (gradients reach every parameter)
+    assert all(p.requires_grad for p in from_ema.parameters())
+    from_ema.loss(torch.randn(8, 2)).mean().backward()
+    assert all(p.grad is not None for p in from_ema.nn_module.parameters())
     assert not objectives.get("diffusion").uses_step
 
 

@@ -1028,6 +1028,11 @@ def consistency_tuning(
             or bad options.
     """
     network = copy.deepcopy(model.network(use_ema))
+    if use_ema:  # the EMA copy is frozen: train its copy with the live network's flags
+        live = model.nn_module
+        for mine, theirs in zip(network.parameters(), live.parameters(), strict=True):
+            mine.requires_grad_(theirs.requires_grad)
+        network.train(live.training)
     fields = model.config.model_dump()
     fields.update(
         training_objective="consistency",
