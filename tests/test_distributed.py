@@ -1,5 +1,7 @@
 """DistributedDataParallel on 2 CPU processes (gloo): gradients agree across ranks and
-training on two halves of a batch equals single-process training on the whole batch."""
+training on two halves of a batch equals single-process training on the whole batch, for
+the diffusion objective and for MeanFlow (whose forward-mode jvp runs inside the wrapped
+loss)."""
 
 from __future__ import annotations
 
@@ -18,42 +20,54 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _nets import CondNet
 
 from tinydiff import DiffusionModel, DiffusionModelConfig
+from tinydiff.nn import MLP
 
 STEPS, BSZ, LR = 3, 16, 0.05
 
 
-def _model() -> DiffusionModel:
+def _model(objective: str) -> DiffusionModel:
     torch.manual_seed(0)
+    if objective == "meanflow":
+        return DiffusionModel(
+            MLP(2, 16, 1, end_time=True),
+            input_shape=(2,),
+            num_timesteps=50,
+            noise_schedule_type="rectified_flow",
+            target_type="pred_velocity",
+            training_objective="meanflow",
+        )
     return DiffusionModel(CondNet(2, 16), DiffusionModelConfig(input_shape=(2,), num_timesteps=50))
 
 
-def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _batches(objective: str) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(BSZ, 2, generator=g),
-            torch.randint(1, 51, (BSZ,), generator=g),
-            torch.randn(BSZ, 2, generator=g),
-        )
-        for _ in range(STEPS)
-    ]
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(BSZ, 2, generator=g)
+        if objective == "meanflow":  # real times, end times r <= t
+            t = 50 * torch.rand(BSZ, generator=g, dtype=torch.float64)
+            extra = {"t": t, "r": t * torch.rand(BSZ, generator=g, dtype=torch.float64)}
+        else:
+            extra = {"t": torch.randint(1, 51, (BSZ,), generator=g)}
+        out.append({"x": x, "noise": torch.randn(BSZ, 2, generator=g), **extra})
+    return out
 
 
-def _worker(rank: int, world: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str, objective: str) -> None:
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port that a parallel test could take between choice and bind
     init = "file://" + os.path.join(out_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        model = _model()
+        model = _model(objective)
         ddp = DDP(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=LR)
         half = BSZ // world
         grads_agree = True
-        for x, t, noise in _batches():
+        for batch in _batches(objective):
             sl = slice(rank * half, (rank + 1) * half)
             opt.zero_grad()
-            ddp(x[sl], t=t[sl], noise=noise[sl]).mean().backward()
+            ddp(**{k: v[sl] for k, v in batch.items()}).mean().backward()
             for p in model.parameters():
                 assert p.grad is not None
                 gathered = [torch.empty_like(p.grad) for _ in range(world)]
@@ -70,13 +84,14 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-def test_ddp_matches_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    model = _model()
+@pytest.mark.parametrize("objective", ["diffusion", "meanflow"])
+def test_ddp_matches_single_process(tmp_path: Path, objective: str) -> None:
+    mp.spawn(_worker, args=(2, str(tmp_path), objective), nprocs=2, join=True)
+    model = _model(objective)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for x, t, noise in _batches():
+    for batch in _batches(objective):
         opt.zero_grad()
-        model(x, t=t, noise=noise).mean().backward()
+        model(**batch).mean().backward()
         opt.step()
     results = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     for res in results:
