@@ -57,6 +57,7 @@ from tinydiff.nn import UNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("diffusion", "meanflow_equal", "meanflow_twice", "meanflow_unguided", "consistency_tuned")
+READING = "## Reading"  # a hand-written section after the tables, kept when regenerating
 RF = {"noise_schedule_type": "rectified_flow", "target_type": "pred_velocity"}
 
 
@@ -195,6 +196,13 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_report(path: Path, results: dict[str, Any]) -> None:
+    """The generated tables, keeping a hand-written "## Reading" section of the old file."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(READING) :] if READING in old else ""
+    path.write_text(report(results) + ("\n" + notes if notes else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -210,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         results = json.loads((args.out / "few_step_digits.json").read_text())
-        (args.out / "few_step_digits.md").write_text(report(results))
+        _write_report(args.out / "few_step_digits.md", results)
         return
     torch.set_num_threads(args.threads)
     rows = [r for r in args.rows.split(",") if r]
@@ -229,7 +237,7 @@ def main() -> None:
                 results = {}  # another size: start afresh
             results.update({"meta": meta, row: out})
             path.write_text(json.dumps(results, indent=1) + "\n")
-            (args.out / "few_step_digits.md").write_text(report(results))
+            _write_report(args.out / "few_step_digits.md", results)
         print(report(results))
 
 
