@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -44,7 +44,8 @@ from tinydiff.process import Point
 
 if TYPE_CHECKING:
     from tinydiff.denoiser import ModelLike
-    from tinydiff.model import DiffusionModel
+
+    _Model = TypeVar("_Model", bound=ModelLike)
 
 __all__ = [
     "CONSISTENCY_DISTANCES",
@@ -1003,9 +1004,7 @@ class Consistency(Objective):
         return r
 
 
-def consistency_tuning(
-    model: DiffusionModel, *, use_ema: bool = False, **objective_kwargs: Any
-) -> DiffusionModel:
+def consistency_tuning(model: _Model, *, use_ema: bool = False, **objective_kwargs: Any) -> _Model:
     """A few-step model tuned from a trained diffusion model (Geng et al. 2024, ECT): a new
     model of `model`'s class with a deep copy of its network (the EMA copy with `use_ema`)
     and `training_objective="consistency"` (options `objective_kwargs`, see
@@ -1043,4 +1042,4 @@ def consistency_tuning(
         loss_kwargs={},
         min_snr_gamma=None,
     )
-    return type(model)(network, fields)
+    return cast("_Model", type(model)(network, fields))  # type: ignore[call-arg]
