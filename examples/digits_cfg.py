@@ -73,10 +73,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # (N, 1, 8, 8)
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    classifier = LogisticRegression(max_iter=2000).fit(digits.data, digits.target)
+    x, y, classifier = load()
 
     net = UNet(in_channels=1, base_channels=32, channel_mults=(1, 2), num_classes=10)
     config = DiffusionModelConfig(
@@ -112,31 +109,44 @@ def main() -> None:
             cond={"class_labels": labels},
             guidance_scale=w,
             use_ema=True,
-        ).clamp(-1, 1)
-        pixels = ((samples[:, 0] + 1) * 8.0).reshape(len(labels), 64).numpy()
-        accuracy = (classifier.predict(pixels) == labels.numpy()).mean()
-        print(f"{w:10.1f} | {accuracy:.3f}")
-        # one row per class: the first ten samples of each digit, 4x enlarged
-        first_ten = samples.reshape(10, args.per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)
-        image_grid(
-            first_ten,
-            nrow=min(10, args.per_class),
-            path=args.out / f"samples_w{w:g}.png",
-            padding=1,
-            scale=4,
         )
+        accuracy = score_and_save(samples, labels, classifier, args, f"samples_w{w:g}.png")
+        print(f"{w:10.1f} | {accuracy:.3f}")
     edit_panels(model, x, y, classifier, args)
     print(f"\nwrote sample grids to {args.out}")
+
+
+def load() -> tuple[torch.Tensor, torch.Tensor, LogisticRegression]:
+    """scikit-learn's digits scaled to [-1, 1] as (N, 1, 8, 8), their labels, and a
+    logistic-regression classifier fitted on them (the accuracy check)."""
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    return x, y, LogisticRegression(max_iter=2000).fit(digits.data, digits.target)
+
+
+def score_and_save(
+    samples: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: LogisticRegression,
+    args: argparse.Namespace,
+    name: str,
+) -> float:
+    """The fraction of samples (clamped to [-1, 1]) the classifier reads as their label;
+    saves one row per class, the first ten samples of each digit, 4x enlarged."""
+    samples = samples.clamp(-1, 1)
+    pixels = ((samples[:, 0] + 1) * 8.0).reshape(len(labels), 64).numpy()
+    accuracy = float((classifier.predict(pixels) == labels.numpy()).mean())
+    first_ten = samples.reshape(10, args.per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)
+    image_grid(first_ten, nrow=min(10, args.per_class), path=args.out / name, padding=1, scale=4)
+    return accuracy
 
 
 def meanflow(args: argparse.Namespace) -> None:
     """Train the guided MeanFlow model and save its 1- and 2-step samples (module docstring)."""
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    classifier = LogisticRegression(max_iter=2000).fit(digits.data, digits.target)
+    x, y, classifier = load()
     net = UNet(1, 32, (1, 2), num_classes=10, end_time=True, time_scale=0.1)
     config = DiffusionModelConfig(
         input_shape=(1, 8, 8),
@@ -166,18 +176,9 @@ def meanflow(args: argparse.Namespace) -> None:
         # the label alone: the model already is the guided one (no guidance_scale here)
         samples = model.sample(
             len(labels), calls, init_noise=noise, cond={"class_labels": labels}, use_ema=True
-        ).clamp(-1, 1)
-        pixels = ((samples[:, 0] + 1) * 8.0).reshape(len(labels), 64).numpy()
-        accuracy = (classifier.predict(pixels) == labels.numpy()).mean()
-        print(f"{calls:13d} | {accuracy:.3f}")
-        first_ten = samples.reshape(10, args.per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)
-        image_grid(
-            first_ten,
-            nrow=min(10, args.per_class),
-            path=args.out / f"samples_meanflow_{name}.png",
-            padding=1,
-            scale=4,
         )
+        accuracy = score_and_save(samples, labels, classifier, args, f"samples_meanflow_{name}.png")
+        print(f"{calls:13d} | {accuracy:.3f}")
     print(f"\nwrote sample grids to {args.out}")
 
 
