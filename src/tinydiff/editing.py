@@ -78,7 +78,7 @@ from tinydiff.denoiser import Denoiser, ModelLike
 from tinydiff.guidance import Guidance
 from tinydiff.guidance import resolve as resolve_guidance
 from tinydiff.process import GaussianProcess, PathValues, Point
-from tinydiff.samplers.base import Callback, Prediction, Sampler, build_plan
+from tinydiff.samplers.base import Callback, Prediction, Sampler, build_plan, check_replacement
 from tinydiff.thresholding import x0_limit
 
 __all__ = [
@@ -226,7 +226,7 @@ class _Inverter:
             if callback is None:
                 return x_next
             out = callback(i, t_next[n - i - 1], x_next, x0_hat)
-            return x_next if out is None else _replacement(out, x_next, i)
+            return x_next if out is None else check_replacement(out, x_next, i, "inversion")
 
         a, s = self.path.alpha.tolist(), self.path.sigma.tolist()
         point = self.points.to(device=x.device, dtype=x.dtype)
@@ -279,16 +279,6 @@ class _Inverter:
 def _norms(r: Tensor) -> Tensor:
     """Per-sample norms, (bsz, 1, ..., 1) to broadcast against r."""
     return r.flatten(1).norm(dim=1).view(-1, *([1] * (r.dim() - 1)))
-
-
-def _replacement(out: Any, like: Tensor, i: int) -> Tensor:
-    if not isinstance(out, Tensor) or out.shape != like.shape:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"the inversion callback returned {got} after step {i}; expected None (keep x) or "
-            f"a tensor of x's shape {tuple(like.shape)}"
-        )
-    return out.to(device=like.device, dtype=like.dtype)
 
 
 def check_invertible(solver: Sampler) -> Sampler:

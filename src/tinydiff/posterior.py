@@ -44,7 +44,7 @@ from tinydiff._progress import progress_bar
 from tinydiff._registry import Registry, class_check, instantiate
 from tinydiff.denoiser import Denoiser
 from tinydiff.process import GaussianProcess, Point
-from tinydiff.samplers.base import Callback
+from tinydiff.samplers.base import Callback, check_replacement
 from tinydiff.targets import Prediction
 from tinydiff.variances import gaussian_posterior
 
@@ -545,15 +545,7 @@ class _Loop:
         if self.callback is None:
             return x
         out = self.callback(i, t_next, x, x0)
-        if out is None:
-            return x
-        if not isinstance(out, Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"the callback returned {got} after step {i}; expected None or a tensor of "
-                f"shape {tuple(x.shape)}"
-            )
-        return out.to(device=x.device, dtype=x.dtype)
+        return x if out is None else check_replacement(out, x, i, "posterior")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -49,6 +49,7 @@ __all__ = [
     "StepLoop",
     "StepResult",
     "check_per_step",
+    "check_replacement",
     "default_sampler",
     "get",
     "names",
@@ -402,11 +403,18 @@ class _Recorder:
         return pred
 
 
-def _check_replacement(out: Any, like: Tensor, i: int) -> Tensor:
+def check_replacement(out: Any, like: Tensor, i: int, loop: str = "sampling") -> Tensor:
+    """A callback's non-None return value `out` after step `i`, checked to replace `like`
+    (x after the step) and cast to its device and dtype; `loop` names the loop in the
+    error (sampling, inversion, posterior).
+
+    Raises:
+        ValueError: not a tensor of `like`'s shape.
+    """
     if not isinstance(out, Tensor) or out.shape != like.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
-            f"the sampling callback returned {got} after step {i}; expected None (keep x) or "
+            f"the {loop} callback returned {got} after step {i}; expected None (keep x) or "
             f"a tensor of x's shape {tuple(like.shape)}"
         )
     if out.dtype != like.dtype or out.device != like.device:
@@ -480,7 +488,7 @@ def run_loop(
                 x0_hat = None if x0_hat is None else x0_hat.clone()
             out = callback(i, t_next[i], x_next, x0_hat)
             if out is not None:
-                x_next = _check_replacement(out, x_next, i)
+                x_next = check_replacement(out, x_next, i)
         x = x_next
     return x.clone() if transient and callback is None else x
 
@@ -555,7 +563,7 @@ def _chain(callbacks: list[Callback]) -> Callback | None:
         for cb in callbacks:
             out = cb(i, t_next, x_next, x0_hat)
             if out is not None:
-                x_next = replaced = _check_replacement(out, x_next, i)
+                x_next = replaced = check_replacement(out, x_next, i)
         return replaced
 
     return chained
