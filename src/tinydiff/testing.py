@@ -557,6 +557,19 @@ class ClassConditionalDenoiser(ExactDenoiser):
         return self._exact_output(x_t, t, posterior_mean)
 
 
+def _rk4(field: Any, y: Tensor, s0: Any, h: Any, h_y: Any, num_steps: int) -> Tensor:
+    """Classical RK4 for dy/ds = field(y, s): `num_steps` uniform steps h from s0 (numbers,
+    or per-sample tensors with `h_y`, h shaped to broadcast against y)."""
+    for k in range(num_steps):
+        s = s0 + k * h
+        k1 = field(y, s)
+        k2 = field(y + 0.5 * h_y * k1, s + 0.5 * h)
+        k3 = field(y + 0.5 * h_y * k2, s + 0.5 * h)
+        k4 = field(y + h_y * k3, s + h)
+        y = y + h_y / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return y
+
+
 def probability_flow_reference(
     mixture: MixtureDenoiser,
     x: Tensor,
@@ -621,15 +634,7 @@ def probability_flow_reference(
     def field(y: Tensor, u: float) -> Tensor:
         return y - mixture.denoise(y, 1.0, math.exp(u))
 
-    y = x.to(torch.float64) / a0
-    for k in range(num_steps):
-        u = u0 + k * du
-        k1 = field(y, u)
-        k2 = field(y + 0.5 * du * k1, u + 0.5 * du)
-        k3 = field(y + 0.5 * du * k2, u + 0.5 * du)
-        k4 = field(y + du * k3, u + du)
-        y = y + du / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    x_end = y * a1
+    x_end = _rk4(field, x.to(torch.float64) / a0, u0, du, du, num_steps) * a1
     return mixture.denoise(x_end, a1, sig1) if denoise_end else x_end
 
 
@@ -697,13 +702,5 @@ def flow_map_reference(
         x0 = mixture.denoise(y, phi.cos(), phi.sin())
         return (phi.cos().view(view) * y - x0) / phi.sin().view(view)
 
-    y = x.to(torch.float64) / rho0.view(view)
-    hv = h.view(view)
-    for k in range(num_steps):
-        phi = phi0 + k * h
-        k1 = field(y, phi)
-        k2 = field(y + 0.5 * hv * k1, phi + 0.5 * h)
-        k3 = field(y + 0.5 * hv * k2, phi + 0.5 * h)
-        k4 = field(y + hv * k3, phi + h)
-        y = y + hv / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    y = _rk4(field, x.to(torch.float64) / rho0.view(view), phi0, h, h.view(view), num_steps)
     return y * rho1.view(view)
