@@ -40,7 +40,7 @@ from tinydiff import DiffusionModel, samplers, spacings
 from tinydiff.testing import ExactDenoiser, probability_flow_reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flow_quality import flow_datasets, flow_reference
+from flow_quality import flow_datasets, flow_reference, rms
 
 T = 1000
 BUDGETS = (5, 10, 20)
@@ -77,11 +77,6 @@ def reference(model: DiffusionModel, mix: Any, z: torch.Tensor) -> torch.Tensor:
         )
     ab = model.alphas_cumprod
     return probability_flow_reference(mix, z, float(ab[T]), float(ab[1]), num_steps=1500)
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    value = float(((a.double() - b) ** 2).sum(-1).mean().sqrt())
-    return value if math.isfinite(value) else math.inf
 
 
 def measure_cell(

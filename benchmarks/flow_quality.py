@@ -124,20 +124,25 @@ class Counted:
         return self.mix.denoise(x.double(), alpha, sigma)
 
 
-def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     """RMS distance (per sample, then over samples); inf for non-finite samples."""
     value = float(((a.double() - b) ** 2).sum(-1).mean().sqrt())
     return value if math.isfinite(value) else math.inf
 
 
-def _tiny_runs(
-    model: DiffusionModel, z: torch.Tensor, ref: torch.Tensor, nfe: int
-) -> dict[str, float]:
-    """Error of every tinydiff sampler with every built-in spacing, ``{"name/spacing": err}``."""
+def tiny_grid(
+    model: DiffusionModel,
+    z: torch.Tensor,
+    ref: torch.Tensor,
+    nfe: int,
+    samplers: dict[str, tuple[str, dict[str, Any]]] = TINY,
+) -> dict[tuple[str, str], float]:
+    """Error of every sampler in ``samplers`` (``{label: (name, options)}``) with every
+    built-in spacing at ``nfe`` network calls, ``{(label, spacing): err}``."""
     from tinydiff import spacings
 
-    out: dict[str, float] = {}
-    for label, (name, kw) in TINY.items():
+    out: dict[tuple[str, str], float] = {}
+    for label, (name, kw) in samplers.items():
         sampler = model.make_sampler(name, kw)
         steps = max((s for s in range(1, nfe + 1) if sampler.nfe(s) <= nfe), default=None)
         if steps is None:
@@ -155,8 +160,15 @@ def _tiny_runs(
                 )
             except ValueError:
                 continue
-            out[f"{label}/{spacing}"] = _rms(x, ref)
+            out[label, spacing] = rms(x, ref)
     return out
+
+
+def _tiny_runs(
+    model: DiffusionModel, z: torch.Tensor, ref: torch.Tensor, nfe: int
+) -> dict[str, float]:
+    """`tiny_grid` of the tinydiff samplers, keyed ``"name/spacing"``."""
+    return {f"{label}/{sp}": e for (label, sp), e in tiny_grid(model, z, ref, nfe).items()}
 
 
 def _best(runs: dict[str, float], keep: Callable[[str], bool] = lambda k: True) -> Row:
@@ -271,7 +283,7 @@ def _diffusers_flow(
     for name, make in flow_peer_makers(shift).items():
         try:
             out = run_flow_peer(make, mix, z, nfe, torch.float64)[0]
-            err = _rms(out, ref)
+            err = rms(out, ref)
             rows.append({"err": err, "method": name if math.isfinite(err) else f"{name} (NaN)"})
         except Exception as err:  # a scheduler failing is a result, not a crash
             rows.append({"err": math.inf, "method": f"{name} ({type(err).__name__})"})
@@ -304,7 +316,7 @@ def _diffusers_edm(mix: GaussianMixture, z: torch.Tensor, ref: torch.Tensor, nfe
             sched = make()
             sched.set_timesteps(nfe)
             out = _drive(sched, z, precond(d, sched))
-            rows.append({"err": _rms(out, ref), "method": name, "steps": nfe, "nfe": d.n})
+            rows.append({"err": rms(out, ref), "method": name, "steps": nfe, "nfe": d.n})
         except Exception as err:
             rows.append({"err": math.inf, "method": f"{name} ({type(err).__name__})"})
     return rows
@@ -339,7 +351,7 @@ def _fitted_blend(
     d = 2 * (xh - x0)
     c = float(((ref - x0) * d).sum() / (d * d).sum().clamp_min(1e-300))
     c = min(max(c, 0.0), 0.99)
-    return c, _rms(x0, ref), _rms(x0 + c * d, ref)
+    return c, rms(x0, ref), rms(x0 + c * d, ref)
 
 
 def flow_block(shift: float = 1.0) -> list[Row]:
@@ -371,7 +383,7 @@ def flow_block(shift: float = 1.0) -> list[Row]:
                     timestep_spacing=times,
                     check_finite=False,
                 )
-                same[label] = _rms(x, ref)
+                same[label] = rms(x, ref)
             peers = _diffusers_flow(mix, z, ref, nfe, shift)
             best = min(peers, key=lambda r: r["err"])
             row = _row(f"rectified_flow shift {shift:g}", data, nfe, _best(runs), best, peers)

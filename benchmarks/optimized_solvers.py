@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flow_quality import _diffusers_flow, flow_datasets, flow_reference
+from flow_quality import _diffusers_flow, flow_datasets, flow_reference, rms, tiny_grid
 from sampler_quality import (
     K_SAMPLERS,
     K_SIGMAS,
@@ -87,37 +87,10 @@ OPT: dict[str, dict[str, Any]] = {
 OPT_COMMON = {"reference_steps": 400, "max_evals": 100}
 #: extra tinydiff labels: label -> (sampler, options)
 EXTRA = {"dpmpp_3m-c0.5": ("dpmpp_3m", {"curvature_weight": 0.5})}
+#: the grid's samplers: every deterministic one, plus EXTRA (``{label: (name, options)}``)
+GRID_SAMPLERS = {n: (n, {}) for n in deterministic_samplers()} | EXTRA
 #: a ratio to DDIM above this is a violation (DDIM-equivalent updates differ by rounding)
 WORSE = 1.01
-
-
-def rms(out: torch.Tensor, ref: torch.Tensor) -> float:
-    value = float(((out.double() - ref) ** 2).sum(1).mean().sqrt())
-    return value if math.isfinite(value) else math.inf
-
-
-def tiny_grid(model: DiffusionModel, z: torch.Tensor, ref: torch.Tensor, nfe: int) -> dict:
-    """``{(label, spacing): error}`` of every deterministic sampler with every spacing."""
-    labels = {n: (n, {}) for n in deterministic_samplers()} | EXTRA
-    out = {}
-    for label, (name, kw) in labels.items():
-        s = model.make_sampler(name, kw)
-        steps = max(k for k in range(1, nfe + 1) if s.nfe(k) <= nfe)
-        for sp in spacings.names():
-            try:
-                x = model.sample(
-                    z.shape[0],
-                    steps,
-                    sampler=name,
-                    sampler_kwargs=kw,
-                    init_noise=z,
-                    timestep_spacing=sp,
-                    check_finite=False,
-                )
-                out[label, sp] = rms(x, ref)
-            except ValueError:
-                continue
-    return out
 
 
 def peers(ks: Any, mix: Any, z: torch.Tensor, ref: torch.Tensor, nfe: int, ctx: dict) -> dict:
@@ -201,7 +174,7 @@ def block(ks: Any, proc: str, data: str, mix: Any, n: int) -> dict:
         ctx["sig_hi"] = float(((1 - ab[T]) / ab[T]).sqrt())
     cells = {}
     for nfe in sorted({*NFES, *DDIM_NFES}):
-        cell: dict[str, Any] = {"grid": tiny_grid(model, z, ref, nfe)}
+        cell: dict[str, Any] = {"grid": tiny_grid(model, z, ref, nfe, GRID_SAMPLERS)}
         if nfe in NFES:
             cell["peers"] = peers(ks, mix, z, ref, nfe, ctx)
             cell["opt"] = optimized(model, data, z, ref, nfe)
