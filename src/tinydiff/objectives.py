@@ -308,6 +308,24 @@ class Diffusion(Objective):
         return loss if extra is None else loss + extra
 
 
+def _check_end_times(r: Any, t: Tensor, owner: str, meaning: str, before_t: bool = False) -> Tensor:
+    """The loss option r (bsz,) as float64 on t's device, in [0, t] (or [0, t) with
+    `before_t`); the range is checked for CPU tensors (no host sync on accelerators).
+
+    Raises:
+        ValueError: not a float tensor of t's shape, or out of range (`meaning` says why).
+    """
+    if not isinstance(r, Tensor) or not r.is_floating_point() or r.shape != t.shape:
+        got = f"shape {tuple(r.shape)}, {r.dtype}" if isinstance(r, Tensor) else type(r)
+        raise ValueError(f"{owner} loss: r must be a float tensor of t's shape, got {got}")
+    r = r.to(device=t.device, dtype=_F64)
+    late = r >= t if before_t else r > t
+    if r.device.type == "cpu" and bool(((r < 0) | late).any()):
+        bound = "t)" if before_t else "t]"
+        raise ValueError(f"{owner} loss: r must lie in [0, {bound} ({meaning})")
+    return r
+
+
 def _number(
     name: str, value: Any, low: float, high: float | None = None, owner: str = "meanflow"
 ) -> float:
@@ -579,7 +597,7 @@ class MeanFlow(Objective):
             t, r = self.sample_times(model, bsz, generator=generator, device=x.device)
         else:
             t = _validation.check_loss_times(t, T, bsz, x.device, allow_real=True).to(_F64)
-            r = t if r is None else self._check_r(r, t)
+            r = t if r is None else _check_end_times(r, t, "meanflow", "the end time of the jump")
         noise = _validation.check_noise(noise, x, generator, check_finite)
         p = Point.at(model.process, t, x, derivatives=True)
         x_t = p.alpha * x + p.sigma * noise
@@ -637,16 +655,6 @@ class MeanFlow(Objective):
             guided = guided + kappa * u_cond
         drop = cond_drop_mask.to(v.device).view((-1,) + (1,) * (v.dim() - 1))
         return cond, torch.where(drop, v, guided.to(v.dtype)).detach()
-
-    @staticmethod
-    def _check_r(r: Any, t: Tensor) -> Tensor:
-        if not isinstance(r, Tensor) or not r.is_floating_point() or r.shape != t.shape:
-            got = f"shape {tuple(r.shape)}, {r.dtype}" if isinstance(r, Tensor) else type(r)
-            raise ValueError(f"meanflow loss: r must be a float tensor of t's shape, got {got}")
-        r = r.to(device=t.device, dtype=_F64)
-        if r.device.type == "cpu" and bool(((r < 0) | (r > t)).any()):
-            raise ValueError("meanflow loss: r must lie in [0, t] (the end time of the jump)")
-        return r
 
 
 # -- consistency ------------------------------------------------------------------------------------
@@ -970,7 +978,13 @@ class Consistency(Objective):
         if r is None:
             r = t * (1 - self.interval_ratio(model, t, step))
         else:
-            r = self._check_r(r, t)
+            r = _check_end_times(
+                r,
+                t,
+                "consistency",
+                "the earlier time of the pair; the weight 1/(s_t - s_r) is infinite at r = t",
+                before_t=True,
+            )
         uses = bool(getattr(model.target, "uses_derivatives", False))
         p_t = Point.at(model.process, t, x, derivatives=uses)
         p_r = Point.at(model.process, r, x, derivatives=uses)
@@ -989,19 +1003,6 @@ class Consistency(Objective):
         c = self.huber_c if self.huber_c is not None else 0.00054 * numel**0.5
         per_sample = (diff.flatten(1).pow(2).sum(1) + c * c).sqrt() - c
         return (weight * (per_sample / numel).view(view)).expand_as(x)
-
-    @staticmethod
-    def _check_r(r: Any, t: Tensor) -> Tensor:
-        if not isinstance(r, Tensor) or not r.is_floating_point() or r.shape != t.shape:
-            got = f"shape {tuple(r.shape)}, {r.dtype}" if isinstance(r, Tensor) else type(r)
-            raise ValueError(f"consistency loss: r must be a float tensor of t's shape, got {got}")
-        r = r.to(device=t.device, dtype=_F64)
-        if r.device.type == "cpu" and bool(((r < 0) | (r >= t)).any()):
-            raise ValueError(
-                "consistency loss: r must lie in [0, t) (the earlier time of the pair; the "
-                "weight 1/(s_t - s_r) is infinite at r = t)"
-            )
-        return r
 
 
 def consistency_tuning(model: _Model, *, use_ema: bool = False, **objective_kwargs: Any) -> _Model:
